@@ -1,0 +1,48 @@
+"""Profile compiled training steps on the GPU: wall time per step vs summed kernel time, and
+the top kernels. Uses the same environment variables as train_gpt.py.
+    python3 tools/profile_train.py [steps]"""
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import train_gpt as tg  # noqa: E402
+
+
+def main():
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    h = tg.Hyperparameters.from_env()
+    rt = tg.Runtime(h)
+    tg.ATTENTION_BACKEND = tg.pick_attention_backend(h.attn_backend, rt.device)
+    torch._functorch.config.enable_autograd_cache = False
+    torch._dynamo.config.cache_size_limit = 64
+    model = tg.GPT(h).to(rt.device)
+    if h.compile:
+        model.compile_regions()
+    trainer = tg.Trainer(model, h, rt)
+    loader = tg.DocumentPackingLoader(tg.shard_files(h.data_path, "train"), h.micro_tokens, h.train_seq_len,
+                                      rt.rank, rt.world_size, rt.device)
+    for looping in (False, True):
+        model.looping = looping
+        for i in range(3):
+            trainer.step(loader, i, 0.0)
+        rt.sync()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(steps):
+                trainer.step(loader, i, 0.0)
+            rt.sync()
+        wall = (time.perf_counter() - t0) / steps
+        events = prof.key_averages()
+        kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"\n== looping={looping} micro_tokens={h.micro_tokens} accum={h.grad_accum_steps}: "
+              f"wall {1000 * wall:.1f} ms/step, kernels {kernel_us / 1000 / steps:.1f} ms/step, "
+              f"{h.train_batch_tokens / wall:.0f} tok/s")
+        print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
