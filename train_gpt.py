@@ -1116,7 +1116,7 @@ def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
     reserve = h.gptq_reserve_seconds
     if reserve < 0:
         t0 = time.perf_counter()
-        quantize_state(model.state_dict(), collect_hessians(model, h, rt, train_files), h)
+        run_gptq(model, h, rt, train_files)
         rt.sync()
         reserve = rt.all_reduce(torch.tensor(time.perf_counter() - t0, device=rt.device), "max").item()
         rt.log(f"gptq:measured {reserve:.1f}s for Hessians + quantization; reserving it from the training budget")
@@ -1235,6 +1235,20 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
     return hessians
 
 
+def damped_cholesky(m, upper=False):
+    """Batched Cholesky that adds 10x more diagonal damping (from 1e-6 of the mean diagonal) to
+    the matrices that fail, instead of aborting the artifact on one ill-conditioned Hessian."""
+    jitter = 1e-6 * m.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(1e-12)
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(m, upper=upper)
+        if not info.any():
+            return factor
+        bad = (info > 0).to(m.dtype)[:, None, None]
+        m = m + bad * jitter[:, None, None] * torch.eye(m.size(-1), device=m.device, dtype=m.dtype)
+        jitter = jitter * 10
+    raise torch.linalg.LinAlgError("Cholesky failed even with damping")
+
+
 def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01):
     """Full-Hessian GPTQ (PR #1019/#1060) with act-order and SDClip row scales (PR #1394):
     s_r = k*std(W_r)/(2^(bits-1)-1), no clip search. Batched over a leading dim: w [n, r, c],
@@ -1252,7 +1266,7 @@ def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01):
     perm = torch.argsort(diag, dim=-1, descending=True)  # act-order: most informative columns first
     w = torch.gather(w, 2, perm[:, None, :].expand(n, r, c))
     hessian = torch.gather(torch.gather(hessian, 1, perm[:, :, None].expand(n, c, c)), 2, perm[:, None, :].expand(n, c, c))
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    u = damped_cholesky(torch.cholesky_inverse(damped_cholesky(hessian)), upper=True)
     codes = torch.empty_like(w)
     for b0 in range(0, c, block_size):
         b1 = min(b0 + block_size, c)
@@ -1283,6 +1297,18 @@ def lqer_factors(err, rank, group):
 def lqer_product(qa, a_scale, qb, b_scale, group):
     b = (qb.float().reshape(-1, group) * b_scale.float()[:, None]).view(qb.shape)
     return (qa.float() * a_scale.float()) @ b
+
+
+def run_gptq(model, h: Hyperparameters, rt: Runtime, train_files):
+    """(Hessians, quantized contents) of the model, in true fp32: TF32's 10-bit mantissa made
+    X^T X indefinite enough to break the Cholesky factorisation."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        hessians = collect_hessians(model, h, rt, train_files)
+        return hessians, quantize_state(model.state_dict(), hessians, h)
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def quantize_state(state, hessians, h: Hyperparameters):
@@ -1704,14 +1730,13 @@ def timed_eval(label, fn, rt: Runtime):
 def quantize_model(model, h: Hyperparameters, rt: Runtime, train_files, train_ms):
     """Hessians + GPTQ on the EMA weights; their time counts against the training cap."""
     t0 = time.perf_counter()
-    hessians = collect_hessians(model, h, rt, train_files)
+    hessians, qstate = run_gptq(model, h, rt, train_files)
     rt.sync()
     t1 = time.perf_counter()
-    qstate = quantize_state(model.state_dict(), hessians, h)
     rt.sync()
     t2 = time.perf_counter()
-    rt.log(f"GPTQ:collected {len(hessians)} Hessians in {t1 - t0:.1f}s, quantized in {t2 - t1:.1f}s; "
-           f"training + GPTQ = {train_ms / 1000 + t2 - t0:.1f}s (cap {h.max_wallclock_seconds:.0f}s)")
+    rt.log(f"GPTQ:collected {len(hessians)} Hessians and quantized in {t1 - t0:.1f}s; "
+           f"training + GPTQ = {train_ms / 1000 + t1 - t0:.1f}s (cap {h.max_wallclock_seconds:.0f}s)")
     kinds = {}
     for name, e in qstate.items():
         key = f"{e['kind']}{e.get('bits', '')}" + ("+lqer" if "lqer" in e else "")
@@ -1803,8 +1828,7 @@ def main():
             rt.log(src.read(), console=False)
         torch.manual_seed(h.seed)
         np.random.seed(h.seed)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside GPTQ
         luts = load_tokenizer_luts(h, rt.device)
         train_files = shard_files(h.data_path, "train")
         val_tokens = load_validation_tokens(h.data_path)

@@ -165,6 +165,7 @@ SCRIPT_ENV = dict(
     TRAIN_LOG_EVERY="1", SEED="7",
     # quantization and evaluation sections further down (ignored by from_env if absent): keep them cheap
     GPTQ_CALIBRATION_TOKENS="1024", GPTQ_RESERVE_SECONDS="0", ALLOW_OVER_CAP="1",
+    SLIDING_EVAL="0", TTT_ENABLED="0",
 )
 
 
