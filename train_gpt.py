@@ -1101,18 +1101,23 @@ def new_train_loader(h: Hyperparameters, rt: Runtime, train_files):
 
 
 def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
-    """WARMUP_STEPS real steps (looping off, then on) to compile every graph, then one timed
-    Hessian + GPTQ pass, whose duration becomes the GPTQ reserve unless GPTQ_RESERVE_SECONDS
-    is set. The initial weights are restored afterwards; optimizers are rebuilt by the caller."""
+    """WARMUP_STEPS real steps (looping off, then on) to compile every graph; then the initial
+    weights are restored and one Hessian + GPTQ pass on them is timed (same shapes, same cost),
+    which becomes the GPTQ reserve unless GPTQ_RESERVE_SECONDS is set. Optimizers are rebuilt
+    by the caller."""
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
     trainer, loader = Trainer(model, h, rt), new_train_loader(h, rt, train_files)
     loop_phases = [False, True] if h.num_loops > 0 else [False]
+    loss = torch.zeros(())
     for i in range(h.warmup_steps):
         model.looping = loop_phases[i * len(loop_phases) // h.warmup_steps]
-        trainer.step(loader, i, 0.0)
+        loss = trainer.step(loader, i, 0.0)
     rt.sync()
-    rt.log(f"compile_warmup: {h.warmup_steps} steps ({len(loop_phases)} loop phases) in {time.perf_counter() - t0:.1f}s")
+    rt.log(f"compile_warmup: {h.warmup_steps} steps ({len(loop_phases)} loop phases) in {time.perf_counter() - t0:.1f}s, "
+           f"last loss {float(loss):.4f}")
+    model.load_state_dict(initial_state)
+    model.looping = False
     reserve = h.gptq_reserve_seconds
     if reserve < 0:
         t0 = time.perf_counter()
@@ -1120,8 +1125,6 @@ def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
         rt.sync()
         reserve = rt.all_reduce(torch.tensor(time.perf_counter() - t0, device=rt.device), "max").item()
         rt.log(f"gptq:measured {reserve:.1f}s for Hessians + quantization; reserving it from the training budget")
-    model.load_state_dict(initial_state)
-    model.looping = False
     return reserve
 
 
@@ -1225,6 +1228,8 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
     hessians = {}
     for key, s in sums.items():
         rt.all_reduce(s)
+        if not torch.isfinite(s).all():
+            raise FloatingPointError(f"GPTQ: non-finite Hessian for {key} (the model's activations overflowed)")
         n = torch.tensor(float(counts[key]), device=s.device)
         s /= rt.all_reduce(n)
         if key.endswith("attn.in"):
