@@ -1203,7 +1203,10 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
 
     def accumulate(key, x):
         x = x.detach().reshape(-1, x.size(-1)).float()
-        sums[key] = sums.get(key, 0) + x.t() @ x
+        with torch.autocast(x.device.type, enabled=False):  # the forward runs under bf16 autocast
+            if key not in sums:
+                sums[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
+            sums[key].addmm_(x.t(), x)
         counts[key] = counts.get(key, 0) + x.size(0)
 
     for i, block in enumerate(model.blocks):
@@ -1242,16 +1245,20 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
 
 def damped_cholesky(m, upper=False):
     """Batched Cholesky that adds 10x more diagonal damping (from 1e-6 of the mean diagonal) to
-    the matrices that fail, instead of aborting the artifact on one ill-conditioned Hessian."""
+    the matrices that fail; one that still fails at 1e4x falls back to its diagonal (GPTQ then
+    reduces to rounding with error feedback), with a warning, instead of aborting the artifact."""
     jitter = 1e-6 * m.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(1e-12)
-    for _ in range(8):
+    eye = torch.eye(m.size(-1), device=m.device, dtype=m.dtype)
+    for _ in range(11):
         factor, info = torch.linalg.cholesky_ex(m, upper=upper)
         if not info.any():
             return factor
         bad = (info > 0).to(m.dtype)[:, None, None]
-        m = m + bad * jitter[:, None, None] * torch.eye(m.size(-1), device=m.device, dtype=m.dtype)
+        m = m + bad * jitter[:, None, None] * eye
         jitter = jitter * 10
-    raise torch.linalg.LinAlgError("Cholesky failed even with damping")
+    print(f"warning: GPTQ Cholesky failed for {int(bad.sum())} matrices; using their diagonal", file=sys.stderr)
+    m = torch.where(bad > 0, torch.diag_embed(m.diagonal(dim1=-2, dim2=-1)), m)
+    return torch.linalg.cholesky(m, upper=upper)
 
 
 def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01):
