@@ -2,7 +2,6 @@
 deterministic English-like corpus, a tiny challenge-settings SentencePiece model, challenge-format
 shards, and a runner for train_gpt.py as a script."""
 import io
-import math
 import os
 import random
 import re
@@ -201,7 +200,3 @@ def final_val(text) -> tuple[float, float]:
     m = FINAL_LINE.search(text)
     assert m, "no 'diagnostic pre-quantization post-ema val_loss:... val_bpb:...' line in:\n" + text[-3000:]
     return float(m.group(1)), float(m.group(2))
-
-
-def uniform_loss(vocab_size) -> float:
-    return math.log(vocab_size)

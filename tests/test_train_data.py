@@ -1,0 +1,260 @@
+"""Data side of train_gpt.py: the shard reader, shard discovery, packed cu_seqlens, the
+document-packing loader (same pieces for any world size, wrapping across shards) and the
+challenge's byte accounting (SentencePiece LUTs + target_bytes)."""
+import re
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from helpers_train import SP8192, encode_docs, english_docs, tiny_tokenizer, write_shard
+
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------
+
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.array([1, 0, 65535, 7, 1, 300], dtype=np.uint16)
+    path = write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
+    out = tg.load_data_shard(path)
+    assert out.dtype == np.uint16 and out.tolist() == tokens.tolist()
+    assert tg.load_data_shard(write_shard(tmp_path / "empty.bin", [])).tolist() == []
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("magic", r"bad shard header \(magic 20240521, version 1; expected 20240520, 1\)"),
+    ("version", r"bad shard header \(magic 20240520, version 2; expected 20240520, 1\)"),
+    ("truncated", r"header says 10 tokens \(1044 bytes\) but the file has 1042 bytes"),
+    ("trailing", r"header says 10 tokens \(1044 bytes\) but the file has 1046 bytes"),
+    ("count", r"header says 12 tokens \(1048 bytes\) but the file has 1044 bytes"),
+    ("short", r"1000 bytes is shorter than the 1024-byte shard header"),
+])
+def test_bad_shards_are_rejected_naming_the_file(tmp_path, kind, message):
+    path = tmp_path / f"fineweb_train_{kind}.bin"
+    tokens = np.arange(10)
+    if kind == "magic":
+        write_shard(path, tokens, magic=tg.SHARD_MAGIC + 1)
+    elif kind == "version":
+        write_shard(path, tokens, version=2)
+    elif kind == "truncated":
+        path.write_bytes(write_shard(path, tokens).read_bytes()[:-2])
+    elif kind == "trailing":
+        write_shard(path, tokens, extra=b"\x00\x00")
+    elif kind == "count":
+        write_shard(path, tokens, n=12)
+    else:
+        path.write_bytes(b"\x00" * 1000)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + message):
+        tg.load_data_shard(path)
+
+
+def test_shard_files_sorted_without_byte_sidecars(tmp_path):
+    for name in ("fineweb_train_000002.bin", "fineweb_train_000000.bin", "fineweb_train_000001.bin",
+                 "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin", "other_train_000003.bin"):
+        write_shard(tmp_path / name, [1, 2])
+    assert [Path(f).name for f in tg.shard_files(str(tmp_path), "train")] == [
+        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    assert [Path(f).name for f in tg.shard_files(str(tmp_path), "val")] == ["fineweb_val_000000.bin"]
+    assert tg.load_validation_tokens(str(tmp_path)).tolist() == [1, 2]
+
+
+def test_shard_files_missing_names_the_pattern(tmp_path):
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", [1])  # a sidecar is not a val shard
+    pattern = str(tmp_path / "fineweb_val_*.bin")
+    with pytest.raises(FileNotFoundError, match=re.escape(pattern)):
+        tg.shard_files(str(tmp_path), "val")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope" / "fineweb_train_*.bin"))):
+        tg.shard_files(str(tmp_path / "nope"), "train")
+
+
+# ---------------------------------------------------------------------------------------
+# Packing: cu_seqlens and the loader
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens, seq_len, expected", [
+    # leading fragment of 5 (cut at 4), doc of 3, doc of 10 (cuts at +4, +8), doc of exactly 4
+    ([9, 9, 9, 9, 9, 1, 2, 3, 1, 4, 4, 4, 4, 4, 4, 4, 4, 4, 1, 5, 5, 5], 4, [0, 4, 5, 8, 12, 16, 18, 22]),
+    ([7] * 10, 4, [0, 4, 8, 10]),                       # no BOS at all
+    ([1, 3, 3], 4, [0, 3]),                             # BOS at 0 is not a second start
+    ([1, 1, 1, 5], 2, [0, 1, 2, 4]),                    # consecutive BOS: 1-token documents
+    ([5, 1], 8, [0, 1, 2]),                             # BOS as the last token
+    ([1, 2, 3, 4, 5, 6, 7, 8, 9], 3, [0, 3, 6, 9]),     # a cut landing exactly at the end adds nothing
+])
+def test_packed_cu_seqlens_exact(tokens, seq_len, expected):
+    cu = tg.packed_cu_seqlens(np.array(tokens, dtype=np.uint16), seq_len)
+    assert cu.dtype == np.int32
+    assert cu.tolist() == expected
+
+
+def test_packed_cu_seqlens_invariants_on_random_rows():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        row = rng.integers(0, 6, rng.integers(1, 300)).astype(np.uint16)
+        seq_len = int(rng.integers(1, 40))
+        cu = tg.packed_cu_seqlens(row, seq_len)
+        starts = set(cu[:-1].tolist())
+        assert cu[0] == 0 and cu[-1] == len(row) and (np.diff(cu) > 0).all()
+        assert (np.diff(cu) <= seq_len).all()
+        assert set(np.flatnonzero(row == tg.BOS_ID).tolist()) <= starts
+        for s, e in zip(cu[:-1], cu[1:]):  # a non-BOS start is exactly seq_len after the previous start
+            assert not (row[s + 1:e] == tg.BOS_ID).any()
+            if s > 0 and row[s] != tg.BOS_ID:
+                prev = cu[np.searchsorted(cu, s) - 1]
+                assert s - prev == seq_len
+
+
+def stream_shards(tmp_path, sizes):
+    """Shards whose token ids are their stream positions (mod 65536), with BOS every 13 tokens."""
+    stream = np.arange(sum(sizes)) % 60000 + 2
+    stream[::13] = tg.BOS_ID
+    files, pos = [], 0
+    for i, n in enumerate(sizes):
+        files.append(str(write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", stream[pos:pos + n])))
+        pos += n
+    return files, stream
+
+
+def test_loader_batches_are_shifted_stream_pieces(tmp_path):
+    files, stream = stream_shards(tmp_path, [100])
+    loader = tg.DocumentPackingLoader(files, 31, 8, 0, 1, CPU)
+    for call in range(3):
+        x, y, cu, max_len = loader.next_batch()
+        piece = stream[call * 32:(call + 1) * 32]
+        assert x.shape == y.shape == (1, 31) and x.dtype == y.dtype == torch.int64
+        assert x[0].tolist() == piece[:-1].tolist() and y[0].tolist() == piece[1:].tolist()
+        assert cu.dtype == torch.int32 and cu.tolist() == tg.packed_cu_seqlens(piece[:-1], 8).tolist()
+        assert max_len == int(np.diff(cu.numpy()).max()) <= 8
+
+
+def test_loader_same_pieces_for_any_world_size_and_wraps_across_shards(tmp_path):
+    """world=2: rank r's call c reads piece 2c+r; world=1 reads the pieces in order. The stream
+    runs across shards (of uneven sizes) and wraps around at the end."""
+    files, stream = stream_shards(tmp_path, [37, 50, 23])
+    local, seq = 7, 4
+    total = len(stream)
+    one = tg.DocumentPackingLoader(files, local, seq, 0, 1, CPU)
+    two = [tg.DocumentPackingLoader(files, local, seq, r, 2, CPU) for r in range(2)]
+    seen = []
+    for call in range(20):  # 40 pieces of 8 tokens = 320 tokens: the stream wraps twice
+        for r in range(2):
+            x1, y1, cu1, m1 = one.next_batch()
+            x2, y2, cu2, m2 = two[r].next_batch()
+            piece = np.take(stream, np.arange((2 * call + r) * 8, (2 * call + r + 1) * 8), mode="wrap")
+            assert x1[0].tolist() == x2[0].tolist() == piece[:-1].tolist()
+            assert y1[0].tolist() == y2[0].tolist() == piece[1:].tolist()
+            assert cu1.tolist() == cu2.tolist() and m1 == m2
+            seen.append(piece)
+    assert np.concatenate(seen).tolist() == np.take(stream, np.arange(320), mode="wrap").tolist()
+    assert 320 > 2 * total
+
+
+# ---------------------------------------------------------------------------------------
+# Byte accounting
+# ---------------------------------------------------------------------------------------
+
+TEXT = """The café on Rue de l'Église — naïve as it sounds — served 1,234 croissants in 2023.
+Prices rose 12.5% (from €3.20 to €3.60); "Ouch!" said Zoë, who'd paid £4.10 twice.
+
+A second paragraph, with tabs\tand  double spaces, a URL like https://example.com/a?b=c&d=1,
+Greek (αβγ), Cyrillic (Привет), CJK (東京タワー) and an emoji 🙂. Numbers: 3.14159, -42, 10^6."""
+NORMALISED = ("ﬁnal ½ price… ＡＢＣ１２３ ①", "final 1⁄2 price... ABC123 1")  # NFKC at work
+
+
+def sp_model(path):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def stream_bytes(ids, luts):
+    """Bytes credited to the targets of [BOS] + ids, as eval accounts them."""
+    stream = torch.tensor([tg.BOS_ID] + list(ids))
+    return int(tg.target_bytes(stream[:-1], stream[1:], luts).sum())
+
+
+@pytest.fixture(scope="module")
+def sp8192():
+    if not SP8192.is_file():
+        pytest.fail(f"{SP8192} is missing")
+    sp = sp_model(SP8192)
+    return sp, tg.build_sentencepiece_luts(sp, 8192, CPU)
+
+
+def test_sp8192_bytes_of_a_real_text_equal_its_normalised_utf8_length(sp8192):
+    sp, luts = sp8192
+    ids = sp.encode(TEXT)
+    assert any(sp.is_byte(i) for i in ids)  # byte fallback is exercised (emoji, CJK)
+    decoded = sp.decode(ids)
+    assert stream_bytes(ids, luts) == len(decoded.encode("utf-8"))
+    # The accounting counts the text as the tokenizer normalised it (nmt_nfkc): NFKC, runs of
+    # whitespace (newlines, tabs) folded to one space, no leading/trailing space. For TEXT the
+    # blank line ("\n\n") and the double space each lose one byte (the tab and single newlines
+    # become spaces): 2 bytes fewer than the raw UTF-8.
+    assert decoded == " ".join(unicodedata.normalize("NFKC", TEXT).split())
+    assert len(TEXT.encode("utf-8")) - len(decoded.encode("utf-8")) == 2
+    raw, norm = NORMALISED
+    ids = sp.encode(raw)
+    assert sp.decode(ids) == norm and stream_bytes(ids, luts) == len(norm.encode("utf-8")) != len(raw.encode())
+
+
+def test_sp8192_stream_of_documents_counts_each_document_once(sp8192):
+    """A val-like stream [BOS] doc [BOS] doc ...: the BOS targets count 0 bytes and the first
+    token after a BOS gets no leading-space byte, so the total is the sum of the documents."""
+    sp, luts = sp8192
+    docs = [p for p in TEXT.split("\n") if p.strip()] + ["x", " leading space", "🙂🙂", "1 2 3"]
+    stream = torch.from_numpy(encode_docs(SP8192, docs).astype(np.int64))
+    total = int(tg.target_bytes(stream[:-1], stream[1:], luts).sum())
+    assert total == sum(len(sp.decode(sp.encode(d)).encode("utf-8")) for d in docs)
+
+
+def test_sp8192_luts_piece_by_piece(sp8192):
+    sp, (base, space, boundary) = sp8192
+    assert base.dtype == torch.int64 and base.shape == space.shape == boundary.shape == (8192,)
+    for t in (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()):
+        assert boundary[t] and base[t] == 0 and not space[t]
+    the = sp.piece_to_id("\u2581the")
+    assert (base[the], space[the], boundary[the]) == (3, True, False)
+    byte = sp.piece_to_id("<0xC3>")
+    assert sp.is_byte(byte) and (base[byte], space[byte], boundary[byte]) == (1, False, False)
+    n_byte = sum(sp.is_byte(i) for i in range(8192))
+    assert n_byte == 256 and int(base[[i for i in range(8192) if sp.is_byte(i)]].sum()) == 256
+    for t in range(8192):
+        if not (sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t) or sp.is_byte(t)):
+            piece = sp.id_to_piece(t)
+            assert int(base[t]) + int(space[t]) == len(piece.replace("\u2581", " ").encode("utf-8")), piece
+
+
+def test_target_bytes_semantics():
+    base = torch.tensor([0, 0, 3, 2, 1])
+    space = torch.tensor([False, False, True, False, True])
+    boundary = torch.tensor([True, True, False, False, False])
+    luts = (base, space, boundary)
+    prev = torch.tensor([1, 2, 3, 0, 4, 1])
+    tgt = torch.tensor([2, 2, 4, 4, 3, 1])
+    # space byte only when the previous token is not a boundary (BOS/pad/...)
+    assert tg.target_bytes(prev, tgt, luts).tolist() == [3, 4, 2, 1, 2, 0]
+
+
+def test_tiny_tokenizer_bytes_and_load_tokenizer_luts(tmp_path_factory):
+    path = tiny_tokenizer(tmp_path_factory.mktemp("sp"))
+    sp = sp_model(path)
+    vocab = sp.vocab_size()
+    h = tg.Hyperparameters(tokenizer_path=str(path), vocab_size=vocab)
+    luts = tg.load_tokenizer_luts(h, CPU)
+    for a, b in zip(luts, tg.build_sentencepiece_luts(sp, vocab, CPU)):
+        assert torch.equal(a, b)
+    for text in english_docs(5, seed=9) + [TEXT]:
+        ids = sp.encode(text)
+        assert stream_bytes(ids, luts) == len(sp.decode(ids).encode("utf-8"))
+    with pytest.raises(tg.ConfigError, match=rf"^VOCAB_SIZE={vocab + 1}: tokenizer .* has {vocab} pieces"):
+        tg.load_tokenizer_luts(tg.Hyperparameters(tokenizer_path=str(path), vocab_size=vocab + 1), CPU)
+    with pytest.raises(FileNotFoundError, match="TOKENIZER_PATH"):
+        tg.load_tokenizer_luts(tg.Hyperparameters(tokenizer_path=str(tmp_path_factory.mktemp("x") / "no.model")), CPU)

@@ -1,0 +1,140 @@
+"""train_gpt.py end to end on the CPU: a tiny config learns, 2 ranks (torchrun, gloo) compute
+the same steps as 1 process, a non-finite loss stops the run, and eval_val scores every target
+once independently of how windows are packed."""
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from helpers_train import final_val, make_model, run_script, script_env, tiny_dataset, tiny_h, train_losses
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+def run(tmp_path_factory, data, name, nproc=1, **env):
+    work = tmp_path_factory.mktemp(name)
+    r = run_script(script_env(work, *data, **env), work, nproc=nproc)
+    out = r.stdout + r.stderr
+    return r.returncode, out, work
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory, data):
+    return run(tmp_path_factory, data, "long", ITERATIONS=30, WARMUP_STEPS=2, EMA_DECAY=0.9)
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory, data):
+    env = dict(ITERATIONS=3, WARMUP_STEPS=0, ENABLE_LOOPING_AT=0.3, VAL_BATCH_TOKENS=128, EVAL_SEQ_LEN=128)
+    return {n: run(tmp_path_factory, data, f"n{n}", nproc=n, **env) for n in (1, 2)}
+
+
+def test_tiny_config_learns(long_run, data):
+    rc, out, work = long_run
+    assert rc == 0, out[-4000:]
+    vocab = data[2]
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, 31)), out[-3000:]
+    assert abs(losses[1] - math.log(vocab)) < 0.1  # zero-init projections: uniform-ish start
+    last = np.mean([losses[s] for s in range(26, 31)])
+    assert last < losses[1] - 2.0, losses
+    val_loss, val_bpb = final_val(out)
+    assert math.isfinite(val_loss) and val_loss < losses[1] - 1.5
+    # bpb = loss / ln 2 * tokens / bytes of the val stream, with the tokenizer's byte accounting
+    import sentencepiece as spm
+
+    val = tg.load_validation_tokens(str(data[0])).astype(np.int64)
+    luts = tg.build_sentencepiece_luts(spm.SentencePieceProcessor(model_file=str(data[1])), vocab, torch.device("cpu"))
+    t = torch.from_numpy(val)
+    n_bytes = int(tg.target_bytes(t[:-1], t[1:], luts).sum())
+    assert val_bpb == pytest.approx(val_loss / math.log(2) * (len(val) - 1) / n_bytes, rel=1e-6)
+    assert re.search(r"^layer_loop:enabled step:11 ", out, re.M)  # ENABLE_LOOPING_AT=0.35 of 30 steps
+    log = (work / "logs" / "test.txt").read_text()
+    assert "diagnostic pre-quantization post-ema val_loss:" in log and "class Hyperparameters" in log
+    assert train_losses(log) == losses
+
+
+def test_compile_warmup_restores_the_initial_state(long_run, short_runs):
+    """The first step's loss is computed before any update: equal with 2 warmup steps (which
+    train, then restore the weights and restart the loader) and with none."""
+    rc1, out1, _ = long_run
+    rc2, out2, _ = short_runs[1]
+    assert rc1 == 0 and rc2 == 0
+    assert train_losses(out1)[1] == train_losses(out2)[1]
+
+
+def test_two_ranks_compute_the_same_steps_as_one_process(short_runs):
+    (rc1, out1, _), (rc2, out2, _) = short_runs[1], short_runs[2]
+    assert rc1 == 0, out1[-4000:]
+    assert rc2 == 0, "torchrun --nproc_per_node=2 (gloo) failed:\n" + out2[-6000:]
+    assert "world_size: 1 grad_accum_steps: 2" in out1 and "world_size: 2 grad_accum_steps: 1" in out2
+    l1, l2 = train_losses(out1), train_losses(out2)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3]
+    assert "layer_loop:enabled step:1 " in out1 and "layer_loop:enabled step:1 " in out2
+    for step in l1:  # losses are logged with 4 decimals
+        assert abs(l1[step] - l2[step]) <= 1e-4 * abs(l1[step]) + 1e-4, (step, l1, l2)
+    assert l1[3] < l1[1]  # the steps did change the weights
+    v1, v2 = final_val(out1), final_val(out2)
+    assert v1 == pytest.approx(v2, rel=1e-4)
+
+
+def test_non_finite_loss_stops_the_run(tmp_path_factory, data):
+    rc, out, _ = run(tmp_path_factory, data, "nan", ITERATIONS=20, WARMUP_STEPS=0,
+                     MATRIX_LR=1e30, SCALAR_LR=1e30, TIED_EMBED_LR=1e30)
+    assert rc != 0
+    m = re.search(r"FloatingPointError: non-finite train loss (nan|inf|-inf) at step (\d+); stopping", out)
+    assert m, out[-3000:]
+    assert int(m.group(2)) < 20
+    assert "diagnostic pre-quantization" not in out
+
+
+# ---------------------------------------------------------------------------------------
+# eval_val in process
+# ---------------------------------------------------------------------------------------
+
+
+def val_stream(vocab, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.concatenate([np.r_[tg.BOS_ID, rng.integers(4, vocab, n - 1)] for n in lengths]).astype(np.uint16)
+
+
+def reference_eval(model, tokens, luts):
+    """Documents shorter than EVAL_SEQ_LEN: each document's targets (including the next BOS)
+    scored with the document alone as context, looping on."""
+    model.looping = True
+    starts = list(np.flatnonzero(tokens == tg.BOS_ID)) + [len(tokens) - 1]
+    loss, n_bytes = 0.0, 0
+    t = torch.from_numpy(tokens.astype(np.int64))
+    for s, e in zip(starts[:-1], starts[1:]):
+        x, y = t[s:e].view(1, -1), t[s + 1:e + 1].view(1, -1)
+        with torch.no_grad():
+            loss += float(model.token_losses(x, y, torch.tensor([0, e - s], dtype=torch.int32), e - s).double().sum())
+        n_bytes += int(tg.target_bytes(x[0], y[0], luts).sum())
+    return loss / (len(tokens) - 1), loss / (math.log(2) * n_bytes)
+
+
+def test_eval_val_scores_every_target_once_for_any_packing(tmp_path, monkeypatch):
+    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+    h = tiny_h(eval_seq_len=64, val_batch_tokens=64, log_dir=str(tmp_path), run_id="ev")
+    rt = tg.Runtime(h)
+    model = make_model(h, seed=3)
+    tokens = val_stream(h.vocab_size, [30, 5, 64, 12, 1, 40, 22, 9])
+    g = torch.Generator().manual_seed(0)
+    luts = (torch.randint(0, 4, (h.vocab_size,), generator=g), torch.rand(h.vocab_size, generator=g) < 0.5,
+            torch.zeros(h.vocab_size, dtype=torch.bool))
+    luts[2][:4] = True
+    ref_loss, ref_bpb = reference_eval(model, tokens, luts)
+    model.looping = False
+    for vbt in (64, 128, 512):
+        h.val_batch_tokens = vbt
+        out = tg.eval_val(model, h, rt, tokens, luts)
+        assert model.looping is False  # restored
+        assert out[0] == pytest.approx(ref_loss, rel=1e-5) and out[1] == pytest.approx(ref_bpb, rel=1e-5), vbt
+        if len(out) > 2:
+            assert out[2] == len(tokens) - 1

@@ -1,0 +1,223 @@
+"""Optimizer side of train_gpt.py: Polar-Express Newton-Schulz (plain and Gram form), Muon,
+the LR schedule, the Trainer step and the EMA."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from helpers_train import make_model, tiny_h, write_shard
+
+
+def polar(g):
+    u, _, vt = torch.linalg.svd(g.double(), full_matrices=False)
+    return u @ vt
+
+
+# (A random square matrix has a near-zero singular value that 5 steps cannot lift into the band.)
+@pytest.mark.parametrize("shape", [(256, 64), (64, 256), (96, 64), (48, 80)])
+def test_newton_schulz_forms_are_near_orthogonal_and_agree(shape):
+    g = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    ns, gram = tg.newton_schulz(g, 5), tg.gram_newton_schulz(g, 5)
+    assert ns.shape == gram.shape == g.shape and ns.dtype == gram.dtype == torch.bfloat16
+    for out in (ns, gram):
+        for i in range(2):
+            s = torch.linalg.svdvals(out[i].double())
+            assert 0.5 <= s.min() and s.max() <= 1.5, (s.min(), s.max())  # Polar Express band
+            cos = torch.nn.functional.cosine_similarity(out[i].double().flatten(), polar(g[i]).flatten(), dim=0)
+            assert cos > 0.99
+    assert (ns.double() - gram.double()).norm() / gram.double().norm() < 0.1
+
+
+def test_newton_schulz_is_scale_invariant_and_batched_independently():
+    g = torch.randn(3, 64, 16, generator=torch.Generator().manual_seed(1))
+    for f in (tg.newton_schulz, tg.gram_newton_schulz):
+        full = f(g, 5)
+        for i in range(3):  # each matrix of the stack is orthogonalised on its own
+            assert torch.equal(f(g[i:i + 1], 5)[0], full[i])
+        scaled = f(1000 * g, 5).double()
+        cos = torch.nn.functional.cosine_similarity(scaled.flatten(), full.double().flatten(), dim=0)
+        assert cos > 0.99  # the bf16 iteration amplifies input rounding to a few percent
+    # the Gram form iterates in fp32: scale invariant up to the final bf16 rounding
+    full = tg.gram_newton_schulz(g, 5).double()
+    assert (tg.gram_newton_schulz(1000 * g, 5).double() - full).norm() / full.norm() < 1e-3
+    s = torch.linalg.svdvals(tg.newton_schulz(g, 1).double())
+    assert s.max() > 1.5  # one step (a = 8.16) overshoots: `steps` really limits the iteration
+
+
+def muon_reference(p, grads, lr, mu, wd, steps=5, ratio=3.0):
+    """Muon by its definition, one matrix at a time: Nesterov momentum, row normalisation,
+    Polar-Express orthogonalisation, decoupled weight decay, scale sqrt(max(1, rows/cols))."""
+    p, buf = p.clone(), torch.zeros_like(p)
+    rows, cols = p.shape
+    f = tg.gram_newton_schulz if max(rows, cols) >= ratio * min(rows, cols) else tg.newton_schulz
+    for g in grads:
+        buf = mu * buf + g
+        u = g + mu * buf
+        u = u / u.norm(dim=-1, keepdim=True)
+        o = f(u[None], steps)[0].float()
+        p = p * (1 - lr * wd) - lr * math.sqrt(max(1.0, rows / cols)) * o
+    return p
+
+
+def test_muon_matches_its_definition_over_two_steps(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(64, 16), (16, 32), (64, 16), (24, 24)]  # tall (Gram form), wide, same bucket, square
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    grads = [[torch.randn(*s, generator=gen) for _ in range(2)] for s in shapes]
+    lr, mu, wd = 0.02, 0.9, 0.1
+    calls = []
+    for name in ("newton_schulz", "gram_newton_schulz"):
+        f = getattr(tg, name)
+        monkeypatch.setattr(tg, name, lambda g, steps, f=f, name=name: calls.append((name, tuple(g.shape))) or f(g, steps))
+    opt = tg.Muon(params, lr=lr, momentum=mu, weight_decay=wd, backend_steps=5, gram_ratio=3.0)
+    assert sorted(map(len, opt.buckets.values())) == [1, 1, 2]
+    for k in range(2):
+        for p, g in zip(params, grads):
+            p.grad = g[k].clone()
+        opt.step()
+    assert sorted(set(calls)) == [("gram_newton_schulz", (2, 64, 16)), ("newton_schulz", (1, 16, 32)),
+                                  ("newton_schulz", (1, 24, 24))]
+    monkeypatch.undo()
+    for p, p0, g in zip(params, start, grads):
+        ref = muon_reference(p0, g, lr, mu, wd)
+        # bf16 orthogonalisation: one bf16 ulp of a ~1 entry, times lr * scale
+        torch.testing.assert_close(p.detach(), ref, rtol=0, atol=lr * 2 * 1e-2)
+        assert (p.detach() - p0).norm() > 10 * (p.detach() - ref).norm()
+
+
+def test_muon_zero_gradient_is_pure_decoupled_weight_decay():
+    p = torch.nn.Parameter(torch.randn(32, 8, generator=torch.Generator().manual_seed(3)))
+    p0 = p.detach().clone()
+    p.grad = torch.zeros_like(p)
+    tg.Muon([p], lr=0.1, momentum=0.95, weight_decay=0.5, backend_steps=5, gram_ratio=3.0).step()
+    assert torch.equal(p.detach(), p0.mul(1 - 0.1 * 0.5))
+
+
+def test_muon_update_scale_for_tall_matrices():
+    """With wd=0 the update of a 4:1 matrix is lr*2*O (sqrt(rows/cols)), of a wide one lr*O."""
+    gen = torch.Generator().manual_seed(4)
+    for shape, scale in (((64, 16), 2.0), ((16, 64), 1.0)):
+        p = torch.nn.Parameter(torch.zeros(*shape))
+        p.grad = torch.randn(*shape, generator=gen)
+        tg.Muon([p], lr=0.01, momentum=0.0, weight_decay=0.0, backend_steps=5, gram_ratio=3.0).step()
+        s = torch.linalg.svdvals(p.detach().double()) / (0.01 * scale)
+        assert 0.5 <= s.min() and s.max() <= 1.5
+
+
+@pytest.mark.parametrize("frac, expected", [
+    (0.0, 1.0), (0.3, 1.0), (0.4999, 1.0), (0.5, 1.0), (0.6, 0.8), (0.75, 0.5), (0.9, 0.2),
+    (0.95, 0.1), (0.99, 0.1), (1.0, 0.1), (1.3, 0.1)])
+def test_lr_multiplier_constant_then_linear_warmdown_to_min_lr(frac, expected):
+    h = tg.Hyperparameters(warmdown_frac=0.5, min_lr=0.1)
+    assert tg.lr_multiplier(frac, h) == pytest.approx(expected, abs=1e-12)
+
+
+def test_lr_multiplier_edge_cases():
+    assert tg.lr_multiplier(0.99, tg.Hyperparameters(warmdown_frac=0.0, min_lr=0.1)) == 1.0
+    full = tg.Hyperparameters(warmdown_frac=1.0, min_lr=0.0)
+    assert [tg.lr_multiplier(f, full) for f in (0.0, 0.25, 1.0)] == pytest.approx([1.0, 0.75, 0.0])
+    h = tg.Hyperparameters()  # defaults: 0.85 warmdown, floor 0.1, non-increasing and continuous
+    fracs = np.linspace(0, 1, 2001)
+    vals = [tg.lr_multiplier(f, h) for f in fracs]
+    assert all(a >= b for a, b in zip(vals, vals[1:])) and max(abs(np.diff(vals))) < 1e-3
+    assert vals[0] == 1.0 and vals[-1] == h.min_lr
+
+
+def test_ema_shadow_by_hand():
+    h = tiny_h()
+    model = make_model(h, seed=5)
+    ema = tg.EMA(model, 0.9)
+    params = list(model.parameters())
+    expected = [p.detach().double().clone() for p in params]
+    gen = torch.Generator().manual_seed(6)
+    for t in range(3):
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn(p.shape, generator=gen))
+        ema.update()
+        d = min(0.9, (1 + t) / (10 + t))  # the ramp binds for t < 80 at decay 0.9
+        expected = [d * e + (1 - d) * p.detach().double() for e, p in zip(expected, params)]
+    last = [p.detach().clone() for p in params]
+    for s, e in zip(ema.shadow, expected):
+        assert s.dtype == torch.float32
+        torch.testing.assert_close(s.double(), e, rtol=1e-6, atol=1e-6)
+    ema.apply()
+    for p, s, e, q in zip(params, ema.shadow, expected, last):
+        assert torch.equal(p.detach(), s)
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(p.detach(), q)
+    # the shadow is a copy taken at construction, not an alias of the parameters
+    ema2 = tg.EMA(model, 0.5)
+    with torch.no_grad():
+        params[0].add_(1.0)
+    assert not torch.equal(ema2.shadow[0], params[0].detach())
+
+
+def test_ema_decay_zero_follows_the_parameters():
+    model = make_model(tiny_h(), seed=7)
+    ema = tg.EMA(model, 0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-2.0)
+    ema.update()
+    assert all(torch.equal(s, p.detach()) for s, p in zip(ema.shadow, model.parameters()))
+
+
+def test_trainer_step_schedule_and_returned_loss(tmp_path):
+    h = tiny_h(log_dir=str(tmp_path / "logs"), run_id="t", muon_momentum_warmup_steps=10, warmdown_frac=0.5,
+               train_batch_tokens=256, micro_batches=2, train_seq_len=64)
+    rng = np.random.default_rng(0)
+    stream = rng.integers(4, h.vocab_size, 5000)
+    stream[::50] = tg.BOS_ID
+    files = [str(write_shard(tmp_path / "fineweb_train_000000.bin", stream))]
+    rt = tg.Runtime(h)
+    model = make_model(h, seed=8)
+    model.train()
+    model.looping = True
+    before = copy.deepcopy(model)
+    ref_loader = tg.DocumentPackingLoader(files, h.micro_tokens, h.train_seq_len, 0, 1, rt.device)
+    ref = []
+    with torch.no_grad():
+        for _ in range(h.grad_accum_steps):
+            x, y, cu, m = ref_loader.next_batch()
+            ref.append(float(before(x, y, cu, m)))
+    trainer = tg.Trainer(model, h, rt)
+    loader = tg.DocumentPackingLoader(files, h.micro_tokens, h.train_seq_len, 0, 1, rt.device)
+    loss = trainer.step(loader, 5, 0.75)
+    assert float(loss) == pytest.approx(sum(ref) / len(ref), rel=1e-6)
+    muon, adamw = trainer.optimizers
+    assert muon.param_groups[0]["momentum"] == pytest.approx(0.5 * h.muon_momentum_warmup_start + 0.5 * h.muon_momentum)
+    assert muon.param_groups[0]["lr"] == pytest.approx(0.5 * h.matrix_lr)
+    assert sorted(g["lr"] for g in adamw.param_groups) == pytest.approx(sorted([0.5 * h.tied_embed_lr, 0.5 * h.scalar_lr]))
+    assert all(p.grad is None for p in model.parameters())
+    for (name, p), q in zip(model.named_parameters(), before.parameters()):
+        assert not torch.equal(p, q), f"{name} was not updated"
+    # the loader consumed exactly grad_accum_steps pieces
+    assert torch.equal(loader.next_batch()[0], ref_loader.next_batch()[0])
+    # momentum warmup is complete after MUON_MOMENTUM_WARMUP_STEPS
+    trainer.step(loader, 20, 0.0)
+    assert muon.param_groups[0]["momentum"] == h.muon_momentum and muon.param_groups[0]["lr"] == h.matrix_lr
+
+
+def test_all_reduce_grads_averages_over_ranks_and_skips_missing_grads():
+    """Two ranks holding gradients g and 3g must both end with 2g; parameters without a gradient
+    (the loop parameters before looping starts) stay without one."""
+    from types import SimpleNamespace
+
+    params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(5))]
+    grads = [torch.randn(3, 2), None, torch.randn(5)]
+    for p, g in zip(params, grads):
+        p.grad = g.clone() if g is not None else None
+    # the SUM all-reduce over two ranks whose gradients are g and 3g
+    rt = SimpleNamespace(distributed=True, world_size=2, all_reduce=lambda t, op="sum": t.mul_(4.0))
+    tg.all_reduce_grads(params, rt)
+    torch.testing.assert_close(params[0].grad, 2 * grads[0])
+    torch.testing.assert_close(params[2].grad, 2 * grads[2])
+    assert params[1].grad is None
+    single = SimpleNamespace(distributed=False, world_size=1, all_reduce=None)
+    tg.all_reduce_grads(params, single)  # no-op on one process
+    torch.testing.assert_close(params[0].grad, 2 * grads[0])
