@@ -68,6 +68,7 @@ class Hyperparameters:
     data_path: str = "./data/datasets/fineweb10B_sp8192"
     tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe.model"
     vocab_size: int = 8192
+    caseops_enabled: bool = False
     log_dir: str = "logs"
     # training length and batch
     iterations: int = 20000
@@ -413,11 +414,47 @@ def to_device(a: np.ndarray, device):
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
-def load_validation_tokens(data_path) -> np.ndarray:
-    return np.concatenate([load_data_shard(f) for f in shard_files(data_path, "val")])
+@dataclass
+class ValSet:
+    """The val stream and the bytes credited to each target position (entry j: predicting
+    tokens[j]; entry 0 is never a target)."""
+
+    tokens: np.ndarray
+    target_bytes: np.ndarray
 
 
-def build_sentencepiece_luts(sp, vocab_size, device):
+def load_val_set(h: Hyperparameters, luts) -> ValSet:
+    """All val shards in order. Bytes come from the challenge's LUT formula, or with CaseOps
+    from the fineweb_val_bytes_* sidecar of each shard, which must exist and align exactly."""
+    files = shard_files(h.data_path, "val")
+    tokens = np.concatenate([load_data_shard(f) for f in files])
+    if tokens.max(initial=0) >= h.vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={h.vocab_size}: val shards hold token id {tokens.max()}")
+    if not h.caseops_enabled:
+        return ValSet(tokens, stream_target_bytes(tokens, luts))
+    counts = []
+    for f in files:
+        side = f.replace("fineweb_val_", "fineweb_val_bytes_")
+        if not os.path.isfile(side):
+            raise FileNotFoundError(f"CASEOPS_ENABLED=1 but the byte sidecar {side} of {f} is missing")
+        c = load_data_shard(side)
+        if len(c) != len(load_data_shard(f)):
+            raise ValueError(f"{side}: {len(c)} byte counts for {len(load_data_shard(f))} tokens in {f}")
+        counts.append(c)
+    return ValSet(tokens, np.concatenate(counts).astype(np.int64))
+
+
+def stream_target_bytes(tokens: np.ndarray, luts) -> np.ndarray:
+    """Bytes credited to each target tokens[j]: base_bytes[y] + (has_space[y] and the previous
+    token is not a boundary), so a document's leading space is not counted."""
+    base_bytes, has_space, is_boundary = luts
+    out = np.zeros(len(tokens), dtype=np.int64)
+    prev, tgt = tokens[:-1].astype(np.int64), tokens[1:].astype(np.int64)
+    out[1:] = base_bytes[tgt] + (has_space[tgt] & ~is_boundary[prev])
+    return out
+
+
+def build_sentencepiece_luts(sp, vocab_size):
     """Per-token byte tables of the challenge's accounting (SPEC 1.4): bytes credited to target
     y after token x are base_bytes[y] + (has_space[y] and not is_boundary[x])."""
     n = max(sp.vocab_size(), vocab_size)
@@ -434,11 +471,10 @@ def build_sentencepiece_luts(sp, vocab_size, device):
         piece = sp.id_to_piece(t)
         has_space[t] = piece.startswith("\u2581")
         base_bytes[t] = len(piece[1:].encode("utf-8")) if has_space[t] else len(piece.encode("utf-8"))
-    return (torch.tensor(base_bytes, dtype=torch.int64, device=device),
-            torch.tensor(has_space, device=device), torch.tensor(is_boundary, device=device))
+    return base_bytes.astype(np.int64), has_space, is_boundary
 
 
-def load_tokenizer_luts(h: Hyperparameters, device):
+def load_tokenizer_luts(h: Hyperparameters):
     import sentencepiece as spm
 
     if not os.path.isfile(h.tokenizer_path):
@@ -448,7 +484,7 @@ def load_tokenizer_luts(h: Hyperparameters, device):
         raise ConfigError(f"VOCAB_SIZE={h.vocab_size}: tokenizer {h.tokenizer_path} has {sp.vocab_size()} pieces")
     if sp.bos_id() != BOS_ID:
         raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path}: BOS id is {sp.bos_id()}, the shards use {BOS_ID}")
-    return build_sentencepiece_luts(sp, h.vocab_size, device)
+    return build_sentencepiece_luts(sp, h.vocab_size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -497,18 +533,21 @@ PACKING = RowPacking()
 
 
 def _attention_sdpa(q, k, v, cu_seqlens, window):
-    n = q.size(0)
-    seg = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=q.device), cu_seqlens.diff(), output_size=n)
-    pos = torch.arange(n, device=q.device)
-    delta = pos[:, None] - pos[None, :]
-    mask = (seg[:, None] == seg[None, :]) & (delta >= 0)
-    if window is not None:
-        mask &= delta <= window
+    """Reference path: SDPA with an explicit causal (+ window) mask, one packed sequence at a
+    time (a mask over the whole row would cost rows^2)."""
     groups = q.size(1) // k.size(1)
-    k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                         attn_mask=mask)
-    return out[0].transpose(0, 1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e == s:
+            continue
+        pos = torch.arange(e - s, device=q.device)
+        delta = pos[:, None] - pos[None, :]
+        mask = (delta >= 0) & (delta <= window) if window is not None else delta >= 0
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1))
+    return torch.cat(outs)
 
 
 @torch.compiler.disable
@@ -1143,7 +1182,7 @@ def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
     return reserve
 
 
-def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val_tokens, luts, budget_s):
+def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet, budget_s):
     """Train until ITERATIONS or until the wallclock budget (seconds, 0 = none) is spent."""
     trainer, loader, ema = Trainer(model, h, rt), new_train_loader(h, rt, train_files), EMA(model, h.ema_decay)
     budget_ms = 1000.0 * budget_s
@@ -1171,7 +1210,7 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val_tokens,
                    f"step_avg: {train_ms / step:.2f}ms tok/s: {tok_s:.0f}")
         if h.val_loss_every > 0 and step % h.val_loss_every == 0:
             t_val = time.perf_counter()
-            vl, vb, _ = eval_val(model, h, rt, val_tokens, luts)
+            vl, vb, _ = eval_val(model, h, rt, val)
             rt.log(f"{step}/{h.iterations} val_loss: {vl:.4f} val_bpb: {vb:.4f}")
             t_start += time.perf_counter() - t_val  # validation time is not training time
         if budget_ms > 0 and train_ms >= budget_ms:
@@ -1489,11 +1528,6 @@ def counted_code_bytes(path) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 
 
-def target_bytes(prev, tgt, luts):
-    base_bytes, has_space, is_boundary = luts
-    return base_bytes[tgt] + (has_space[tgt] & ~is_boundary[prev]).long()
-
-
 def document_spans(tokens: np.ndarray):
     """(start, n_targets) per document: inputs tokens[s:s+n], targets tokens[s+1:s+n+1]. A
     document's last target is the next document's BOS (0 bytes; its loss counts, as in LEAD)."""
@@ -1529,24 +1563,26 @@ def pack_rows(windows, row_tokens):
     return rows + [cur] if cur else rows
 
 
-def build_row(tokens: np.ndarray, row, row_tokens):
-    """Inputs, targets (-1 = not scored here) and cu_seqlens for one packed row of windows;
-    the unused tail is one padding sequence."""
+def build_row(val: ValSet, row, row_tokens):
+    """Inputs, targets (-1 = not scored here), their bytes and cu_seqlens for one packed row of
+    windows; the unused tail is one padding sequence."""
     x = np.zeros(row_tokens, dtype=np.int64)
     y = np.full(row_tokens, -1, dtype=np.int64)
+    b = np.zeros(row_tokens, dtype=np.int64)
     starts, pos = [], 0
     for ws, n, first in row:
-        x[pos:pos + n] = tokens[ws:ws + n]
-        y[pos + first:pos + n] = tokens[ws + first + 1:ws + n + 1]
+        x[pos:pos + n] = val.tokens[ws:ws + n]
+        y[pos + first:pos + n] = val.tokens[ws + first + 1:ws + n + 1]
+        b[pos + first:pos + n] = val.target_bytes[ws + first + 1:ws + n + 1]
         starts.append(pos)
         pos += n
     if pos < row_tokens:
         starts.append(pos)
-    return x, y, np.array(starts + [row_tokens], dtype=np.int32)
+    return x, y, b, np.array(starts + [row_tokens], dtype=np.int32)
 
 
 @torch.no_grad()
-def eval_windows(model, h: Hyperparameters, rt: Runtime, tokens, windows, luts, split_ranks=True):
+def eval_windows(model, h: Hyperparameters, rt: Runtime, val: ValSet, windows, split_ranks=True):
     """Sum of (loss nats, scored targets, bytes) over the windows; rows are split over ranks
     unless this rank owns the windows. Not reduced over ranks."""
     was_looping, model.looping = model.looping, h.num_loops > 0
@@ -1554,14 +1590,13 @@ def eval_windows(model, h: Hyperparameters, rt: Runtime, tokens, windows, luts, 
     rows = pack_rows(windows, h.val_batch_tokens)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=rt.device.type == "cuda")
     for row in rows[rt.rank::rt.world_size] if split_ranks else rows:
-        x, y, cu = build_row(tokens, row, h.val_batch_tokens)
+        x, y, b, cu = build_row(val, row, h.val_batch_tokens)
         max_len = int(np.diff(cu).max())
-        x, y, cu = (to_device(a, rt.device) for a in (x, y, cu))
+        x, y, b, cu = (to_device(a, rt.device) for a in (x, y, b, cu))
         with autocast:
             losses = model.token_losses(x.view(1, -1), y.view(1, -1), cu, max_len).view(-1)
         valid = y >= 0
-        sums += torch.stack([losses[valid].double().sum(), valid.sum().double(),
-                             target_bytes(x[valid], y[valid], luts).sum().double()])
+        sums += torch.stack([losses[valid].double().sum(), valid.sum().double(), b.sum().double()])
     model.looping = was_looping
     return sums
 
@@ -1572,11 +1607,11 @@ def summarize(sums, rt: Runtime):
     return loss / count, loss / (math.log(2) * nbytes), int(count)
 
 
-def eval_val(model, h: Hyperparameters, rt: Runtime, val_tokens: np.ndarray, luts, stride=None):
+def eval_val(model, h: Hyperparameters, rt: Runtime, val: ValSet, stride=None):
     """Score every val target once in EVAL_SEQ_LEN windows that never cross a BOS, with a stride
     of `stride` (sliding) or EVAL_SEQ_LEN (disjoint). Returns (val_loss, val_bpb, targets)."""
-    windows = scoring_windows(document_spans(val_tokens), h.eval_seq_len, stride or h.eval_seq_len)
-    return summarize(eval_windows(model, h, rt, val_tokens, windows, luts), rt)
+    windows = scoring_windows(document_spans(val.tokens), h.eval_seq_len, stride or h.eval_seq_len)
+    return summarize(eval_windows(model, h, rt, val, windows), rt)
 
 
 class LoRABank(nn.Module):
@@ -1607,7 +1642,7 @@ class LoRABank(nn.Module):
         return [tuple(pairs[5 * s:5 * s + 5]) for s in range(len(pairs) // 5)], pairs[-1]
 
 
-def ttt_batch(model, batch, tokens, bank, opt, h: Hyperparameters, luts, sums):
+def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums):
     """Score-first LoRA TTT over one batch of documents, chunk by chunk: chunk ci of every
     document is scored with adapters trained on that document's chunks < ci only, then (if not
     its last chunk) the adapters take one step on it."""
@@ -1622,13 +1657,15 @@ def ttt_batch(model, batch, tokens, bank, opt, h: Hyperparameters, luts, sums):
         x = np.zeros((len(active), T), dtype=np.int64)
         y = np.zeros((len(active), T), dtype=np.int64)
         pos = np.zeros((len(active), C), dtype=np.int64)
+        nbytes = np.zeros((len(active), C), dtype=np.int64)
         valid = np.zeros((len(active), C), dtype=bool)
         for row, (b, e, w0) in enumerate(zip(active, ends, w0s)):
             s = batch[b][0]
-            x[row, :e - w0], y[row, :e - w0] = tokens[s + w0:s + e], tokens[s + w0 + 1:s + e + 1]
+            x[row, :e - w0], y[row, :e - w0] = val.tokens[s + w0:s + e], val.tokens[s + w0 + 1:s + e + 1]
             k = e - ci * C
             pos[row, :k], valid[row, :k] = np.arange(ci * C - w0, e - w0), True
-        x, y, pos, valid = (to_device(a, device) for a in (x, y, pos, valid))
+            nbytes[row, :k] = val.target_bytes[s + ci * C + 1:s + e + 1]
+        x, y, pos, nbytes, valid = (to_device(a, device) for a in (x, y, pos, nbytes, valid))
         cu = torch.arange(len(active) + 1, device=device, dtype=torch.int32) * T
         lora, head = bank.select(torch.tensor(active, device=device))
         rows = torch.arange(len(active), device=device)[:, None]
@@ -1638,8 +1675,7 @@ def ttt_batch(model, batch, tokens, bank, opt, h: Hyperparameters, luts, sums):
         tgt = y[rows, pos]
         ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none").view_as(tgt)
         with torch.no_grad():
-            sums += torch.stack([ce[valid].double().sum(), valid.sum().double(),
-                                 target_bytes(x[rows, pos][valid], tgt[valid], luts).sum().double()])
+            sums += torch.stack([ce[valid].double().sum(), valid.sum().double(), nbytes.sum().double()])
         train = torch.tensor([ci < n_chunks[b] - 1 for b in active], device=device)
         if train.any():
             per_doc = (ce * valid).sum(1) / valid.sum(1)
@@ -1677,7 +1713,7 @@ def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
         p.requires_grad_(False)
 
 
-def phased_ttt(model, h: Hyperparameters, rt: Runtime, tokens: np.ndarray, luts, deadline):
+def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline):
     """Phased TTT (LEAD, SPEC 5.3). Documents up to TTT_MAX_DOC_TOKENS targets, longest first, in
     batches dealt round-robin to ranks, get per-document LoRA TTT; after the first b_k documents
     are scored (b_k = PREFIX*k/PHASES) the base model takes a global SGD pass over exactly those.
@@ -1686,7 +1722,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, tokens: np.ndarray, luts,
     model.looping = h.num_loops > 0
     for p in model.parameters():
         p.requires_grad_(False)
-    spans = document_spans(tokens)
+    spans = document_spans(val.tokens)
     docs = sorted((sp for sp in spans if sp[1] <= h.ttt_max_doc_tokens), key=lambda sp: (-sp[1], sp[0]))
     leftover = [sp for i, sp in enumerate(sp for sp in spans if sp[1] > h.ttt_max_doc_tokens)
                 if i % rt.world_size == rt.rank]
@@ -1710,7 +1746,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, tokens: np.ndarray, luts,
                     bank.reset(h.ttt_warm_start_a)
                 opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
                                         weight_decay=h.ttt_weight_decay)
-                ttt_batch(model, batch, tokens, bank, opt, h, luts, sums)
+                ttt_batch(model, batch, val, bank, opt, h, sums)
         done += len(batch)
         if bi % 10 == 0 or bi == len(batches) - 1:
             rt.log(f"ttp: b{bi + 1}/{len(batches)} docs:{done} dl:{batch[-1][1]}-{batch[0][1]} t:{time.perf_counter() - t0:.1f}s")
@@ -1718,7 +1754,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, tokens: np.ndarray, luts,
             late = rt.all_reduce(torch.tensor(float(time.perf_counter() > deadline), device=rt.device), "max").item()
             if not late:
                 t1 = time.perf_counter()
-                stream = np.concatenate([tokens[s:s + n] for s, n in docs[:boundaries[phase]]])
+                stream = np.concatenate([val.tokens[s:s + n] for s, n in docs[:boundaries[phase]]])
                 global_sgd(model, stream, h, rt)
                 bank = None  # fresh adapters on the adapted base
                 rt.log(f"ttpp: phase:{phase + 1}/{len(boundaries)} pd:{done} gd:{boundaries[phase]} "
@@ -1728,7 +1764,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, tokens: np.ndarray, luts,
             phase += 1
     n_late = len(leftover)
     windows = scoring_windows(sorted(leftover), h.eval_seq_len, h.eval_stride)
-    sums += eval_windows(model, h, rt, tokens, windows, luts, split_ranks=False)
+    sums += eval_windows(model, h, rt, val, windows, split_ranks=False)
     rt.log(f"ttt_leftover: {n_late} documents scored by sliding windows (too long, or past the deadline: "
            f"{'yes' if stopped else 'no'})")
     return summarize(sums, rt)
@@ -1799,23 +1835,22 @@ def write_artifact(qstate, h: Hyperparameters, rt: Runtime):
         raise ArtifactTooLarge(f"submission exceeds {SUBMISSION_CAP_BYTES} bytes (set ALLOW_OVER_CAP=1 for research runs)")
 
 
-def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val_tokens, luts):
+def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet):
     """The scored evaluation, timed from reading the artifact: quantized (diagnostic), sliding
     window, then phased TTT within EVAL_BUDGET_SECONDS."""
     rt.sync()
     t0 = time.perf_counter()
     model = load_artifact_model(h, rt, use_compile)
-    timed_eval("diagnostic quantized", lambda: eval_val(model, h, rt, val_tokens, luts), rt)
+    timed_eval("diagnostic quantized", lambda: eval_val(model, h, rt, val), rt)
     if h.sliding_eval:
-        timed_eval("diagnostic quantized_sliding_window",
-                   lambda: eval_val(model, h, rt, val_tokens, luts, stride=h.eval_stride), rt)
+        timed_eval("diagnostic quantized_sliding_window", lambda: eval_val(model, h, rt, val, stride=h.eval_stride), rt)
     if h.ttt_enabled:
         # Leave 5% of the budget for scoring what TTT could not reach by sliding windows.
         deadline = t0 + 0.95 * h.eval_budget_seconds
         # Eager: TTT shapes change every chunk (documents x window length); the compiled graphs
         # are static and would recompile.
         with torch.compiler.set_stance("force_eager"):
-            timed_eval("quantized_ttt_phased", lambda: phased_ttt(model, h, rt, val_tokens, luts, deadline), rt)
+            timed_eval("quantized_ttt_phased", lambda: phased_ttt(model, h, rt, val, deadline), rt)
     rt.log(f"total_eval_time:{time.perf_counter() - t0:.1f}s")
     if rt.device.type == "cuda":
         rt.log(f"peak memory allocated (whole run): {torch.cuda.max_memory_allocated() // 2**20} MiB")
@@ -1856,15 +1891,13 @@ def main():
         torch.manual_seed(h.seed)
         np.random.seed(h.seed)
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside GPTQ
-        luts = load_tokenizer_luts(h, rt.device)
         train_files = shard_files(h.data_path, "train")
-        val_tokens = load_validation_tokens(h.data_path)
-        if val_tokens.max(initial=0) >= h.vocab_size:
-            raise ConfigError(f"VOCAB_SIZE={h.vocab_size}: val shards hold token id {val_tokens.max()}")
+        val = load_val_set(h, load_tokenizer_luts(h))
         rt.log(f"device: {rt.device} world_size: {rt.world_size} grad_accum_steps: {h.grad_accum_steps} "
                f"attention_backend: {ATTENTION_BACKEND} compile: {use_compile} "
                f"fused_mlp: {h.fused_mlp and rt.device.type == 'cuda' and triton is not None}")
-        rt.log(f"train_shards: {len(train_files)} val_tokens: {len(val_tokens)}")
+        rt.log(f"train_shards: {len(train_files)} val_tokens: {len(val.tokens)} val_bytes: {val.target_bytes.sum()} "
+               f"({'CaseOps sidecar' if h.caseops_enabled else 'LUT accounting'})")
         model = GPT(h).to(rt.device)  # built on the CPU first: identical init on every rank
         rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         if use_compile:
@@ -1875,12 +1908,12 @@ def main():
         reserve = compile_warmup(model, h, rt, train_files)
         budget_s = max(h.max_wallclock_seconds - reserve, 0.0) if h.max_wallclock_seconds > 0 else 0.0
         rt.log(f"gptq:reserving {reserve:.1f}s, training budget {budget_s:.1f}s")
-        _, train_ms = train_model(model, h, rt, train_files, val_tokens, luts, budget_s)
+        _, train_ms = train_model(model, h, rt, train_files, val, budget_s)
         qstate = quantize_model(model, h, rt, train_files, train_ms)
-        timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, h, rt, val_tokens, luts), rt)
+        timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, h, rt, val), rt)
         write_artifact(qstate, h, rt)
         del model, qstate
-        evaluate_artifact(h, rt, use_compile, val_tokens, luts)
+        evaluate_artifact(h, rt, use_compile, val)
     except ConfigError as e:
         rt.log(f"config error: {e}")
         sys.exit(2)

@@ -1,6 +1,7 @@
 """Data side of train_gpt.py: the shard reader, shard discovery, packed cu_seqlens, the
 document-packing loader (same pieces for any world size, wrapping across shards) and the
-challenge's byte accounting (SentencePiece LUTs + target_bytes)."""
+challenge's byte accounting (SentencePiece LUTs + stream_target_bytes) and load_val_set on the
+LUT path (the CaseOps sidecar path is in test_train_caseops.py)."""
 import re
 import unicodedata
 from pathlib import Path
@@ -13,6 +14,11 @@ import train_gpt as tg
 from helpers_train import SP8192, encode_docs, english_docs, tiny_tokenizer, write_shard
 
 CPU = torch.device("cpu")
+
+# Byte tables of a toy 5-token vocab: ids 0 and 1 are boundaries (pad, BOS) with 0 bytes; 2 is a
+# 3-byte piece with a leading space marker, 3 a 2-byte piece, 4 a 1-byte piece with a space marker.
+TOY_LUTS = (np.array([0, 0, 3, 2, 1], dtype=np.int64), np.array([False, False, True, False, True]),
+            np.array([True, True, False, False, False]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -62,7 +68,35 @@ def test_shard_files_sorted_without_byte_sidecars(tmp_path):
     assert [Path(f).name for f in tg.shard_files(str(tmp_path), "train")] == [
         "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
     assert [Path(f).name for f in tg.shard_files(str(tmp_path), "val")] == ["fineweb_val_000000.bin"]
-    assert tg.load_validation_tokens(str(tmp_path)).tolist() == [1, 2]
+    val = tg.load_val_set(tg.Hyperparameters(data_path=str(tmp_path), vocab_size=3), TOY_LUTS)
+    assert val.tokens.tolist() == [1, 2]  # the sidecar is not read as val tokens
+    assert val.target_bytes.tolist() == [0, 3]  # LUT accounting: BOS -> token 2 is base 3, no space byte
+
+
+def test_load_val_set_concatenates_val_shards_in_order_with_lut_bytes(tmp_path):
+    """LUT path: the val stream is all val shards in name order, and the bytes are
+    stream_target_bytes of the whole stream (a shard's first token is a target of the previous
+    shard's last token)."""
+    write_shard(tmp_path / "fineweb_val_000001.bin", [4, 3, 1, 2])
+    write_shard(tmp_path / "fineweb_val_000000.bin", [1, 2, 3])
+    write_shard(tmp_path / "fineweb_train_000000.bin", [1, 9, 9, 9])  # never part of val
+    val = tg.load_val_set(tg.Hyperparameters(data_path=str(tmp_path), vocab_size=5), TOY_LUTS)
+    assert val.tokens.dtype == np.uint16 and val.tokens.tolist() == [1, 2, 3, 4, 3, 1, 2]
+    assert val.target_bytes.dtype == np.int64
+    # targets: 2 after BOS (3, no space), 3 after 2 (2), 4 after 3 (1 + space 1), 3 after 4 (2),
+    # BOS after 3 (0), 2 after BOS (3)
+    assert val.target_bytes.tolist() == [0, 3, 2, 2, 2, 0, 3]
+    assert val.target_bytes.tolist() == tg.stream_target_bytes(val.tokens, TOY_LUTS).tolist()
+
+
+def test_load_val_set_rejects_token_ids_outside_the_vocab(tmp_path):
+    write_shard(tmp_path / "fineweb_val_000000.bin", [1, 2, 3])
+    write_shard(tmp_path / "fineweb_val_000001.bin", [1, 4, 2])
+    assert tg.load_val_set(tg.Hyperparameters(data_path=str(tmp_path), vocab_size=5), TOY_LUTS).tokens.max() == 4
+    with pytest.raises(tg.ConfigError, match=r"^VOCAB_SIZE=4: val shards hold token id 4$"):
+        tg.load_val_set(tg.Hyperparameters(data_path=str(tmp_path), vocab_size=4), TOY_LUTS)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "none" / "fineweb_val_*.bin"))):
+        tg.load_val_set(tg.Hyperparameters(data_path=str(tmp_path / "none"), vocab_size=5), TOY_LUTS)
 
 
 def test_shard_files_missing_names_the_pattern(tmp_path):
@@ -176,8 +210,16 @@ def sp_model(path):
 
 def stream_bytes(ids, luts):
     """Bytes credited to the targets of [BOS] + ids, as eval accounts them."""
-    stream = torch.tensor([tg.BOS_ID] + list(ids))
-    return int(tg.target_bytes(stream[:-1], stream[1:], luts).sum())
+    b = tg.stream_target_bytes(np.array([tg.BOS_ID] + list(ids), dtype=np.uint16), luts)
+    assert b.dtype == np.int64 and len(b) == len(ids) + 1 and b[0] == 0
+    return int(b.sum())
+
+
+def check_luts(luts, n):
+    base, space, boundary = luts
+    assert all(isinstance(a, np.ndarray) for a in luts)
+    assert (base.dtype, space.dtype, boundary.dtype) == (np.int64, np.bool_, np.bool_)
+    assert base.shape == space.shape == boundary.shape == (n,)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +227,7 @@ def sp8192():
     if not SP8192.is_file():
         pytest.fail(f"{SP8192} is missing")
     sp = sp_model(SP8192)
-    return sp, tg.build_sentencepiece_luts(sp, 8192, CPU)
+    return sp, tg.build_sentencepiece_luts(sp, 8192)
 
 
 def test_sp8192_bytes_of_a_real_text_equal_its_normalised_utf8_length(sp8192):
@@ -210,14 +252,20 @@ def test_sp8192_stream_of_documents_counts_each_document_once(sp8192):
     token after a BOS gets no leading-space byte, so the total is the sum of the documents."""
     sp, luts = sp8192
     docs = [p for p in TEXT.split("\n") if p.strip()] + ["x", " leading space", "🙂🙂", "1 2 3"]
-    stream = torch.from_numpy(encode_docs(SP8192, docs).astype(np.int64))
-    total = int(tg.target_bytes(stream[:-1], stream[1:], luts).sum())
-    assert total == sum(len(sp.decode(sp.encode(d)).encode("utf-8")) for d in docs)
+    stream = encode_docs(SP8192, docs)
+    b = tg.stream_target_bytes(stream, luts)
+    assert b.dtype == np.int64 and b.shape == stream.shape and b[0] == 0
+    assert (b[stream == tg.BOS_ID] == 0).all()
+    assert int(b.sum()) == sum(len(sp.decode(sp.encode(d)).encode("utf-8")) for d in docs)
+    # document by document: the bytes of the targets up to the next BOS are that document's
+    starts = np.append(np.flatnonzero(stream == tg.BOS_ID), len(stream))
+    for d, s, e in zip(docs, starts[:-1], starts[1:]):
+        assert int(b[s + 1:e].sum()) == len(sp.decode(sp.encode(d)).encode("utf-8")), d
 
 
 def test_sp8192_luts_piece_by_piece(sp8192):
     sp, (base, space, boundary) = sp8192
-    assert base.dtype == torch.int64 and base.shape == space.shape == boundary.shape == (8192,)
+    check_luts((base, space, boundary), 8192)
     for t in (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()):
         assert boundary[t] and base[t] == 0 and not space[t]
     the = sp.piece_to_id("\u2581the")
@@ -232,15 +280,20 @@ def test_sp8192_luts_piece_by_piece(sp8192):
             assert int(base[t]) + int(space[t]) == len(piece.replace("\u2581", " ").encode("utf-8")), piece
 
 
-def test_target_bytes_semantics():
-    base = torch.tensor([0, 0, 3, 2, 1])
-    space = torch.tensor([False, False, True, False, True])
-    boundary = torch.tensor([True, True, False, False, False])
-    luts = (base, space, boundary)
-    prev = torch.tensor([1, 2, 3, 0, 4, 1])
-    tgt = torch.tensor([2, 2, 4, 4, 3, 1])
-    # space byte only when the previous token is not a boundary (BOS/pad/...)
-    assert tg.target_bytes(prev, tgt, luts).tolist() == [3, 4, 2, 1, 2, 0]
+def test_stream_target_bytes_semantics():
+    base, space, boundary = TOY_LUTS
+    # the (prev, target) pairs (1,1) (1,2) (2,2) (2,0) (0,4) (4,3) (3,4): a space byte only when
+    # the previous token is not a boundary (BOS/pad/...); entry 0 is never a target
+    for dtype in (np.uint16, np.int64):
+        stream = np.array([1, 1, 2, 2, 0, 4, 3, 4], dtype=dtype)
+        b = tg.stream_target_bytes(stream, TOY_LUTS)
+        assert b.dtype == np.int64 and b.tolist() == [0, 0, 3, 4, 0, 1, 2, 2]
+        assert b[1:].tolist() == [int(base[y]) + int(space[y] and not boundary[x]) for x, y in zip(stream[:-1], stream[1:])]
+    # each pair on its own: [prev, target] -> [0, bytes]
+    for (x, y), want in zip([(1, 2), (2, 2), (3, 4), (0, 4), (4, 3), (1, 1)], [3, 4, 2, 1, 2, 0]):
+        assert tg.stream_target_bytes(np.array([x, y], dtype=np.uint16), TOY_LUTS).tolist() == [0, want]
+    assert tg.stream_target_bytes(np.array([2], dtype=np.uint16), TOY_LUTS).tolist() == [0]
+    assert tg.stream_target_bytes(np.array([], dtype=np.uint16), TOY_LUTS).tolist() == []
 
 
 def test_tiny_tokenizer_bytes_and_load_tokenizer_luts(tmp_path_factory):
@@ -248,13 +301,20 @@ def test_tiny_tokenizer_bytes_and_load_tokenizer_luts(tmp_path_factory):
     sp = sp_model(path)
     vocab = sp.vocab_size()
     h = tg.Hyperparameters(tokenizer_path=str(path), vocab_size=vocab)
-    luts = tg.load_tokenizer_luts(h, CPU)
-    for a, b in zip(luts, tg.build_sentencepiece_luts(sp, vocab, CPU)):
-        assert torch.equal(a, b)
+    luts = tg.load_tokenizer_luts(h)
+    check_luts(luts, vocab)
+    for a, b in zip(luts, tg.build_sentencepiece_luts(sp, vocab)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    # a VOCAB_SIZE above the tokenizer's (padded embedding) gets boundary entries with 0 bytes
+    padded = tg.build_sentencepiece_luts(sp, vocab + 8)
+    check_luts(padded, vocab + 8)
+    for a, b in zip(padded, luts):
+        assert np.array_equal(a[:vocab], b)
+    assert (padded[0][vocab:] == 0).all() and not padded[1][vocab:].any() and padded[2][vocab:].all()
     for text in english_docs(5, seed=9) + [TEXT]:
         ids = sp.encode(text)
         assert stream_bytes(ids, luts) == len(sp.decode(ids).encode("utf-8"))
     with pytest.raises(tg.ConfigError, match=rf"^VOCAB_SIZE={vocab + 1}: tokenizer .* has {vocab} pieces"):
-        tg.load_tokenizer_luts(tg.Hyperparameters(tokenizer_path=str(path), vocab_size=vocab + 1), CPU)
+        tg.load_tokenizer_luts(tg.Hyperparameters(tokenizer_path=str(path), vocab_size=vocab + 1))
     with pytest.raises(FileNotFoundError, match="TOKENIZER_PATH"):
-        tg.load_tokenizer_luts(tg.Hyperparameters(tokenizer_path=str(tmp_path_factory.mktemp("x") / "no.model")), CPU)
+        tg.load_tokenizer_luts(tg.Hyperparameters(tokenizer_path=str(tmp_path_factory.mktemp("x") / "no.model")))

@@ -49,11 +49,11 @@ def test_tiny_config_learns(long_run, data):
     # bpb = loss / ln 2 * tokens / bytes of the val stream, with the tokenizer's byte accounting
     import sentencepiece as spm
 
-    val = tg.load_validation_tokens(str(data[0])).astype(np.int64)
-    luts = tg.build_sentencepiece_luts(spm.SentencePieceProcessor(model_file=str(data[1])), vocab, torch.device("cpu"))
-    t = torch.from_numpy(val)
-    n_bytes = int(tg.target_bytes(t[:-1], t[1:], luts).sum())
+    val = np.concatenate([tg.load_data_shard(f) for f in tg.shard_files(str(data[0]), "val")])
+    luts = tg.build_sentencepiece_luts(spm.SentencePieceProcessor(model_file=str(data[1])), vocab)
+    n_bytes = int(tg.stream_target_bytes(val, luts).sum())
     assert val_bpb == pytest.approx(val_loss / math.log(2) * (len(val) - 1) / n_bytes, rel=1e-6)
+    assert re.search(rf"^train_shards: 3 val_tokens: {len(val)} val_bytes: {n_bytes} \(LUT accounting\)$", out, re.M)
     assert re.search(r"^layer_loop:enabled step:11 ", out, re.M)  # ENABLE_LOOPING_AT=0.35 of 30 steps
     log = (work / "logs" / "test.txt").read_text()
     assert "diagnostic pre-quantization post-ema val_loss:" in log and "class Hyperparameters" in log
@@ -104,6 +104,12 @@ def val_stream(vocab, lengths, seed=0):
     return np.concatenate([np.r_[tg.BOS_ID, rng.integers(4, vocab, n - 1)] for n in lengths]).astype(np.uint16)
 
 
+def reference_bytes(prev, tgt, luts):
+    """The challenge's formula, target by target: base_bytes[y] + (has_space[y] and not is_boundary[x])."""
+    base, space, boundary = luts
+    return sum(int(base[y]) + int(bool(space[y]) and not bool(boundary[x])) for x, y in zip(prev.tolist(), tgt.tolist()))
+
+
 def reference_eval(model, tokens, luts):
     """Documents shorter than EVAL_SEQ_LEN: each document's targets (including the next BOS)
     scored with the document alone as context, looping on."""
@@ -115,7 +121,7 @@ def reference_eval(model, tokens, luts):
         x, y = t[s:e].view(1, -1), t[s + 1:e + 1].view(1, -1)
         with torch.no_grad():
             loss += float(model.token_losses(x, y, torch.tensor([0, e - s], dtype=torch.int32), e - s).double().sum())
-        n_bytes += int(tg.target_bytes(x[0], y[0], luts).sum())
+        n_bytes += reference_bytes(x[0], y[0], luts)
     return loss / (len(tokens) - 1), loss / (math.log(2) * n_bytes)
 
 
@@ -125,16 +131,16 @@ def test_eval_val_scores_every_target_once_for_any_packing(tmp_path, monkeypatch
     rt = tg.Runtime(h)
     model = make_model(h, seed=3)
     tokens = val_stream(h.vocab_size, [30, 5, 64, 12, 1, 40, 22, 9])
-    g = torch.Generator().manual_seed(0)
-    luts = (torch.randint(0, 4, (h.vocab_size,), generator=g), torch.rand(h.vocab_size, generator=g) < 0.5,
-            torch.zeros(h.vocab_size, dtype=torch.bool))
+    rng = np.random.default_rng(0)
+    luts = (rng.integers(0, 4, h.vocab_size).astype(np.int64), rng.random(h.vocab_size) < 0.5,
+            np.zeros(h.vocab_size, dtype=bool))
     luts[2][:4] = True
     ref_loss, ref_bpb = reference_eval(model, tokens, luts)
+    val = tg.ValSet(tokens, tg.stream_target_bytes(tokens, luts))
     model.looping = False
     for vbt in (64, 128, 512):
         h.val_batch_tokens = vbt
-        out = tg.eval_val(model, h, rt, tokens, luts)
+        out = tg.eval_val(model, h, rt, val)
         assert model.looping is False  # restored
         assert out[0] == pytest.approx(ref_loss, rel=1e-5) and out[1] == pytest.approx(ref_bpb, rel=1e-5), vbt
-        if len(out) > 2:
-            assert out[2] == len(tokens) - 1
+        assert len(out) == 3 and out[2] == len(tokens) - 1
