@@ -1174,10 +1174,8 @@ def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
     model.looping = False
     reserve = h.gptq_reserve_seconds
     if reserve < 0:
-        t0 = time.perf_counter()
-        run_gptq(model, h, rt, train_files)
-        rt.sync()
-        reserve = rt.all_reduce(torch.tensor(time.perf_counter() - t0, device=rt.device), "max").item()
+        _, _, t_hess, t_quant = run_gptq(model, h, rt, train_files)
+        reserve = rt.all_reduce(torch.tensor(t_hess + t_quant, device=rt.device), "max").item()
         rt.log(f"gptq:measured {reserve:.1f}s for Hessians + quantization; reserving it from the training budget")
     return reserve
 
@@ -1297,9 +1295,15 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
     return hessians
 
 
+def fp16_scale(s):
+    """Scales as stored (fp16), floored after the cast: a floor below fp16's range rounds to 0,
+    and an all-zero row (every zero-initialised projection) would then divide 0 by 0."""
+    return s.half().clamp_min(torch.finfo(torch.float16).tiny)
+
+
 def damped_cholesky(m, upper=False):
     """Batched Cholesky that adds 10x more diagonal damping (from 1e-6 of the mean diagonal) to
-    the matrices that fail; one that still fails at 1e4x falls back to its diagonal (GPTQ then
+    the matrices that fail; one that still fails at ~1e3x falls back to its diagonal (GPTQ then
     reduces to rounding with error feedback), with a warning, instead of aborting the artifact."""
     jitter = 1e-6 * m.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(1e-12)
     eye = torch.eye(m.size(-1), device=m.device, dtype=m.dtype)
@@ -1322,7 +1326,7 @@ def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01):
     w, hessian = w.float().clone(), hessian.float().clone()
     n, r, c = w.shape
     top = 2 ** (bits - 1) - 1
-    scale = (clip_sigmas * w.std(dim=-1) / top).clamp_min(1e-8).half()
+    scale = fp16_scale(clip_sigmas * w.std(dim=-1) / top)
     s = scale.float()
     diag = hessian.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
@@ -1352,10 +1356,10 @@ def lqer_factors(err, rank, group):
     scale, B = V^T in int4 with one scale per `group` consecutive values."""
     u, sv, vt = torch.linalg.svd(err.float(), full_matrices=False)
     a, b = u[:, :rank] * sv[:rank], vt[:rank]
-    a_scale = (a.abs().max() / 1.5).clamp_min(1e-12).half()
+    a_scale = fp16_scale(a.abs().max() / 1.5)
     qa = torch.clamp(torch.round(a / a_scale.float()), -2, 1).to(torch.int8)
     groups = b.reshape(-1, group)
-    b_scale = (groups.abs().amax(dim=1) / 7.5).clamp_min(1e-12).half()
+    b_scale = fp16_scale(groups.abs().amax(dim=1) / 7.5)
     qb = torch.clamp(torch.round(groups / b_scale.float()[:, None]), -8, 7).to(torch.int8).view_as(b)
     return qa, a_scale, qb, b_scale
 
@@ -1366,13 +1370,18 @@ def lqer_product(qa, a_scale, qb, b_scale, group):
 
 
 def run_gptq(model, h: Hyperparameters, rt: Runtime, train_files):
-    """(Hessians, quantized contents) of the model, in true fp32: TF32's 10-bit mantissa made
-    X^T X indefinite enough to break the Cholesky factorisation."""
+    """(Hessians, quantized contents, Hessian seconds, quantization seconds), in true fp32 matmul
+    precision: with TF32 on, X^T X is not positive definite enough for the Cholesky."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
+        t0 = time.perf_counter()
         hessians = collect_hessians(model, h, rt, train_files)
-        return hessians, quantize_state(model.state_dict(), hessians, h)
+        rt.sync()
+        t1 = time.perf_counter()
+        qstate = quantize_state(model.state_dict(), hessians, h)
+        rt.sync()
+        return hessians, qstate, t1 - t0, time.perf_counter() - t1
     finally:
         torch.set_float32_matmul_precision(previous)
 
@@ -1388,7 +1397,7 @@ def quantize_state(state, hessians, h: Hyperparameters):
             batches.setdefault((role, tuple(t.shape), plan[1:]), []).append(name)
         elif plan[0] == "int8row":
             t2 = t.float().reshape(t.size(0), -1)
-            scale = (t2.abs().amax(dim=1) / 127).clamp_min(1e-12).half()
+            scale = fp16_scale(t2.abs().amax(dim=1) / 127)
             codes = torch.clamp(torch.round(t2 / scale.float()[:, None]), -127, 127).to(torch.int8)
             out[name] = dict(kind="int8row", codes=codes.view(t.shape), scale=scale)
         else:
@@ -1792,14 +1801,9 @@ def timed_eval(label, fn, rt: Runtime):
 
 def quantize_model(model, h: Hyperparameters, rt: Runtime, train_files, train_ms):
     """Hessians + GPTQ on the EMA weights; their time counts against the training cap."""
-    t0 = time.perf_counter()
-    hessians, qstate = run_gptq(model, h, rt, train_files)
-    rt.sync()
-    t1 = time.perf_counter()
-    rt.sync()
-    t2 = time.perf_counter()
-    rt.log(f"GPTQ:collected {len(hessians)} Hessians and quantized in {t1 - t0:.1f}s; "
-           f"training + GPTQ = {train_ms / 1000 + t1 - t0:.1f}s (cap {h.max_wallclock_seconds:.0f}s)")
+    hessians, qstate, t_hess, t_quant = run_gptq(model, h, rt, train_files)
+    rt.log(f"GPTQ:collected {len(hessians)} Hessians in {t_hess:.1f}s, quantized in {t_quant:.1f}s; "
+           f"training + GPTQ = {train_ms / 1000 + t_hess + t_quant:.1f}s (cap {h.max_wallclock_seconds:.0f}s)")
     kinds = {}
     for name, e in qstate.items():
         key = f"{e['kind']}{e.get('bits', '')}" + ("+lqer" if "lqer" in e else "")

@@ -156,11 +156,8 @@ def test_gptq_batched_equals_per_matrix():
         assert torch.equal(ci[0], codes[i]) and torch.equal(si[0], scale[i])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: gptq_quantize clamps the scale with clamp_min(1e-8) and the int8row "
-                   "path with clamp_min(1e-12) BEFORE .half(); both floors underflow to 0 in fp16, so an all-zero "
-                   "row (zero-initialised attn.proj/mlp.proj/gate_w) gets scale 0 and codes round(0/0)=NaN cast "
-                   "to int8 (undefined; 0 on this CPU)")
 def test_scale_floor_survives_the_fp16_cast():
+    """A floor applied before .half() underflowed to 0: zero rows then got codes round(0/0)."""
     w = torch.zeros(1, 4, 64)
     w[0, 1:] = torch.randn(3, 64, generator=gen(5))
     _, scale = tg.gptq_quantize(w, torch.eye(64)[None], 6, 13.0)
@@ -525,8 +522,20 @@ def wrapper_payload(wrapper: bytes) -> bytes:
 
 
 def make_wrapper(*args):
+    """tools/make_wrapper.py as a command."""
     return subprocess.run([sys.executable, str(MAKE_WRAPPER), *map(str, args)], capture_output=True, text=True,
                           env=clean_env(), cwd=REPO, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def mw():
+    """tools/make_wrapper.py as a module (in-process: saves a torch import per call)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_wrapper", MAKE_WRAPPER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_wrapper_runs_and_reproduces_the_source(tmp_path):
@@ -556,12 +565,11 @@ def test_counted_code_bytes(tmp_path):
     assert tg.counted_code_bytes(str(wrapped))[1] != len(tg.build_code_wrapper(wrapped.read_bytes()))
 
 
-def test_wrapper_of_train_gpt_executes(tmp_path):
+def test_wrapper_of_train_gpt_executes(tmp_path, mw):
     script = tmp_path / "train_gpt.py"  # a copy: train_gpt.py may be edited while the tests run
     shutil.copyfile(SCRIPT, script)
     out = tmp_path / "train_gpt_wrapped.py"
-    r = make_wrapper(script, out)
-    assert r.returncode == 0, r.stderr
+    mw.main([str(script), str(out)])
     assert wrapper_payload(out.read_bytes()) == script.read_bytes()
     run = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                          env=clean_env(ATTN_GATE="bogus"))
@@ -569,13 +577,13 @@ def test_wrapper_of_train_gpt_executes(tmp_path):
     assert "config error: ATTN_GATE='bogus': expected out, sparse or none" in run.stderr
 
 
-def test_minified_wrapper_of_train_gpt_executes(tmp_path):
+def test_minified_wrapper_of_train_gpt_executes(tmp_path, mw, capsys):
     pytest.importorskip("python_minifier")
     out = tmp_path / "train_gpt_min.py"
-    r = make_wrapper(SCRIPT, out, "--minify")
-    assert r.returncode == 0, r.stderr
-    m = re.search(r"raw: (\d+) bytes, minified: (\d+) bytes, wrapper: (\d+) bytes", r.stdout)
-    assert m, r.stdout
+    mw.main([str(SCRIPT), str(out), "--minify"])
+    stdout = capsys.readouterr().out
+    m = re.search(r"raw: (\d+) bytes, minified: (\d+) bytes, wrapper: (\d+) bytes", stdout)
+    assert m, stdout
     raw, minified, wrapper = map(int, m.groups())
     assert wrapper == os.path.getsize(out) and len(wrapper_payload(out.read_bytes())) == minified < raw
     payload = wrapper_payload(out.read_bytes())
@@ -587,12 +595,7 @@ def test_minified_wrapper_of_train_gpt_executes(tmp_path):
     assert "config error: COMPILE='yes': expected 0 or 1" in run.stderr
 
 
-def test_make_wrapper_minify_without_the_package(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_wrapper", MAKE_WRAPPER)
-    mw = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mw)
+def test_make_wrapper_minify_without_the_package(tmp_path, monkeypatch, mw):
     src = tmp_path / "small.py"
     src.write_bytes(SMALL_SCRIPT)
     mw.main([str(src), str(tmp_path / "w.py")])

@@ -215,13 +215,13 @@ HOSTILE_DOCS = [
 @pytest.fixture(scope="module")
 def caseops_data(tmp_path_factory):
     """A CaseOps tokenizer (384 pieces) and shards built by build_shards --caseops: 4 hostile and
-    40 English-like val documents in several val shards (documents run across them)."""
+    20 English-like val documents in several val shards (documents run across them)."""
     root = tmp_path_factory.mktemp("caseops")
     train_docs = english_docs(400, seed=11)
     model = caseops.train_tokenizer(train_docs, 384, root / "caseops_384.model")
-    val_docs = HOSTILE_DOCS + english_docs(40, seed=12)
+    val_docs = HOSTILE_DOCS + english_docs(20, seed=12)
     result = build_shards.build_shards(val_docs + train_docs[:60], model, root / "data", val_docs=len(val_docs),
-                                       shard_tokens=700, use_caseops=True, log=io.StringIO())
+                                       shard_tokens=400, use_caseops=True, log=io.StringIO())
     assert len(result.val_paths) == len(result.sidecar_paths) >= 3
     return root / "data", model, val_docs
 

@@ -1,0 +1,72 @@
+"""The documents stay true to the code: README's variable table, the CI command, and the
+figures in submission.json against the record log they come from."""
+import json
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+import train_gpt as tg
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+ENV_NAMES = {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK"}
+
+
+def readme_table():
+    rows = {}
+    for line in README.splitlines():
+        m = re.match(r"\| ([A-Z0-9_, ]+) \| ([^|]+) \| [^|]+ \|$", line)
+        if m:
+            for name, default in zip(m[1].split(", "), m[2].split(", ")):
+                rows[name] = default.strip()
+    return rows
+
+
+def documented(value):
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+@pytest.mark.parametrize("f", fields(tg.Hyperparameters), ids=lambda f: f.name)
+def test_every_variable_is_documented_with_its_default(f):
+    rows = readme_table()
+    name = ENV_NAMES.get(f.name, f.name.upper())
+    assert name in rows, f"{name} missing from README's variable table"
+    default, doc = getattr(tg.Hyperparameters(), f.name), rows[name]
+    if f.name in ("run_id", "qk_gain_init"):  # generated / the per-layer table
+        return
+    if isinstance(default, float) and not isinstance(default, bool):
+        assert float(doc) == default, (name, doc, default)
+    else:
+        assert doc == documented(default), (name, doc, default)
+
+
+def test_ci_runs_the_readme_test_command():
+    setup = README.split("## Setup", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    test_cmd = [ln.split("#")[0].strip() for ln in setup.splitlines() if "pytest" in ln][0]
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert ci[-1] == test_cmd
+
+
+def test_submission_proxy_figures_come_from_the_record_log():
+    sub = json.loads((ROOT / "submission.json").read_text())["proxy"]
+    log = (ROOT / "records/proxy/2026-11-23_1xH100_seed42/train_seed42.log").read_text()
+
+    def bpb(label):
+        return float(re.search(rf"^{label} val_loss:\S+ val_bpb:(\S+)", log, re.M)[1])
+
+    assert sub["pre_quant_val_bpb"] == bpb("diagnostic pre-quantization post-ema")
+    assert sub["quantized_val_bpb"] == bpb("diagnostic quantized")
+    assert sub["sliding_val_bpb"] == bpb("diagnostic quantized_sliding_window")
+    assert sub["ttt_val_bpb"] == bpb("quantized_ttt_phased")
+    assert sub["artifact_bytes"] == int(re.search(r"^Total submission size quantized\+brotli: (\d+)", log, re.M)[1])
+    assert sub["model_bytes"] == int(re.search(r"^Serialized model quantized\+brotli: (\d+)", log, re.M)[1])
+    assert sub["code_bytes"] == int(re.search(r"^Code size \(compressed\): (\d+)", log, re.M)[1])
+    steps, avg = re.search(r"^training: (\d+) steps in \S+ step_avg: ([\d.]+)ms", log, re.M).groups()
+    assert (sub["steps"], sub["step_avg_ms"]) == (int(steps), float(avg))
+    assert sub["total_eval_seconds"] == float(re.search(r"^total_eval_time:([\d.]+)s", log, re.M)[1])
