@@ -252,7 +252,9 @@ class Hyperparameters:
         need(self.ttt_chunk_size <= self.ttt_eval_seq_len, "TTT_CHUNK_SIZE", "must not exceed TTT_EVAL_SEQ_LEN")
         need(self.global_ttt_chunk_tokens % self.world_size == 0, "GLOBAL_TTT_CHUNK_TOKENS",
              "must be divisible by WORLD_SIZE")
-        need(self.phased_ttt_num_phases >= 0 and self.ttt_batch_size > 0, "PHASED_TTT_NUM_PHASES", "must be >= 0")
+        need(self.phased_ttt_num_phases >= 0, "PHASED_TTT_NUM_PHASES", "must not be negative")
+        need(self.phased_ttt_prefix_docs >= 0, "PHASED_TTT_PREFIX_DOCS", "must not be negative")
+        need(self.ttt_batch_size > 0, "TTT_BATCH_SIZE", "must be positive")
 
     def layer_plan(self, looping):
         """(encoder, decoder) physical layer indices; with looping the segment
@@ -427,19 +429,24 @@ def load_val_set(h: Hyperparameters, luts) -> ValSet:
     """All val shards in order. Bytes come from the challenge's LUT formula, or with CaseOps
     from the fineweb_val_bytes_* sidecar of each shard, which must exist and align exactly."""
     files = shard_files(h.data_path, "val")
-    tokens = np.concatenate([load_data_shard(f) for f in files])
+    shards = [load_data_shard(f) for f in files]
+    tokens = np.concatenate(shards)
     if tokens.max(initial=0) >= h.vocab_size:
         raise ConfigError(f"VOCAB_SIZE={h.vocab_size}: val shards hold token id {tokens.max()}")
+    sidecars = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("fineweb_val_", "fineweb_val_bytes_", 1))
+                for f in files]
     if not h.caseops_enabled:
+        if any(os.path.isfile(p) for p in sidecars):
+            # LUT bytes on CaseOps text count every case operator as bytes: bpb ~9% too low.
+            raise ConfigError(f"CASEOPS_ENABLED=0: {h.data_path} holds fineweb_val_bytes_* sidecars (CaseOps data)")
         return ValSet(tokens, stream_target_bytes(tokens, luts))
     counts = []
-    for f in files:
-        side = f.replace("fineweb_val_", "fineweb_val_bytes_")
+    for f, side, shard in zip(files, sidecars, shards):
         if not os.path.isfile(side):
             raise FileNotFoundError(f"CASEOPS_ENABLED=1 but the byte sidecar {side} of {f} is missing")
         c = load_data_shard(side)
-        if len(c) != len(load_data_shard(f)):
-            raise ValueError(f"{side}: {len(c)} byte counts for {len(load_data_shard(f))} tokens in {f}")
+        if len(c) != len(shard):
+            raise ValueError(f"{side}: {len(c)} byte counts for {len(shard)} tokens in {f}")
         counts.append(c)
     return ValSet(tokens, np.concatenate(counts).astype(np.int64))
 
@@ -1737,7 +1744,8 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline):
                 if i % rt.world_size == rt.rank]
     batches = [docs[i:i + h.ttt_batch_size] for i in range(0, len(docs), h.ttt_batch_size)]
     prefix = min(h.phased_ttt_prefix_docs, len(docs))
-    boundaries = [prefix * k // h.phased_ttt_num_phases for k in range(1, h.phased_ttt_num_phases + 1)]
+    # Distinct, non-empty prefixes: with fewer documents than phases some would repeat or be 0.
+    boundaries = sorted({prefix * k // h.phased_ttt_num_phases for k in range(1, h.phased_ttt_num_phases + 1)} - {0})
     rt.log(f"ttt_phased: total_docs:{len(spans)} ttt_docs:{len(docs)} long_docs_sliding:{len(spans) - len(docs)} "
            f"prefix_docs:{prefix} num_phases:{h.phased_ttt_num_phases} boundaries:{boundaries}")
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)

@@ -866,17 +866,13 @@ def test_phased_ttt_equals_eval_val_when_ttt_cannot_change_anything(tmp_path, mo
 
 
 # ---------------------------------------------------------------------------------------
-# Known bug
+# Fewer TTT documents than phases
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="BUG phased_ttt: with fewer TTT-eligible documents (<= TTT_MAX_DOC_TOKENS) than "
-                          "PHASED_TTT_NUM_PHASES, prefix = min(PHASED_TTT_PREFIX_DOCS, len(docs)) makes the first "
-                          "boundary prefix*1//phases = 0; after the first batch global_sgd is asked for docs[:0] and "
-                          "np.concatenate([]) raises 'need at least one array to concatenate'")
 @pytest.mark.parametrize("lengths,phases", [((45, 20, 70), 2), ((45, 20, 12, 70), 3)])
 def test_phased_ttt_with_fewer_ttt_documents_than_phases(tmp_path, monkeypatch, lengths, phases):
+    """A phase boundary of 0 once asked global SGD for no documents (np.concatenate([]) raised)."""
     h = make_h(tmp_path, phased_ttt_num_phases=phases)
     val = make_val(lengths)
     rec, out = run_phased(monkeypatch, h, val)

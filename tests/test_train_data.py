@@ -68,8 +68,11 @@ def test_shard_files_sorted_without_byte_sidecars(tmp_path):
     assert [Path(f).name for f in tg.shard_files(str(tmp_path), "train")] == [
         "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
     assert [Path(f).name for f in tg.shard_files(str(tmp_path), "val")] == ["fineweb_val_000000.bin"]
-    val = tg.load_val_set(tg.Hyperparameters(data_path=str(tmp_path), vocab_size=3), TOY_LUTS)
+    val = tg.load_val_set(tg.Hyperparameters(data_path=str(tmp_path), vocab_size=3, caseops_enabled=True), TOY_LUTS)
     assert val.tokens.tolist() == [1, 2]  # the sidecar is not read as val tokens
+    (tmp_path / "fineweb_val_bytes_000000.bin").unlink()
+    val = tg.load_val_set(tg.Hyperparameters(data_path=str(tmp_path), vocab_size=3), TOY_LUTS)
+    assert val.tokens.tolist() == [1, 2]
     assert val.target_bytes.tolist() == [0, 3]  # LUT accounting: BOS -> token 2 is base 3, no space byte
 
 
