@@ -7,6 +7,7 @@ Launch: torchrun --standalone --nproc_per_node=N train_gpt.py (N in 1..8), or pl
 from __future__ import annotations
 
 import base64
+import functools
 import glob
 import inspect
 import json
@@ -388,15 +389,22 @@ class DocumentPackingLoader:
     r-th piece, so micro-step m on rank r reads piece m*world+r: any world size sees the same
     pieces in the same optimizer step."""
 
-    def __init__(self, files, local_tokens, seq_len, rank, world_size, device):
+    def __init__(self, files, local_tokens, seq_len, rank, world_size, device, vocab_size=None):
         self.files, self.local, self.seq_len = files, local_tokens, seq_len
-        self.rank, self.world_size, self.device = rank, world_size, device
-        self.file_idx, self.buf, self.pos = 0, load_data_shard(files[0]), 0
+        self.rank, self.world_size, self.device, self.vocab_size = rank, world_size, device, vocab_size
+        self.file_idx, self.buf, self.pos = 0, self._load(0), 0
+
+    def _load(self, i):
+        """Shard i, checked against the vocabulary here rather than as a device assert mid-run."""
+        shard = load_data_shard(self.files[i])
+        if self.vocab_size is not None and shard.max(initial=0) >= self.vocab_size:
+            raise ConfigError(f"VOCAB_SIZE={self.vocab_size}: {self.files[i]} holds token id {shard.max()}")
+        return shard
 
     def _take(self, n):
         while len(self.buf) - self.pos < n:
             self.file_idx = (self.file_idx + 1) % len(self.files)
-            self.buf = np.concatenate([self.buf[self.pos:], load_data_shard(self.files[self.file_idx])])
+            self.buf = np.concatenate([self.buf[self.pos:], self._load(self.file_idx)])
             self.pos = 0
         out = self.buf[self.pos:self.pos + n]
         self.pos += n
@@ -549,12 +557,23 @@ def _attention_sdpa(q, k, v, cu_seqlens, window):
     for s, e in zip(bounds[:-1], bounds[1:]):
         if e == s:
             continue
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
+        if window is None:
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
+            continue
         pos = torch.arange(e - s, device=q.device)
         delta = pos[:, None] - pos[None, :]
-        mask = (delta >= 0) & (delta <= window) if window is not None else delta >= 0
-        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
+        mask = (delta >= 0) & (delta <= window)
         outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1))
     return torch.cat(outs)
+
+
+@functools.cache
+def torch_varlen_attn():
+    """torch's varlen_attn and the names of its parameters (they differ across releases)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 @torch.compiler.disable
@@ -570,13 +589,11 @@ def varlen_attention(q, k, v, window):
                                      causal=True, window_size=(left, 0))
         return out[0] if isinstance(out, tuple) else out
     if ATTENTION_BACKEND == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        params = inspect.signature(varlen_attn).parameters
+        varlen_attn, params = torch_varlen_attn()
         kw = {}
         if "enable_gqa" in params:
             kw["enable_gqa"] = True
-        else:
+        else:  # torch 2.11's varlen_attn has no GQA: repeat K/V
             groups = q.size(1) // k.size(1)
             k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
         if "window_size" in params:
@@ -1158,7 +1175,8 @@ class EMA:
 
 
 def new_train_loader(h: Hyperparameters, rt: Runtime, train_files):
-    return DocumentPackingLoader(train_files, h.micro_tokens, h.train_seq_len, rt.rank, rt.world_size, rt.device)
+    return DocumentPackingLoader(train_files, h.micro_tokens, h.train_seq_len, rt.rank, rt.world_size, rt.device,
+                                 h.vocab_size)
 
 
 def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
@@ -1188,7 +1206,8 @@ def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
 
 
 def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet, budget_s):
-    """Train until ITERATIONS or until the wallclock budget (seconds, 0 = none) is spent."""
+    """Train until ITERATIONS, or until the next step would overrun the wallclock budget
+    (seconds, 0 = none), predicted from the last step's duration."""
     trainer, loader, ema = Trainer(model, h, rt), new_train_loader(h, rt, train_files), EMA(model, h.ema_decay)
     budget_ms = 1000.0 * budget_s
     train_ms, step, t_start = 0.0, 0, time.perf_counter()
@@ -1205,7 +1224,7 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
         step += 1
         rt.sync()
         elapsed = torch.tensor(1000.0 * (time.perf_counter() - t_start), device=rt.device)
-        train_ms = float(rt.all_reduce(elapsed, "max"))  # rank agreement on the clock
+        previous_ms, train_ms = train_ms, float(rt.all_reduce(elapsed, "max"))  # ranks agree on the clock
         loss_value = float(loss)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"non-finite train loss {loss_value} at step {step}; stopping")
@@ -1218,7 +1237,7 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
             vl, vb, _ = eval_val(model, h, rt, val)
             rt.log(f"{step}/{h.iterations} val_loss: {vl:.4f} val_bpb: {vb:.4f}")
             t_start += time.perf_counter() - t_val  # validation time is not training time
-        if budget_ms > 0 and train_ms >= budget_ms:
+        if budget_ms > 0 and train_ms + (train_ms - previous_ms) > budget_ms:
             rt.log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{h.iterations}")
             break
     rt.log(f"training: {step} steps in {train_ms / 1000:.1f}s, step_avg: {train_ms / max(step, 1):.2f}ms, "
@@ -1276,7 +1295,7 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
                   block.mlp.proj.register_forward_pre_hook(lambda m, a, k=p + "mlp.proj.weight": accumulate(k, a[0]))]
     was_looping, model.looping = model.looping, h.num_loops > 0
     local = min(h.micro_tokens, h.gptq_calibration_tokens // rt.world_size)
-    loader = DocumentPackingLoader(train_files, local, h.train_seq_len, rt.rank, rt.world_size, rt.device)
+    loader = DocumentPackingLoader(train_files, local, h.train_seq_len, rt.rank, rt.world_size, rt.device, h.vocab_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=rt.device.type == "cuda")
     try:
         with torch.compiler.set_stance("force_eager"), autocast:

@@ -321,3 +321,15 @@ def test_tiny_tokenizer_bytes_and_load_tokenizer_luts(tmp_path_factory):
         tg.load_tokenizer_luts(tg.Hyperparameters(tokenizer_path=str(path), vocab_size=vocab + 1))
     with pytest.raises(FileNotFoundError, match="TOKENIZER_PATH"):
         tg.load_tokenizer_luts(tg.Hyperparameters(tokenizer_path=str(tmp_path_factory.mktemp("x") / "no.model")))
+
+
+def test_loader_rejects_a_train_token_outside_the_vocabulary(tmp_path):
+    """A bad id in a later train shard is a ConfigError naming it when the loader reaches it."""
+    write_shard(tmp_path / "fineweb_train_000000.bin", [1, 2, 3, 4] * 8)
+    write_shard(tmp_path / "fineweb_train_000001.bin", [1, 2, 9, 4] * 8)
+    files = tg.shard_files(str(tmp_path), "train")
+    loader = tg.DocumentPackingLoader(files, 15, 8, 0, 1, CPU, vocab_size=9)
+    loader.next_batch()
+    with pytest.raises(tg.ConfigError, match="^VOCAB_SIZE=9: .*fineweb_train_000001.bin holds token id 9$"):
+        for _ in range(4):
+            loader.next_batch()

@@ -221,3 +221,21 @@ def test_all_reduce_grads_averages_over_ranks_and_skips_missing_grads():
     single = SimpleNamespace(distributed=False, world_size=1, all_reduce=None)
     tg.all_reduce_grads(params, single)  # no-op on one process
     torch.testing.assert_close(params[0].grad, 2 * grads[0])
+
+
+def test_training_stops_before_a_step_would_overrun_the_budget(tmp_path, monkeypatch):
+    """With a clock that advances 1 s per step and a 5.5 s budget, training must stop at 5 s
+    (5 steps): the next step is predicted from the last one. Stopping only once the budget is
+    passed ran to 6 s, past the cap by most of a step."""
+    h = tiny_h(log_dir=str(tmp_path / "logs"), run_id="t", train_batch_tokens=256, micro_batches=2,
+               train_seq_len=64, iterations=100)
+    rng = np.random.default_rng(1)
+    stream = rng.integers(4, h.vocab_size, 5000)
+    stream[::50] = tg.BOS_ID
+    files = [str(write_shard(tmp_path / "fineweb_train_000000.bin", stream))]
+    rt = tg.Runtime(h)
+    clock = iter(range(1000))
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: float(next(clock)))
+    val = tg.ValSet(stream[:100].astype(np.uint16), np.ones(100, dtype=np.int64))
+    steps, train_ms = tg.train_model(make_model(h, seed=2), h, rt, files, val, budget_s=5.5)
+    assert (steps, train_ms) == (5, 5000.0)
