@@ -17,7 +17,7 @@ import train_gpt as tg
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_gpt.py"
-SP8192 = Path("/work/shared/data/tokenizers/fineweb_8192_bpe.model")
+SP8192 = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "fineweb_8192_bpe.model"  # ../shared
 
 # A tiny model exercising every path: local (early/late windows) and global layers, a loop segment,
 # U-Net skips, parallel two-lane blocks, XSA on every layer, gates, smear gate and Parcae.
