@@ -692,6 +692,11 @@ def _xielu_linear_backward(ctx, grad_pre, grad_post):
 xielu_linear.register_autograd(_xielu_linear_backward, setup_context=_xielu_linear_setup)
 
 
+def bf16_autocast(device):
+    """bf16 autocast on CUDA; CPU runs (tests, the embedded job) stay in fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
@@ -1126,7 +1131,7 @@ class Trainer:
         self.model, self.h, self.rt = model, h, rt
         self.params = [p for p in model.parameters()]
         self.optimizers = build_optimizers(model, h, rt.rank, rt.world_size)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=rt.device.type == "cuda")
+        self.autocast = bf16_autocast(rt.device)
 
     def step(self, loader, step, frac):
         h = self.h
@@ -1296,7 +1301,7 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
     was_looping, model.looping = model.looping, h.num_loops > 0
     local = min(h.micro_tokens, h.gptq_calibration_tokens // rt.world_size)
     loader = DocumentPackingLoader(train_files, local, h.train_seq_len, rt.rank, rt.world_size, rt.device, h.vocab_size)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=rt.device.type == "cuda")
+    autocast = bf16_autocast(rt.device)
     try:
         with torch.compiler.set_stance("force_eager"), autocast:
             for _ in range(max(1, h.gptq_calibration_tokens // (local * rt.world_size))):
@@ -1623,7 +1628,7 @@ def eval_windows(model, h: Hyperparameters, rt: Runtime, val: ValSet, windows, s
     was_looping, model.looping = model.looping, h.num_loops > 0
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     rows = pack_rows(windows, h.val_batch_tokens)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=rt.device.type == "cuda")
+    autocast = bf16_autocast(rt.device)
     for row in rows[rt.rank::rt.world_size] if split_ranks else rows:
         x, y, b, cu = build_row(val, row, h.val_batch_tokens)
         max_len = int(np.diff(cu).max())
@@ -1704,7 +1709,7 @@ def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums):
         cu = torch.arange(len(active) + 1, device=device, dtype=torch.int32) * T
         lora, head = bank.select(torch.tensor(active, device=device))
         rows = torch.arange(len(active), device=device)[:, None]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with bf16_autocast(device):
             hid = model.hidden(x, cu, T, lora)[rows, pos]
             logits = model.head_logits(hid, head)
         tgt = y[rows, pos]
@@ -1729,7 +1734,7 @@ def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=rt.device.type == "cuda")
+    autocast = bf16_autocast(rt.device)
     for _ in range(h.global_ttt_epochs):
         for ci in range(n):
             for g in opt.param_groups:
@@ -1920,7 +1925,6 @@ def main():
         with open(__file__, encoding="utf-8") as src:
             rt.log(src.read(), console=False)
         torch.manual_seed(h.seed)
-        np.random.seed(h.seed)
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside GPTQ
         train_files = shard_files(h.data_path, "train")
         val = load_val_set(h, load_tokenizer_luts(h))
@@ -1937,7 +1941,10 @@ def main():
             torch._dynamo.config.accumulated_cache_size_limit = 512
             model.compile_regions()
         reserve = compile_warmup(model, h, rt, train_files)
-        budget_s = max(h.max_wallclock_seconds - reserve, 0.0) if h.max_wallclock_seconds > 0 else 0.0
+        budget_s = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
+        if h.max_wallclock_seconds > 0 and budget_s <= 0:  # 0 would read as "no cap"
+            raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: nothing left after the "
+                              f"{reserve:.1f}s GPTQ reserve")
         rt.log(f"gptq:reserving {reserve:.1f}s, training budget {budget_s:.1f}s")
         _, train_ms = train_model(model, h, rt, train_files, val, budget_s)
         qstate = quantize_model(model, h, rt, train_files, train_ms)

@@ -166,3 +166,13 @@ def test_script_unavailable_attention_backend_exits_2(tmp_path, data):
     r = run_script(script_env(tmp_path, data_path, sp_path, vocab, ATTN_BACKEND="fa3"), tmp_path, timeout=120)
     assert r.returncode == 2
     assert "config error: ATTN_BACKEND='fa3': not available here (available: sdpa)" in r.stdout
+
+
+def test_script_gptq_reserve_larger_than_the_cap_exits_2(tmp_path, data):
+    """A reserve >= the cap would leave a training budget of 0, which reads as "no cap"."""
+    data_path, sp_path, vocab = data
+    r = run_script(script_env(tmp_path, data_path, sp_path, vocab, MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=5,
+                              WARMUP_STEPS=0), tmp_path, timeout=120)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"^config error: MAX_WALLCLOCK_SECONDS=2.0: nothing left after the 5.0s GPTQ reserve$",
+                     r.stdout, re.M), r.stdout[-2000:]
