@@ -1597,9 +1597,11 @@ def unpack_artifact(blob: bytes):
 
     if blob[:4] != ARTIFACT_MAGIC:
         raise ValueError(f"not a quantized artifact (magic {blob[:4]!r}, expected {ARTIFACT_MAGIC!r})")
-    (count,) = struct.unpack_from("<I", blob, 4)
-    lengths = struct.unpack_from(f"<{count}I", blob, 8)
-    pos, streams = 8 + 4 * count, []
+    count = struct.unpack_from("<I", blob, 4)[0] if len(blob) >= 28 else 0
+    lengths = struct.unpack_from("<5I", blob, 8) if count == 5 else ()
+    if not lengths or sum(lengths) + 28 != len(blob):
+        raise ValueError(f"damaged artifact: {len(blob)} bytes do not match its header")
+    pos, streams = 28, []
     for n in lengths:
         streams.append(blob[pos:pos + n])
         pos += n

@@ -427,6 +427,14 @@ def test_unpack_rejects_a_wrong_magic(quantized):
         tg.unpack_artifact(b"")
 
 
+def test_unpack_rejects_a_truncated_or_padded_artifact(quantized):
+    _, _, q = quantized
+    blob = tg.pack_artifact(q)
+    for bad in (blob[:-1], blob + b"\0", blob[:4] + b"\x04" + blob[5:], blob[:10]):
+        with pytest.raises(ValueError, match="damaged artifact"):
+            tg.unpack_artifact(bad)
+
+
 def iid_symbols(rng, n, spread):
     """int6-like GPTQ codes (heavy-tailed, clipped to +-31) as rANS symbols code + 128."""
     codes = np.clip(np.round(rng.standard_t(5, n) * spread), -31, 31).astype(np.int64)
