@@ -1993,21 +1993,40 @@ def write_artifact(qstate, h: Hyperparameters, rt: Runtime):
 
 
 def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet):
-    """The scored evaluation, timed from reading the artifact: quantized (diagnostic), sliding
-    window, then phased TTT within EVAL_BUDGET_SECONDS."""
+    """The scored evaluation, timed from reading the artifact: the quantized model (diagnostic),
+    then the score. Without TTT the score is the sliding-window eval. With TTT, phased TTT gets
+    EVAL_BUDGET_SECONDS and the sliding-window diagnostic runs after it, on a fresh copy (TTT
+    adapts the base weights), only if it is predicted to end within the budget: on FineWeb it
+    would otherwise take minutes from TTT."""
     rt.sync()
     t0 = time.perf_counter()
     model = load_artifact_model(h, rt, use_compile)
+    t1 = time.perf_counter()
     timed_eval("diagnostic quantized", lambda: eval_val(model, h, rt, val), rt)
-    if h.sliding_eval:
-        timed_eval("diagnostic quantized_sliding_window", lambda: eval_val(model, h, rt, val, stride=h.eval_stride), rt)
-    if h.ttt_enabled:
+    disjoint_s = time.perf_counter() - t1
+
+    def sliding(m):
+        timed_eval("diagnostic quantized_sliding_window", lambda: eval_val(m, h, rt, val, stride=h.eval_stride), rt)
+
+    if not h.ttt_enabled:
+        if h.sliding_eval:
+            sliding(model)
+    else:
         # Leave 5% of the budget for scoring what TTT could not reach by sliding windows.
         deadline = t0 + 0.95 * h.eval_budget_seconds
         # Eager: TTT shapes change every chunk (documents x window length); the compiled graphs
         # are static and would recompile.
         with torch.compiler.set_stance("force_eager"):
             timed_eval("quantized_ttt_phased", lambda: phased_ttt(model, h, rt, val, deadline), rt)
+        if h.sliding_eval:
+            # Sliding windows do eval_seq_len/stride times the disjoint eval's work (an upper bound).
+            predicted = disjoint_s * h.eval_seq_len / h.eval_stride
+            late = time.perf_counter() + predicted > t0 + h.eval_budget_seconds
+            if rt.all_reduce(torch.tensor(float(late), device=rt.device), "max").item():
+                rt.log(f"diagnostic quantized_sliding_window skipped: predicted {predicted:.0f}s would end past "
+                       f"EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f}")
+            else:
+                sliding(load_artifact_model(h, rt, use_compile))
     rt.log(f"total_eval_time:{time.perf_counter() - t0:.1f}s")
     if rt.device.type == "cuda":
         rt.log(f"peak memory allocated (whole run): {torch.cuda.max_memory_allocated() // 2**20} MiB")

@@ -144,3 +144,30 @@ def test_eval_val_scores_every_target_once_for_any_packing(tmp_path, monkeypatch
         assert model.looping is False  # restored
         assert out[0] == pytest.approx(ref_loss, rel=1e-5) and out[1] == pytest.approx(ref_bpb, rel=1e-5), vbt
         assert len(out) == 3 and out[2] == len(tokens) - 1
+
+
+def test_sliding_diagnostic_runs_after_ttt_on_the_unadapted_model(tmp_path_factory, data):
+    """With TTT on, the order is quantized -> TTT (the score) -> sliding, and the sliding eval
+    reloads the artifact: it equals the sliding score of the same run without TTT, although TTT's
+    global SGD phase changed the base weights."""
+    env = dict(ITERATIONS=3, WARMUP_STEPS=0, SLIDING_EVAL=1, EVAL_STRIDE=64, EVAL_BUDGET_SECONDS=100000,
+               TTT_BATCH_SIZE=8, TTT_CHUNK_SIZE=64, TTT_EVAL_SEQ_LEN=128, TTT_LORA_RANK=4,
+               PHASED_TTT_PREFIX_DOCS=16, PHASED_TTT_NUM_PHASES=1, GLOBAL_TTT_CHUNK_TOKENS=1024,
+               GLOBAL_TTT_SEQ_LEN=128, GLOBAL_TTT_LR=0.05)
+    rc, with_ttt, _ = run(tmp_path_factory, data, "ttt_on", TTT_ENABLED=1, **env)
+    assert rc == 0, with_ttt[-4000:]
+    rc, without, _ = run(tmp_path_factory, data, "ttt_off", TTT_ENABLED=0, **env)
+    assert rc == 0, without[-4000:]
+
+    def score(text, label):
+        m = re.search(rf"^{label} val_loss:(\S+) val_bpb:(\S+) ", text, re.M)
+        assert m, label + "\n" + text[-3000:]
+        return m.start(), float(m[2])
+
+    q, ttt, sliding = (score(with_ttt, lb) for lb in ("diagnostic quantized", "quantized_ttt_phased",
+                                                     "diagnostic quantized_sliding_window"))
+    assert q[0] < ttt[0] < sliding[0]
+    assert re.search(r"^ttpp: phase:1/1 pd:\d+ gd:16 sgd:", with_ttt, re.M)  # the base weights did move
+    assert sliding[1] == score(without, "diagnostic quantized_sliding_window")[1]
+    assert ttt[1] != sliding[1]
+    assert "quantized_ttt_phased" not in without
