@@ -1396,7 +1396,8 @@ def lqer_factors(err, hessian, rank, group):
     eye = torch.eye(h.size(0), dtype=h.dtype, device=h.device)
     chol = torch.linalg.cholesky(h + 1e-4 * h.diagonal().mean().clamp_min(1e-12) * eye)
     _, _, vt = torch.linalg.svd(err.double() @ chol, full_matrices=False)
-    b = torch.linalg.solve_triangular(chol.T, vt[:rank].T, upper=True).T.float()  # V^T L^-1
+    b = torch.linalg.solve_triangular(chol.T, vt[:rank].T, upper=True).T  # V^T L^-1, scales as H^-1/2
+    b = (b / b.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)).float()  # unit rows: fp16 scales in range
     groups = b.reshape(-1, group)
     b_scale = fp16_scale(groups.abs().amax(dim=1) / 7.5)
     qb = torch.clamp(torch.round(groups / b_scale.float()[:, None]), -8, 7).to(torch.int8).view_as(b)
@@ -1456,9 +1457,19 @@ def quantize_state(state, hessians, h: Hyperparameters):
             out[nm] = dict(kind="gptq", bits=bits, codes=q, scale=s)
             errors[nm] = wi - q.float() * s.float()[:, None]
     if h.lqer_enabled:
+        for nm, e in errors.items():
+            e[:, hessians[nm].diagonal() == 0] = 0  # dead inputs: GPTQ zeroed W there, the output never sees it
         for nm in sorted(errors, key=lambda k: -errors[k].norm().item())[:h.lqer_top_k]:
-            out[nm]["lqer"] = lqer_factors(errors[nm], hessians[nm], h.lqer_rank, h.lqer_group)
+            factors = lqer_factors(errors[nm], hessians[nm], h.lqer_rank, h.lqer_group)
+            rest = errors[nm] - lqer_product(*factors, h.lqer_group)
+            if output_error(rest, hessians[nm]) < output_error(errors[nm], hessians[nm]):
+                out[nm]["lqer"] = factors
     return out
+
+
+def output_error(err, hessian):
+    """tr(E H E^T): the squared output error of a linear layer's weight error on its inputs."""
+    return torch.einsum("rc,cd,rd->", err.double(), hessian.double(), err.double()).item()
 
 
 def dequantize_state(qstate, like, group):
@@ -1485,12 +1496,13 @@ def _unshuffle_bytes(b: bytes, stride: int) -> bytes:
     return arr.reshape(stride, -1).T.tobytes()
 
 
-# Static rANS for the large code arrays: brotli codes i.i.d. int6 symbols about 1.2% above their
+# Static rANS for the large code arrays: brotli codes i.i.d. int6 symbols about 1% above their
 # entropy, rANS with exact per-tensor frequencies about 0.1%.
 RANS_PROB_BITS = 15  # frequencies of one table sum to 2**15
 RANS_LANES = 2048  # interleaved states: each numpy step codes 2048 symbols; 8 KB of final states
 RANS_MIN_VALUES = 16384  # smaller arrays go to brotli: their frequency table would cost more than it saves
 RANS_LOW = 1 << 16  # states live in [2**16, 2**32) and move 16-bit words in and out
+# (changing any of these changes the artifact format: change ARTIFACT_MAGIC with them)
 
 
 def rans_frequencies(symbols: np.ndarray) -> np.ndarray:
@@ -1629,6 +1641,8 @@ def unpack_artifact(blob: bytes):
     for f in freqs:
         lo, n = tables[t:t + 2]
         f[lo:lo + n], t = tables[t + 2:t + 2 + n], t + 2 + n
+    if t != len(tables) or (freqs.sum(1) != 1 << RANS_PROB_BITS).any() or (len(streams[4]) > 0) != bool(large):
+        raise ValueError("damaged artifact: the rANS tables or stream do not match the manifest")
     large_codes = iter(())
     if large:
         states = np.frombuffer(streams[4][:4 * RANS_LANES], dtype="<u4")
@@ -1662,6 +1676,8 @@ def unpack_artifact(blob: bytes):
             qa, sa, qb, sb = m["lqer"]
             e["lqer"] = (take_codes(qa), take_half(sa), take_codes(qb), take_half(sb))
         qstate[m["name"]] = e
+    if half_pos != len(halves) or small_pos != len(small):
+        raise ValueError("damaged artifact: the fp16 or small-code streams do not match the manifest")
     return qstate
 
 
@@ -2019,13 +2035,14 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet)
         with torch.compiler.set_stance("force_eager"):
             timed_eval("quantized_ttt_phased", lambda: phased_ttt(model, h, rt, val, deadline), rt)
         if h.sliding_eval:
-            # Sliding windows do eval_seq_len/stride times the disjoint eval's work (an upper bound).
+            # Sliding windows do about eval_seq_len/stride times the disjoint eval's work (an estimate).
             predicted = disjoint_s * h.eval_seq_len / h.eval_stride
             late = time.perf_counter() + predicted > t0 + h.eval_budget_seconds
             if rt.all_reduce(torch.tensor(float(late), device=rt.device), "max").item():
                 rt.log(f"diagnostic quantized_sliding_window skipped: predicted {predicted:.0f}s would end past "
                        f"EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f}")
             else:
+                del model  # the TTT-adapted weights
                 sliding(load_artifact_model(h, rt, use_compile))
     rt.log(f"total_eval_time:{time.perf_counter() - t0:.1f}s")
     if rt.device.type == "cuda":

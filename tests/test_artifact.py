@@ -201,6 +201,23 @@ def test_lqer_lowers_the_layer_output_error_of_gptq():
     assert output_error_2d(e2 - tg.lqer_product(*tg.lqer_factors(e2, h2, 2, 64), 64), h2) < 0.3 * output_error_2d(e2, h2)
 
 
+def test_lqer_does_not_depend_on_the_hessians_scale():
+    """tr(E H E^T) is minimised the same way for any positive multiple of H (B grows as H^-1/2,
+    A as H^1/2: both must stay inside fp16 scales); an all-zero H gives a zero correction."""
+    g = gen(9)
+    hess = hessian_of(correlated_inputs(2048, 128, g, latent=16))
+    w = 0.02 * torch.randn(256, 128, generator=g)
+    codes, scale = tg.gptq_quantize(w[None], hess[None], 6, 12.5)
+    err = w - dequant(codes[0], scale[0])
+    ratios = []
+    for c in (1e-8, 1.0, 1e6):
+        rest = err - tg.lqer_product(*tg.lqer_factors(err, c * hess, 4, 64), 64)
+        ratios.append(output_error_2d(rest, hess) / output_error_2d(err, hess))
+    assert ratios[1] < 0.95 and max(ratios) - min(ratios) < 0.01, ratios
+    correction = tg.lqer_product(*tg.lqer_factors(err, torch.zeros(128, 128), 4, 64), 64)
+    assert torch.isfinite(correction).all() and correction.abs().max() == 0
+
+
 def test_lqer_factor_codes_and_scales():
     g = gen(7)
     seen_a, seen_b = set(), set()

@@ -1,0 +1,69 @@
+"""Artifact container size on a synthetic model-shaped qstate (the default config's tensors, GPTQ
+codes drawn i.i.d. from a clipped Student-t at the configured clip, seeded): the rANS container of
+train_gpt.py against the previous container (brotli-11 per code array), and the codes' entropy.
+    python3 tools/bench_pack.py [seed]
+Trained weights may compress differently; this isolates the entropy coder."""
+import json
+import os
+import sys
+import time
+
+import brotli
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import train_gpt as tg  # noqa: E402
+
+
+def synthetic_qstate(h, rng):
+    q = {}
+    for name, t in tg.GPT(h).state_dict().items():
+        plan = tg.quant_plan(name, t.numel(), h)
+        if plan[0] == "gptq":
+            top = 2 ** (plan[1] - 1) - 1
+            w = rng.standard_t(5, t.shape) / np.sqrt(5 / 3)  # unit std, heavier tails than a Gaussian
+            codes = np.clip(np.round(w * top / plan[2]), -top, top).astype(np.int8)
+            q[name] = dict(kind="gptq", bits=plan[1], codes=torch.from_numpy(codes),
+                           scale=torch.from_numpy(rng.uniform(1e-3, 2e-3, t.shape[0])).half())
+        elif plan[0] == "int8row":
+            q[name] = dict(kind="int8row", codes=torch.from_numpy(rng.integers(-127, 128, t.shape, dtype=np.int8)),
+                           scale=torch.from_numpy(rng.uniform(1e-3, 2e-3, t.shape[0])).half())
+        else:
+            q[name] = dict(kind="fp16", value=t.half())
+    return q
+
+
+def brotli_container_bytes(q):
+    """The previous format: manifest, one byte-shuffled fp16 stream, one brotli stream per code array."""
+    comp = lambda b: len(brotli.compress(b, quality=11, lgwin=24))  # noqa: E731
+    halves = b"".join(e[k].numpy().view(np.int16).tobytes() for e in q.values() for k in ("value", "scale") if k in e)
+    manifest = json.dumps([[n, e["kind"]] for n, e in q.items()]).encode()
+    codes = [e["codes"].numpy().tobytes() for e in q.values() if "codes" in e]
+    return 8 + 4 * (2 + len(codes)) + comp(manifest) + comp(tg._shuffle_bytes(halves, 2)) + sum(map(comp, codes))
+
+
+def main():
+    seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    h = tg.Hyperparameters.from_env({})
+    q = synthetic_qstate(h, np.random.default_rng(seed))
+    entropy = 0.0
+    for e in q.values():
+        if "codes" in e and e["codes"].numel() >= tg.RANS_MIN_VALUES:
+            c = np.bincount(e["codes"].numpy().ravel().astype(np.int64) + 128, minlength=256)
+            p = c[c > 0] / c.sum()
+            entropy += -(p * np.log2(p)).sum() * c.sum() / 8
+    t0 = time.perf_counter()
+    blob = tg.pack_artifact(q)
+    t1 = time.perf_counter()
+    tg.unpack_artifact(blob)
+    t2 = time.perf_counter()
+    old = brotli_container_bytes(q)
+    print(f"code values: {sum(e['codes'].numel() for e in q.values() if 'codes' in e)}; "
+          f"entropy of the rANS-coded arrays: {entropy:.0f} bytes")
+    print(f"brotli-per-array container: {old} bytes")
+    print(f"rANS container: {len(blob)} bytes (pack {t1 - t0:.1f}s, unpack {t2 - t1:.1f}s); {old - len(blob)} bytes less")
+
+
+if __name__ == "__main__":
+    main()
