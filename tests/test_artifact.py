@@ -263,6 +263,18 @@ def test_quantize_state_applies_lqer_to_the_top_k_errors():
     assert not any("lqer" in e for e in tg.quantize_state(state, hess, h).values())
 
 
+def test_quantize_state_drops_a_correction_that_does_not_help(monkeypatch):
+    """A correction that raises tr(E H E^T) is not stored (here: factors fitted to the negated error)."""
+    g = gen(10)
+    h = tiny_h(lqer_rank=2, lqer_top_k=1, lqer_group=32)
+    state = {"blocks.0.attn.c_q.weight": torch.randn(64, 64, generator=g)}
+    hess = {"blocks.0.attn.c_q.weight": hessian_of(correlated_inputs(256, 64, g))}
+    assert "lqer" in tg.quantize_state(state, hess, h)["blocks.0.attn.c_q.weight"]
+    fit = tg.lqer_factors
+    monkeypatch.setattr(tg, "lqer_factors", lambda err, *a: fit(-err, *a))
+    assert "lqer" not in tg.quantize_state(state, hess, h)["blocks.0.attn.c_q.weight"]
+
+
 # ---------------------------------------------------------------------------------------
 # 7. damped_cholesky
 # ---------------------------------------------------------------------------------------
