@@ -1401,7 +1401,7 @@ def lqer_factors(err, hessian, rank, group):
     groups = b.reshape(-1, group)
     b_scale = fp16_scale(groups.abs().amax(dim=1) / 7.5)
     qb = torch.clamp(torch.round(groups / b_scale.float()[:, None]), -8, 7).to(torch.int8).view_as(b)
-    bq = (qb.double().reshape(-1, group) * b_scale.double()[:, None]).view(qb.shape)
+    bq = lqer_b(qb, b_scale, group).double()
     a = (err.double() @ h @ bq.T @ torch.linalg.pinv(bq @ h @ bq.T, hermitian=True)).float()
     scales = fp16_scale(a.abs().amax(dim=0)[None] / 1.5 * LQER_A_GRID.to(a.device)[:, None]).float()  # (grid, rank)
     codes = torch.clamp(torch.round(a[None] / scales[:, None]), -2, 1)
@@ -1410,9 +1410,12 @@ def lqer_factors(err, hessian, rank, group):
     return codes[best, :, cols].T.to(torch.int8), scales[best, cols].half(), qb, b_scale
 
 
+def lqer_b(qb, b_scale, group):
+    return (qb.float().reshape(-1, group) * b_scale.float()[:, None]).view(qb.shape)
+
+
 def lqer_product(qa, a_scale, qb, b_scale, group):
-    b = (qb.float().reshape(-1, group) * b_scale.float()[:, None]).view(qb.shape)
-    return (qa.float() * a_scale.float()) @ b
+    return (qa.float() * a_scale.float()) @ lqer_b(qb, b_scale, group)
 
 
 def run_gptq(model, h: Hyperparameters, rt: Runtime, train_files):
