@@ -336,6 +336,10 @@ class Runtime:
             dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any: one decision that all ranks follow."""
+        return bool(self.all_reduce(torch.tensor(float(flag), device=self.device), "max").item())
+
     def close(self):
         if self.distributed:
             dist.destroy_process_group()
@@ -1932,8 +1936,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline):
         if bi % 10 == 0 or bi == len(batches) - 1:
             rt.log(f"ttp: b{bi + 1}/{len(batches)} docs:{done} dl:{batch[-1][1]}-{batch[0][1]} t:{time.perf_counter() - t0:.1f}s")
         while phase < len(boundaries) and done >= boundaries[phase]:
-            late = rt.all_reduce(torch.tensor(float(time.perf_counter() > deadline), device=rt.device), "max").item()
-            if not late:
+            if not rt.any_rank(time.perf_counter() > deadline):
                 t1 = time.perf_counter()
                 stream = np.concatenate([val.tokens[s:s + n] for s, n in docs[:boundaries[phase]]])
                 global_sgd(model, stream, h, rt)
@@ -2006,8 +2009,7 @@ def write_artifact(qstate, h: Hyperparameters, rt: Runtime):
             rt.log(f"!!! OVER THE CAP: {total} bytes > {SUBMISSION_CAP_BYTES} by {total - SUBMISSION_CAP_BYTES} bytes !!!")
     else:
         over = False
-    flag = rt.all_reduce(torch.tensor(float(over), device=rt.device), "max").item()
-    if flag and not h.allow_over_cap:
+    if rt.any_rank(over) and not h.allow_over_cap:
         raise ArtifactTooLarge(f"submission exceeds {SUBMISSION_CAP_BYTES} bytes (set ALLOW_OVER_CAP=1 for research runs)")
 
 
@@ -2040,8 +2042,7 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet)
         if h.sliding_eval:
             # Sliding windows do about eval_seq_len/stride times the disjoint eval's work (an estimate).
             predicted = disjoint_s * h.eval_seq_len / h.eval_stride
-            late = time.perf_counter() + predicted > t0 + h.eval_budget_seconds
-            if rt.all_reduce(torch.tensor(float(late), device=rt.device), "max").item():
+            if rt.any_rank(time.perf_counter() + predicted > t0 + h.eval_budget_seconds):
                 rt.log(f"diagnostic quantized_sliding_window skipped: predicted {predicted:.0f}s would end past "
                        f"EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f}")
             else:
