@@ -50,3 +50,26 @@ def test_bench_pack_reports_the_rans_container_smaller_than_brotli():
     old = int(re.search(r"brotli-per-array container: (\d+) bytes", out.stdout)[1])
     new = int(re.search(r"rANS container: (\d+) bytes", out.stdout)[1])
     assert entropy < new and old - new > 0.005 * entropy, out.stdout  # measured: 0.92% of the entropy
+
+
+def test_quant_sweep_prices_variants_of_one_trained_model(tmp_path):
+    """One training run, three quantizations: a wider MLP clip costs fewer bytes, and every row
+    reports exact artifact bytes and a finite val_bpb; a calibration variable cannot vary."""
+    import re
+
+    from helpers_train import script_env, tiny_dataset
+
+    (tmp_path / "data").mkdir()
+    env = script_env(tmp_path, *tiny_dataset(tmp_path / "data"), ITERATIONS=3, WARMUP_STEPS=0, LQER_TOP_K=2)
+    cmd = [sys.executable, str(TOOL.parent / "quant_sweep.py"), "base", "MLP_CLIP_SIGMAS=4",
+           "MLP_CLIP_SIGMAS=30,LQER_ENABLED=0"]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {m[1]: (int(m[2]), int(m[3]), float(m[4])) for m in re.finditer(
+        r"^(\S+) +(\d+) +(\d+) +(\d+\.\d+) +[+-]\d+\.\d+ +\d+\.\d+$", out.stdout, re.M)}
+    assert set(rows) == {"base", "MLP_CLIP_SIGMAS=4", "MLP_CLIP_SIGMAS=30,LQER_ENABLED=0"}, out.stdout
+    assert rows["MLP_CLIP_SIGMAS=30,LQER_ENABLED=0"][0] < rows["base"][0] < rows["MLP_CLIP_SIGMAS=4"][0]
+    assert all(total > size > 0 and 0 < bpb < 20 for size, total, bpb in rows.values())
+    bad = subprocess.run(cmd[:2] + ["GPTQ_CALIBRATION_TOKENS=64"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode != 0 and "cannot vary" in bad.stdout + bad.stderr
