@@ -2018,7 +2018,7 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet)
     then the score. Without TTT the score is the sliding-window eval. With TTT, phased TTT gets
     EVAL_BUDGET_SECONDS and the sliding-window diagnostic runs after it, on a fresh copy (TTT
     adapts the base weights), only if it is predicted to end within the budget: on FineWeb it
-    would otherwise take minutes from TTT."""
+    would otherwise take ~100 s from TTT."""
     rt.sync()
     t0 = time.perf_counter()
     model = load_artifact_model(h, rt, use_compile)
