@@ -910,6 +910,9 @@ class GPT(nn.Module):
     def compile_regions(self):
         """Regional compilation: one graph per distinct block shape, shared by every layer and
         loop pass of that shape, instead of tracing the unrolled 17-pass model."""
+        torch._functorch.config.enable_autograd_cache = False  # segfaulted pickling entries (torch 2.11)
+        torch._dynamo.config.cache_size_limit = 64
+        torch._dynamo.config.accumulated_cache_size_limit = 512
         for block in self.blocks:
             block.compile(dynamic=False)
         self.merge_skip = torch.compile(merge_skip, dynamic=False)
@@ -2097,9 +2100,6 @@ def main():
         model = GPT(h).to(rt.device)  # built on the CPU first: identical init on every rank
         rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         if use_compile:
-            torch._functorch.config.enable_autograd_cache = False  # segfaulted pickling entries (torch 2.11)
-            torch._dynamo.config.cache_size_limit = 64
-            torch._dynamo.config.accumulated_cache_size_limit = 512
             model.compile_regions()
         reserve = compile_warmup(model, h, rt, train_files)
         budget_s = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0

@@ -68,7 +68,6 @@ def test_attention_backend_matches_sdpa(backend, window):
 def test_compiled_model_matches_eager():
     """Regional compilation must not change the function: compare loss and grads."""
     h = tg.Hyperparameters(vocab_size=512, train_seq_len=256)
-    torch._functorch.config.enable_autograd_cache = False
     tg.ATTENTION_BACKEND = tg.pick_attention_backend("auto", torch.device("cuda"))
     torch.manual_seed(0)
     ids = torch.randint(2, 512, (1, 2048), device="cuda")

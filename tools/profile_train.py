@@ -17,8 +17,6 @@ def main():
     h = tg.Hyperparameters.from_env()
     rt = tg.Runtime(h)
     tg.ATTENTION_BACKEND = tg.pick_attention_backend(h.attn_backend, rt.device)
-    torch._functorch.config.enable_autograd_cache = False
-    torch._dynamo.config.cache_size_limit = 64
     model = tg.GPT(h).to(rt.device)
     if h.compile:
         model.compile_regions()

@@ -37,7 +37,6 @@ def main(argv):
     torch.manual_seed(h.seed)
     model = tg.GPT(h).to(rt.device)
     if h.compile and rt.device.type == "cuda":
-        torch._functorch.config.enable_autograd_cache = False
         model.compile_regions()
     reserve = tg.compile_warmup(model, h, rt, train_files)  # the same training budget as train_gpt.py
     budget = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
