@@ -113,6 +113,7 @@ class Hyperparameters:
     fused_mlp: bool = True
     attn_backend: str = "auto"
     compile: bool = True
+    bench_steps: int = 0
     # optimisation
     matrix_lr: float = 0.026
     tied_embed_lr: float = 0.03
@@ -213,7 +214,8 @@ class Hyperparameters:
                     "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_LOG_EVERY", "WORLD_SIZE", "TTT_CHUNK_SIZE",
                     "TTT_LORA_RANK", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_SEQ_LEN", "GPTQ_BLOCK_SIZE"):
             need(getattr(self, key.lower()) > 0, key, "must be positive")
-        for key in ("LOCAL_WINDOW_SIZE_EARLY", "LOCAL_WINDOW_SIZE_LATE", "NUM_LOOPS", "WARMUP_STEPS", "VAL_LOSS_EVERY"):
+        for key in ("LOCAL_WINDOW_SIZE_EARLY", "LOCAL_WINDOW_SIZE_LATE", "NUM_LOOPS", "WARMUP_STEPS", "VAL_LOSS_EVERY",
+                    "BENCH_STEPS"):
             need(getattr(self, key.lower()) >= 0, key, "must not be negative")
         need(self.attn_gate in ("out", "sparse", "none"), "ATTN_GATE", "expected out, sparse or none")
         need(self.mlp_act in ("xielu", "leaky_relu2"), "MLP_ACT", "expected xielu or leaky_relu2")
@@ -536,21 +538,6 @@ def pick_attention_backend(requested, device):
 ATTENTION_BACKEND = "sdpa"
 
 
-class RowPacking:
-    """Layout of the current packed row: sequence starts (cu_seqlens, int32) and the longest
-    sequence. Set once per forward by GPT.hidden and read only by varlen_attention, which runs
-    outside the compiled graphs: both change every batch and must not reach a graph (they would
-    force recompiles or dynamic shapes). The true maximum matters: flash attention launches
-    max_seqlen/128 tiles per sequence, and an upper bound of 4096 over ~300-token documents
-    left most tiles empty (attention was 23% of GPU time on the H100)."""
-
-    cu_seqlens = None
-    max_seqlen = 0
-
-
-PACKING = RowPacking()
-
-
 def _attention_sdpa(q, k, v, cu_seqlens, window):
     """Reference path: SDPA with an explicit causal (+ window) mask, one packed sequence at a
     time (a mask over the whole row would cost rows^2)."""
@@ -572,41 +559,69 @@ def _attention_sdpa(q, k, v, cu_seqlens, window):
     return torch.cat(outs)
 
 
-@functools.cache
-def torch_varlen_attn():
-    """torch's varlen_attn and the names of its parameters (they differ across releases)."""
-    from torch.nn.attention.varlen import varlen_attn
+# torch's flash kernels (FA2) as one opaque op pair, so attention sits inside the compiled block
+# graphs: no graph break, and the longest sequence arrives as a host tensor, read at run time,
+# so a new packing never recompiles (flash launches max_seqlen/128 tiles per sequence: an
+# upper bound of 4096 over ~300-token documents cost 23% of GPU time on the H100).
+@torch.library.custom_op("pgolf::flash_attn", mutates_args=())
+def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+               max_len: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal (window >= 0: windowed) attention over packed sequences; returns (out, lse)."""
+    m = int(max_len)
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, m, m, 0.0, True, False, window_size_left=window, window_size_right=0)[:2]
+    return out, lse
 
-    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+@flash_attn.register_fake
+def _(q, k, v, cu_seqlens, max_len, window):
+    return torch.empty_like(q), q.new_empty(q.size(1), q.size(0), dtype=torch.float32)
 
 
-@torch.compiler.disable
-def varlen_attention(q, k, v, window):
-    """Causal attention over the packed sequences of PACKING, q [N, H, D], k/v [N, Hkv, D]: no
-    token sees another sequence, and a query sees at most `window` earlier tokens if set."""
-    cu_seqlens, max_seqlen = PACKING.cu_seqlens, PACKING.max_seqlen
+@torch.library.custom_op("pgolf::flash_attn_backward", mutates_args=())
+def flash_attn_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, cu_seqlens: torch.Tensor, max_len: torch.Tensor,
+                        window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m = int(max_len)
+    no_dropout = q.new_zeros(2, dtype=torch.uint64), q.new_empty(0)  # philox state, unused at p=0
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        grad.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, m, m, 0.0, True, *no_dropout,
+        window_size_left=window, window_size_right=0)
+    return dq, dk, dv
+
+
+@flash_attn_backward.register_fake
+def _(grad, q, k, v, out, lse, cu_seqlens, max_len, window):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_attn_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_len, ctx.window = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens, max_len)
+
+
+def _flash_attn_grad(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens, max_len = ctx.saved_tensors
+    return (*flash_attn_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_len, ctx.window), None, None, None)
+
+
+flash_attn.register_autograd(_flash_attn_grad, setup_context=_flash_attn_setup)
+
+
+def attention(q, k, v, cu_seqlens, max_len, window, fa3_max_seqlen):
+    """Causal attention over packed sequences (cu_seqlens, int32 on the device; max_len, the longest,
+    a 1-element host tensor), q [N, H, D], k/v [N, Hkv, D]: no token sees another sequence, and a
+    query sees at most `window` earlier tokens if set. FA3 runs in the graph through its own ops
+    with a fixed bound on the sequence length (an int there would recompile per packing)."""
     left = -1 if window is None else window
     if ATTENTION_BACKEND == "fa3":
         from flash_attn_interface import flash_attn_varlen_func
 
-        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, fa3_max_seqlen, fa3_max_seqlen,
                                      causal=True, window_size=(left, 0))
         return out[0] if isinstance(out, tuple) else out
     if ATTENTION_BACKEND == "varlen":
-        varlen_attn, params = torch_varlen_attn()
-        kw = {}
-        if "enable_gqa" in params:
-            kw["enable_gqa"] = True
-        else:  # torch 2.11's varlen_attn has no GQA: repeat K/V
-            groups = q.size(1) // k.size(1)
-            k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
-        if "window_size" in params:
-            kw["window_size"] = (left, 0)
-        else:
-            if window is not None:
-                raise RuntimeError("this torch's varlen_attn has no window_size; use ATTN_BACKEND=sdpa or fa3")
-            kw["is_causal"] = True
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
+        return flash_attn(q, k, v, cu_seqlens, max_len, left)[0]
     return _attention_sdpa(q, k, v, cu_seqlens, window)
 
 
@@ -761,10 +776,12 @@ class CausalSelfAttention(nn.Module):
         self.rope_base = h.rope_base
         self.xsa = i >= h.num_layers - h.xsa_last_n
         self.gate, self.gate_width, self.gate_scale = h.attn_gate, h.gate_width, h.sparse_attn_gate_scale
+        # FA3's static bound: no packed sequence is longer than the longest length any stage cuts at.
+        self.fa3_max_seqlen = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len, h.global_ttt_seq_len)
         if self.gate != "none":
             self.gate_w = with_role(nn.Parameter(torch.zeros(h.num_heads, h.gate_width)), "scalar")
 
-    def forward(self, u, x_in, lora=None):
+    def forward(self, u, x_in, cu_seqlens, max_len, lora=None):
         B, T, _ = u.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         lq, lk, lv, lo = lora if lora is not None else (None,) * 4
@@ -774,8 +791,8 @@ class CausalSelfAttention(nn.Module):
         q, k = rms_norm(q), rms_norm(k)
         q, k = apply_rotary(q, self.rope_dims, self.rope_base), apply_rotary(k, self.rope_dims, self.rope_base)
         q = q * self.q_gain.to(q.dtype)[:, None]
-        y = varlen_attention(q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D),
-                             self.window).view(B, T, H, D)
+        y = attention(q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D), cu_seqlens,
+                      max_len, self.window, self.fa3_max_seqlen).view(B, T, H, D)
         if self.xsa:
             # XSA (arXiv 2603.09078): drop the component along the token's own value vector.
             vn = F.normalize(v, dim=-1).unsqueeze(3)
@@ -831,10 +848,10 @@ class Block(nn.Module):
         self.resid_mix = with_role(nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])), "scalar")
         self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(i + 1)), persistent=False)
 
-    def forward(self, x, x0, lora=None):
+    def forward(self, x, x0, cu_seqlens, max_len, lora=None):
         la, lm = (lora[:4], lora[4]) if lora is not None else (None, None)
         x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x_in + self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, x_in, la)
+        x = x_in + self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, x_in, cu_seqlens, max_len, la)
         return x + self.mlp_scale * self.mlp(rms_norm(x) * self.ln_scale, lm)
 
 
@@ -849,11 +866,11 @@ class ParallelBlock(Block):
         self.resid_lambdas = with_role(nn.Parameter(torch.full((2,), 1.1)), "scalar")
         self.post_lambdas = with_role(nn.Parameter(torch.ones(2, 2)), "scalar")
 
-    def forward(self, lanes, x0, lora=None):
+    def forward(self, lanes, x0, cu_seqlens, max_len, lora=None):
         la, lm = (lora[:4], lora[4]) if lora is not None else (None, None)
         lane0, lane1 = lanes
         a_in = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
-        a = self.attn_scale * self.attn(rms_norm(a_in) * self.ln_scale, a_in, la)
+        a = self.attn_scale * self.attn(rms_norm(a_in) * self.ln_scale, a_in, cu_seqlens, max_len, la)
         m = self.mlp_scale * self.mlp(rms_norm(lane1) * self.ln_scale, lm)
         r, p = self.resid_lambdas, self.post_lambdas
         return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
@@ -875,10 +892,105 @@ def softcap_logits(z, cap):
     return cap * torch.tanh(z / cap)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _softcap_ce_fwd_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, V, stride, cap, BLOCK: tl.constexpr):
+        # One row per program, online logsumexp over BLOCK-wide slices of bf16 logits: the fp32
+        # softcapped logits exist only in registers.
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        cols = tl.arange(0, BLOCK)
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+        s = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        for off in range(0, V, BLOCK):
+            idx = off + cols
+            z = cap * _tanh(tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32) / cap)
+            z = tl.where(idx < V, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        t = tl.load(targets_ptr + row)
+        zt = cap * _tanh(tl.load(base + tl.maximum(t, 0)).to(tl.float32) / cap)
+        tl.store(loss_ptr + row, tl.where(t >= 0, lse - zt, 0.0))
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def _softcap_ce_bwd_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, gloss_ptr, V, stride, cap,
+                               BLOCK: tl.constexpr):
+        # d loss / d logit = g (softmax(z) - onehot) (1 - tanh^2), z = cap tanh(logit / cap)
+        row = tl.program_id(0).to(tl.int64)
+        t = tl.load(targets_ptr + row)
+        g = tl.where(t >= 0, tl.load(gloss_ptr + row), 0.0)
+        lse = tl.load(lse_ptr + row)
+        cols = tl.arange(0, BLOCK)
+        for off in range(0, V, BLOCK):
+            idx = off + cols
+            th = _tanh(tl.load(logits_ptr + row * stride + idx, mask=idx < V, other=0.0).to(tl.float32) / cap)
+            d = tl.exp(cap * th - lse) - (idx == t).to(tl.float32)
+            tl.store(grad_ptr + row * stride + idx, (g * d * (1.0 - th * th)).to(grad_ptr.dtype.element_ty),
+                     mask=idx < V)
+
+
+@torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
+def softcap_ce(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row softcapped CE of bf16 logits [N, V] (0 where the target is -1) and the row logsumexp."""
+    logits = logits.contiguous()
+    n, vocab = logits.shape
+    loss, lse = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    _softcap_ce_fwd_kernel[(n,)](logits, targets, loss, lse, vocab, logits.stride(0), cap,
+                                 BLOCK=min(4096, triton.next_power_of_2(vocab)), num_warps=8)
+    return loss, lse
+
+
+@softcap_ce.register_fake
+def _(logits, targets, cap):
+    return tuple(logits.new_empty(logits.size(0), dtype=torch.float32) for _ in range(2))
+
+
+@torch.library.custom_op("pgolf::softcap_ce_backward", mutates_args=())
+def softcap_ce_backward(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                        cap: float) -> torch.Tensor:
+    grad = torch.empty_like(logits)
+    _softcap_ce_bwd_kernel[(logits.size(0),)](logits, grad, targets, lse, grad_loss.contiguous(), logits.size(1),
+                                              logits.stride(0), cap, BLOCK=min(4096, triton.next_power_of_2(
+                                                  logits.size(1))), num_warps=8)
+    return grad
+
+
+@softcap_ce_backward.register_fake
+def _(grad_loss, logits, targets, lse, cap):
+    return torch.empty_like(logits)
+
+
+def _softcap_ce_setup(ctx, inputs, output):
+    logits, targets, ctx.cap = inputs
+    ctx.save_for_backward(logits.contiguous(), targets, output[1])
+
+
+def _softcap_ce_grad(ctx, grad_loss, grad_lse):
+    logits, targets, lse = ctx.saved_tensors
+    return softcap_ce_backward(grad_loss, logits, targets, lse, ctx.cap), None, None
+
+
+softcap_ce.register_autograd(_softcap_ce_grad, setup_context=_softcap_ce_setup)
+
+
 def softcap_cross_entropy(h, weight, targets, cap, reduction="mean"):
-    """Tied-head logits, softcap, CE in fp32; targets of -1 (padding) are ignored."""
-    z = softcap_logits(F.linear(h, weight.to(h.dtype)).float(), cap)
-    return F.cross_entropy(z.view(-1, z.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
+    """Tied-head logits, softcap, CE; targets of -1 (padding) are ignored. On CUDA in bf16 the
+    fused kernels never hold fp32 logits for the whole batch; elsewhere the fp32 reference."""
+    z = F.linear(h, weight.to(h.dtype))
+    z, targets = z.view(-1, z.size(-1)), targets.reshape(-1)
+    if z.is_cuda and z.dtype == torch.bfloat16 and triton is not None:
+        losses = softcap_ce(z, targets, float(cap))[0]
+    else:
+        losses = F.cross_entropy(softcap_logits(z.float(), cap), targets, ignore_index=-1, reduction="none")
+    return losses.sum() / (targets >= 0).sum().clamp_min(1) if reduction == "mean" else losses
 
 
 class GPT(nn.Module):
@@ -910,6 +1022,8 @@ class GPT(nn.Module):
     def compile_regions(self):
         """Regional compilation: one graph per distinct block shape, shared by every layer and
         loop pass of that shape, instead of tracing the unrolled 17-pass model."""
+        import torch._functorch.config  # not imported by `import torch` on 2.11
+
         torch._functorch.config.enable_autograd_cache = False  # segfaulted pickling entries (torch 2.11)
         torch._dynamo.config.cache_size_limit = 64
         torch._dynamo.config.accumulated_cache_size_limit = 512
@@ -937,7 +1051,10 @@ class GPT(nn.Module):
         """Final-normed hidden states [B, T, d]. lora, if given, maps a virtual layer slot to its
         (q, k, v, o, mlp) adapters; training, eval and TTT all run through here."""
         h = self.h
-        PACKING.cu_seqlens, PACKING.max_seqlen = cu_seqlens, max_seqlen
+        # The packing changes every batch: its length is a dynamic dim and the longest sequence a
+        # host tensor, so neither recompiles the block graphs.
+        torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+        pack = cu_seqlens, torch.tensor([max_seqlen], dtype=torch.int32)
         x0 = rms_norm(self.embed(ids, cu_seqlens))
         x = x0.clone()  # distinct from x0, else the first block compiles its own aliased graph
         enc, dec = self.layer_plan(self.looping)
@@ -953,7 +1070,7 @@ class GPT(nn.Module):
                         x = self.parcae_inject(x, x0, self.loop_log_a, self.loop_delta, self.loop_b)
             block = self.blocks[i]
             if slot < len(enc):
-                x = block(x, x0, adapters)
+                x = block(x, x0, *pack, adapters)
                 skips.append(x)
                 continue
             k = slot - len(enc)
@@ -962,11 +1079,11 @@ class GPT(nn.Module):
                 lane0, lane1 = lanes if lanes is not None else (x, x)
                 if skip is not None:
                     lane0 = self.merge_skip(lane0, skip, self.skip_weights[k], self.skip_gates[k])
-                lanes = block((lane0, lane1), x0, adapters)
+                lanes = block((lane0, lane1), x0, *pack, adapters)
             else:
                 if skip is not None:
                     x = self.merge_skip(x, skip, self.skip_weights[k], self.skip_gates[k])
-                x = block(x, x0, adapters)
+                x = block(x, x0, *pack, adapters)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
         return rms_norm(x)
@@ -1192,10 +1309,8 @@ def new_train_loader(h: Hyperparameters, rt: Runtime, train_files):
 
 
 def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
-    """WARMUP_STEPS real steps (looping off, then on) to compile every graph; then the initial
-    weights are restored and one Hessian + GPTQ pass on them is timed (same shapes, same cost),
-    which becomes the GPTQ reserve unless GPTQ_RESERVE_SECONDS is set. Optimizers are rebuilt
-    by the caller."""
+    """WARMUP_STEPS real steps (looping off, then on) to compile every graph, then the initial
+    weights are restored (optimizers are rebuilt by the caller). Returns the seconds it took."""
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
     trainer, loader = Trainer(model, h, rt), new_train_loader(h, rt, train_files)
@@ -1205,10 +1320,17 @@ def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
         model.looping = loop_phases[i * len(loop_phases) // h.warmup_steps]
         loss = trainer.step(loader, i, 0.0)
     rt.sync()
-    rt.log(f"compile_warmup: {h.warmup_steps} steps ({len(loop_phases)} loop phases) in {time.perf_counter() - t0:.1f}s, "
+    seconds = time.perf_counter() - t0
+    rt.log(f"compile_warmup: {h.warmup_steps} steps ({len(loop_phases)} loop phases) in {seconds:.1f}s, "
            f"last loss {float(loss):.4f}")
     model.load_state_dict(initial_state)
     model.looping = False
+    return seconds
+
+
+def gptq_reserve(model, h: Hyperparameters, rt: Runtime, train_files):
+    """Seconds kept back from training for the final GPTQ: GPTQ_RESERVE_SECONDS, or one Hessian +
+    GPTQ pass timed on the initial weights (same shapes, same cost)."""
     reserve = h.gptq_reserve_seconds
     if reserve < 0:
         _, _, t_hess, t_quant = run_gptq(model, h, rt, train_files)
@@ -1217,12 +1339,70 @@ def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
     return reserve
 
 
+H200_BF16_FLOPS = 790e12  # dense bf16 matmul rate measured on an H200 (8192^3 products): the MFU denominator
+
+
+def attention_pairs(cu_seqlens: np.ndarray, window) -> int:
+    """(query, key) pairs causal attention scores over packed sequences (window: earlier tokens seen)."""
+    lengths = np.diff(cu_seqlens).astype(np.int64)
+    if window is None:
+        return int((lengths * (lengths + 1) // 2).sum())
+    full = np.minimum(lengths, window + 1)
+    return int((full * (full + 1) // 2 + (lengths - full) * (window + 1)).sum())
+
+
+def flops_per_token(model, h: Hyperparameters, train_files, n_rows=8):
+    """Model FLOPs per trained token, {looping: flops}, forward + backward = 3x forward: every
+    matmul of every layer pass (loop passes included) and the tied head, plus attention's scores
+    and values (4 d per (query, key) pair) over the packing of the first train rows."""
+    stream = load_data_shard(train_files[0])[:n_rows * h.micro_tokens]
+    rows = [packed_cu_seqlens(stream[i:i + h.micro_tokens], h.train_seq_len)
+            for i in range(0, len(stream) - h.micro_tokens + 1, h.micro_tokens)]
+    per_layer = [(sum(p.numel() for p in b.parameters() if getattr(p, "role", "") == "matrix"),
+                  sum(attention_pairs(cu, b.attn.window) for cu in rows) / max(sum(int(cu[-1]) for cu in rows), 1))
+                 for b in model.blocks]
+    out = {}
+    for looping in (False, True):
+        passes = sum(h.layer_plan(looping), [])
+        matmul = sum(per_layer[i][0] for i in passes) + h.vocab_size * h.model_dim
+        out[looping] = 3 * (2 * matmul + 4 * h.model_dim * sum(per_layer[i][1] for i in passes))
+    return out
+
+
+def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s):
+    """BENCH_STEPS steady-state steps with looping off, then on (after the compile warm-up): speed,
+    model FLOPs, MFU and memory; no GPTQ, no evaluation."""
+    trainer, loader = Trainer(model, h, rt), new_train_loader(h, rt, train_files)
+    flops = flops_per_token(model, h, train_files)
+    for looping in [False, True] if h.num_loops > 0 else [False]:
+        model.looping = looping
+        trainer.step(loader, 0, 0.0)
+        rt.sync()
+        t0 = time.perf_counter()
+        for i in range(h.bench_steps):
+            trainer.step(loader, i, 0.0)
+        rt.sync()
+        seconds = float(rt.all_reduce(torch.tensor(time.perf_counter() - t0, device=rt.device), "max"))
+        tok_s = h.bench_steps * h.train_batch_tokens / seconds
+        achieved = tok_s / rt.world_size * flops[looping]
+        rt.log(f"bench: looping:{int(looping)} steps:{h.bench_steps} ms/step:{1000 * seconds / h.bench_steps:.2f} "
+               f"tok/s:{tok_s:.0f} tok/s/gpu:{tok_s / rt.world_size:.0f} flops/token:{flops[looping]:.4g} "
+               f"TFLOP/s/gpu:{achieved / 1e12:.1f} mfu:{100 * achieved / H200_BF16_FLOPS:.1f}%")
+    peak = torch.cuda.max_memory_allocated() // 2**20 if rt.device.type == "cuda" else 0
+    rt.log(f"bench: compile_warmup_s:{compile_s:.1f} peak_mem_mib:{peak} world_size:{rt.world_size} "
+           f"micro_tokens:{h.micro_tokens} attention_backend:{ATTENTION_BACKEND}")
+
+
 def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet, budget_s):
     """Train until ITERATIONS, or until the next step would overrun the wallclock budget
     (seconds, 0 = none), predicted from the last step's duration."""
     trainer, loader, ema = Trainer(model, h, rt), new_train_loader(h, rt, train_files), EMA(model, h.ema_decay)
+    flops = flops_per_token(model, h, train_files)
+    rt.log(f"flops_per_token: {flops[False]:.4g} ({flops[True]:.4g} looping); mfu against {H200_BF16_FLOPS / 1e12:.0f} "
+           f"TFLOP/s per GPU")
     budget_ms = 1000.0 * budget_s
     train_ms, step, t_start = 0.0, 0, time.perf_counter()
+    logged = (0, 0.0)  # (step, train_ms) of the last log line: MFU over the interval since
     while step < h.iterations:
         frac = step / h.iterations
         if budget_ms > 0:
@@ -1242,8 +1422,13 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
             raise FloatingPointError(f"non-finite train loss {loss_value} at step {step}; stopping")
         if step <= 5 or step % h.train_log_every == 0:
             tok_s = step * h.train_batch_tokens / (train_ms / 1000.0)
+            recent = (step - logged[0]) * h.train_batch_tokens / max(train_ms - logged[1], 1e-6) * 1000.0
+            mfu = recent / rt.world_size * flops[model.looping] / H200_BF16_FLOPS
+            left_ms = budget_ms - train_ms if budget_ms > 0 else float("inf")
+            eta_s = min(left_ms, (h.iterations - step) * train_ms / step) / 1000.0
             rt.log(f"{step}/{h.iterations} train_loss: {loss_value:.4f} train_time: {train_ms / 60000:.1f}m "
-                   f"step_avg: {train_ms / step:.2f}ms tok/s: {tok_s:.0f}")
+                   f"step_avg: {train_ms / step:.2f}ms tok/s: {tok_s:.0f} mfu: {100 * mfu:.1f}% eta: {eta_s:.0f}s")
+            logged = (step, train_ms)
         if h.val_loss_every > 0 and step % h.val_loss_every == 0:
             t_val = time.perf_counter()
             vl, vb, _ = eval_val(model, h, rt, val)
@@ -2101,7 +2286,10 @@ def main():
         rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         if use_compile:
             model.compile_regions()
-        reserve = compile_warmup(model, h, rt, train_files)
+        compile_s = compile_warmup(model, h, rt, train_files)
+        if h.bench_steps > 0:
+            return benchmark(model, h, rt, train_files, compile_s)
+        reserve = gptq_reserve(model, h, rt, train_files)
         budget_s = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
         if h.max_wallclock_seconds > 0 and budget_s <= 0:  # 0 would read as "no cap"
             raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: nothing left after the "

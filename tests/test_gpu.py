@@ -52,8 +52,7 @@ def test_attention_backend_matches_sdpa(backend, window):
     except tg.ConfigError:
         pytest.skip(f"{backend} not available")
     q, k, v, cu, max_len = random_packed(9, 300)
-    tg.PACKING.cu_seqlens, tg.PACKING.max_seqlen = cu, max_len
-    out = tg.varlen_attention(q, k, v, window)
+    out = tg.attention(q, k, v, cu, torch.tensor([max_len], dtype=torch.int32), window, 4096)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
@@ -93,3 +92,81 @@ def test_compiled_model_matches_eager():
     assert abs(l0.item() - l1.item()) < 1e-2 * abs(l0.item())
     assert len(g0) == len(g1)
     assert rel_err(torch.cat([g.flatten() for g in g1]), torch.cat([g.flatten() for g in g0])) < 5e-2
+
+
+@pytest.mark.parametrize("n, vocab, cap", [(4096, 8192, 30.0), (1000, 8192, 15.0), (777, 5000, 30.0)])
+def test_fused_softcap_ce_matches_reference(n, vocab, cap):
+    """Triton forward and backward against float64 softcapped CE, with ignored (-1) targets."""
+    torch.manual_seed(n)
+    logits = (torch.randn(n, vocab, device="cuda") * 8).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    targets[::7] = -1
+    loss = tg.softcap_ce(logits, targets, cap)[0]
+    g = torch.rand_like(loss)
+    (grad,) = torch.autograd.grad(loss, logits, g)
+    ref_logits = logits.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(tg.softcap_logits(ref_logits, cap), targets, ignore_index=-1,
+                                            reduction="none")
+    (grad_ref,) = torch.autograd.grad(ref, ref_logits, g.double())
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert (loss[::7] == 0).all() and (grad[::7] == 0).all()
+    assert rel_err(loss, ref) < 1e-4
+    assert rel_err(grad, grad_ref) < 1e-2
+    # the mean loss of the model's loss function takes the same path
+    h = torch.randn(n, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(vocab, 64, device="cuda") * 0.1
+    fused = tg.softcap_cross_entropy(h, w, targets, cap)
+    plain = tg.softcap_cross_entropy(h.float(), w, targets, cap)
+    assert abs(fused.item() - plain.item()) < 1e-2 * plain.item()
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 4), (8, 8), (8, 1)])
+@pytest.mark.parametrize("window", [None, 3, 511])  # 0: q/k grads are exactly 0
+def test_attention_op_shapes_and_no_graph_break(heads, kv_heads, window):
+    """The custom op under torch.compile(fullgraph=True) (a graph break would raise) matches SDPA
+    on long and short packed sequences, forward and backward."""
+    tg.ATTENTION_BACKEND = "varlen"
+    q, k, v, cu, max_len = random_packed(13, 1500, heads, kv_heads, seed=heads + kv_heads)
+    fn = torch.compile(lambda q, k, v, cu, m: tg.attention(q, k, v, cu, m, window, 4096), fullgraph=True)
+    out = fn(q, k, v, cu, torch.tensor([max_len], dtype=torch.int32))
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = tg._attention_sdpa(qr, kr, vr, cu, window)
+    grads_ref = torch.autograd.grad(ref, (qr, kr, vr), g.float())
+    tg.ATTENTION_BACKEND = "sdpa"
+    assert rel_err(out, ref) < 1e-2
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a, b) < 2e-2
+
+
+def test_compiled_step_has_no_graph_break_or_recompile():
+    """A compiled training step: no graph break anywhere, and a new packing (other document count
+    and longest document) recompiles nothing."""
+    import torch._dynamo.utils as dyn
+
+    h = tg.Hyperparameters(vocab_size=512, train_seq_len=256)
+    tg.ATTENTION_BACKEND = tg.pick_attention_backend("varlen", torch.device("cuda"))
+    torch.manual_seed(0)
+    model = tg.GPT(h).cuda()
+    model.compile_regions()
+
+    def step(period, looping):
+        ids = torch.randint(2, 512, (1, 2048), device="cuda")
+        ids[0, ::period] = tg.BOS_ID
+        cu = tg.packed_cu_seqlens(ids[0].cpu().numpy(), 256)
+        model.looping = looping
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, torch.roll(ids, -1, 1), torch.from_numpy(cu).cuda(), int((cu[1:] - cu[:-1]).max()))
+        loss.backward()
+        torch.cuda.synchronize()
+
+    dyn.counters.clear()
+    for looping in (False, True):
+        step(300, looping)
+    graphs = dyn.counters["stats"]["unique_graphs"]
+    for period, looping in ((97, False), (1000, True), (41, True)):
+        step(period, looping)
+    tg.ATTENTION_BACKEND = "sdpa"
+    assert not dyn.counters["graph_break"], dict(dyn.counters["graph_break"])
+    assert dyn.counters["stats"]["unique_graphs"] == graphs

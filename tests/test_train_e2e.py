@@ -195,3 +195,41 @@ def test_two_ranks_evaluate_like_one(eval_runs):
         assert a[3] == b[3], label  # scored targets
         tol = 5e-4 if label == "quantized_ttt_phased" else 1e-6  # TTT gains 0.014 bpb here
         assert b[1] == pytest.approx(a[1], abs=tol) and b[2] == pytest.approx(a[2], abs=tol), (label, a, b)
+
+
+def test_bench_mode_times_both_loop_phases_and_skips_gptq_and_eval(tmp_path_factory, data):
+    rc, out, work = run(tmp_path_factory, data, "bench", BENCH_STEPS=2, WARMUP_STEPS=2)
+    assert rc == 0, out[-3000:]
+    lines = re.findall(r"^bench: looping:(\d) steps:2 ms/step:(\S+) tok/s:(\d+) .* mfu:(\S+)%$", out, re.M)
+    assert [ln[0] for ln in lines] == ["0", "1"]
+    assert all(float(ms) > 0 and int(tok) > 0 for _, ms, tok, _ in lines)
+    assert re.search(r"^bench: compile_warmup_s:\S+ peak_mem_mib:\d+ ", out, re.M)
+    assert "gptq:" not in out and "val_bpb" not in out and not (work / "final_model.pgq").exists()
+
+
+def test_attention_pairs_counts_every_scored_query_key_pair():
+    cu = np.array([0, 5, 6, 17, 40])
+    for window in (None, 0, 3, 100):
+        brute = sum(min(i, window if window is not None else i) + 1
+                    for s, e in zip(cu[:-1], cu[1:]) for i in range(e - s))
+        assert tg.attention_pairs(cu, window) == brute
+
+
+def test_flops_per_token_counts_matmuls_of_every_pass_and_the_head(tmp_path):
+    h = tiny_h(num_loops=1, loop_start=1, loop_end=1, global_attn_layers=())
+    h.local_window_size_early = h.local_window_size_late = 8
+    model = tg.GPT(h)
+    tokens = np.arange(h.micro_tokens * 8, dtype=np.uint16) % 7 + 2  # no BOS: one sequence per cut
+    path = tmp_path / "fineweb_train_000000.bin"
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = tg.SHARD_MAGIC, tg.SHARD_VERSION, len(tokens)
+    path.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
+    flops = tg.flops_per_token(model, h, [str(path)])
+    per_layer = sum(p.numel() for p in model.blocks[0].parameters() if p.role == "matrix")
+    pairs = tg.attention_pairs(tg.packed_cu_seqlens(tokens[:h.micro_tokens], h.train_seq_len),
+                               model.blocks[0].attn.window) / h.micro_tokens
+    d, windows = h.model_dim, {b.attn.window for b in model.blocks}
+    assert len(windows) == 1  # one window for every layer in this config: the formula below holds
+    for looping, passes in ((False, h.num_layers), (True, h.num_layers + 1)):
+        expected = 3 * (2 * (passes * per_layer + h.vocab_size * d) + 4 * d * passes * pairs)
+        assert flops[looping] == pytest.approx(expected)

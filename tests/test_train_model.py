@@ -109,8 +109,7 @@ def test_sdpa_attention_matches_naive_reference(window):
     ref = naive_attention(q, k, v, cu, window)
     out = tg._attention_sdpa(q, k, v, cu, window)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    tg.PACKING.cu_seqlens, tg.PACKING.max_seqlen = cu, 11
-    assert torch.equal(tg.varlen_attention(q, k, v, window), out)  # reads the row layout from PACKING
+    assert torch.equal(tg.attention(q, k, v, cu, torch.tensor([11]), window, 64), out)  # the CPU dispatch
 
 
 def receptive_sets(model, T, vocab, sources):
@@ -501,12 +500,12 @@ def test_xsa_removes_the_component_along_the_own_value_vector(heads, kv_heads):
         attn.proj.weight.copy_(torch.eye(d))
     T = 20
     u = torch.randn(1, T, d, generator=torch.Generator().manual_seed(0))
-    tg.PACKING.cu_seqlens, tg.PACKING.max_seqlen = single_doc_cu(T), T
+    pack = single_doc_cu(T), torch.tensor([T])
     with torch.no_grad():
         attn.xsa = False
-        plain = attn(u, u).view(1, T, heads, D)
+        plain = attn(u, u, *pack).view(1, T, heads, D)
         attn.xsa = True
-        xsa = attn(u, u).view(1, T, heads, D)
+        xsa = attn(u, u, *pack).view(1, T, heads, D)
         v = F.normalize(attn.c_v(u).view(1, T, kv_heads, D), dim=-1)
     vh = v.repeat_interleave(G, dim=2)  # head j reads kv head j // G
     expected = plain - (plain * vh).sum(-1, keepdim=True) * vh
@@ -522,14 +521,14 @@ def test_attention_gates_at_initialisation():
     for gate in ("out", "sparse"):
         assert all(not b.attn.gate_w.any() for b in tg.GPT(tiny_h(attn_gate=gate)).blocks)
     u = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(1))
-    tg.PACKING.cu_seqlens, tg.PACKING.max_seqlen = single_doc_cu(16), 16
+    pack = single_doc_cu(16), torch.tensor([16])
     attn = make_model(tiny_h(attn_gate="out"), seed=16).blocks[1].attn
     outs = {}
     with torch.no_grad():
         attn.gate_w.zero_()
         for gate in ("none", "out", "sparse"):
             attn.gate = gate
-            outs[gate] = attn(u, u)
+            outs[gate] = attn(u, u, *pack)
     assert outs["none"].abs().max() > 1e-3
     assert torch.equal(outs["out"], outs["none"])
     torch.testing.assert_close(outs["sparse"], 0.5 * outs["none"], rtol=1e-6, atol=1e-7)

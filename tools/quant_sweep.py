@@ -38,7 +38,8 @@ def main(argv):
     model = tg.GPT(h).to(rt.device)
     if h.compile and rt.device.type == "cuda":
         model.compile_regions()
-    reserve = tg.compile_warmup(model, h, rt, train_files)  # the same training budget as train_gpt.py
+    tg.compile_warmup(model, h, rt, train_files)
+    reserve = tg.gptq_reserve(model, h, rt, train_files)  # the same training budget as train_gpt.py
     budget = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
     tg.train_model(model, h, rt, train_files, val, budget)
     trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
