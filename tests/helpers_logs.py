@@ -1,12 +1,32 @@
 """Synthetic train_gpt.py logs in the exact line formats of train_gpt.py's main(), for the tests of
 tools/train_log.py and tools/records.py."""
 
-SOURCE = '''"""A stand-in train_gpt.py.
+SOURCE = '''"""A stand-in train_gpt.py: the pieces the records tool reads in a run's source.
 
 Launch: a docstring line that looks like a log field
 device: and one that looks like the device line, but unindented lines of the source are not read
 """
 import os
+
+
+def embed(self, ids, cu_seqlens):
+    e = self.tok_emb(ids)
+    if self.h.smear_gate:
+        keep = self.keep_mask(cu_seqlens)  # SmearGate off at every sequence start (BOS fix)
+        e = e + self.smear_lambda * self.gate(e) * self.prev(e) * keep
+    return e
+
+
+def quantize_model(model, h, rt, train_files, train_ms):
+    hessians = collect_hessians(model, h, rt, train_files)
+    return hessians
+
+
+def ttt_batch(model, batch, sums, opt):
+    ce = model(batch)
+    sums += ce.sum()
+    ce.mean().backward()
+    opt.step()
 
 
 def main():

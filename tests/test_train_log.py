@@ -34,7 +34,10 @@ def test_real_proxy_log():
     assert r["total_eval_s"] == 347.0 and r["peak_mem_mib"] == 66657 and r["train_peak_mem_mib"] == 15514
     assert r["ttt"] == dict(total_docs=2581, ttt_docs=2564, long_docs_sliding=17, prefix_docs=2500, num_phases=3,
                             boundaries=[833, 1666, 2500], batches=41, batches_logged=5, phases_done=3,
-                            phases_skipped=0, leftover_docs=17, leftover_past_deadline=False)
+                            phases_skipped=0, leftover_docs=17, leftover_past_deadline=False,
+                            phases=[dict(phase=1, scored_docs=896, sgd_docs=833),
+                                    dict(phase=2, scored_docs=1728, sgd_docs=1666),
+                                    dict(phase=3, scored_docs=2560, sgd_docs=2500)])
     assert (r["world_size"], r["val_tokens"], r["model_params"]) == (1, 2245209, 35947159)
     assert r["runtime"] is None and r["errors"] == [] and r["over_cap"] is False and r["runs_in_log"] == 1
 

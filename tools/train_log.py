@@ -42,7 +42,9 @@ Keys (None when absent unless said otherwise):
   total_eval_s, peak_mem_mib (whole run, else training), train_peak_mem_mib
   ttt               {total_docs, ttt_docs, long_docs_sliding, prefix_docs, num_phases, boundaries,
                      batches, batches_logged, phases_done, phases_skipped, leftover_docs,
-                     leftover_past_deadline} or None when TTT did not run
+                     leftover_past_deadline, phases: [{phase, scored_docs (pd), sgd_docs (gd)}]}
+                    or None when TTT did not run
+  gptq_calibration  the raw `gptq:calibration ...` line, if the run logs one
   bench             list of the raw `bench:` lines ([] if none)
   errors            list of error lines: `error:`, `ERROR:`, `config error:`, and for a Python
                     traceback its `Traceback ...` line and its final exception line ([] if none)
@@ -77,6 +79,7 @@ RUNTIME_LINE = re.compile(r"^runtime: (.*)$", re.M)
 SHARDS_LINE = re.compile(r"^train_shards: (\d+) val_tokens: (\d+)(?: val_bytes: (\d+))?", re.M)
 PARAMS_LINE = re.compile(r"^model_params: ?(\d+)", re.M)
 COMPILE_LINE = re.compile(r"^compile_warmup: (\d+) steps .*? in " + NUM + "s", re.M)
+GPTQ_CALIBRATION = re.compile(r"^gptq:calibration.*$", re.M)
 GPTQ_MEASURED = re.compile(r"^gptq:measured " + NUM + "s", re.M)
 GPTQ_RESERVE = re.compile(r"^gptq:reserving " + NUM + r"s, training budget " + NUM + "s", re.M)
 TRAINING_LINE = re.compile(r"^training: (\d+) steps in " + NUM + r"s, step_avg: " + NUM + r"ms"
@@ -99,7 +102,7 @@ SLIDING_SKIP_LINE = re.compile(r"^diagnostic quantized_sliding_window skipped", 
 TTT_LINE = re.compile(r"^ttt_phased: total_docs:(\d+) ttt_docs:(\d+) long_docs_sliding:(\d+) prefix_docs:(\d+) "
                       r"num_phases:(\d+) boundaries:\[([\d, ]*)\]", re.M)
 TTP_LINE = re.compile(r"^ttp: b(\d+)/(\d+) ", re.M)
-TTPP_LINE = re.compile(r"^ttpp: phase:(\d+)/(\d+) (skipped)?", re.M)
+TTPP_LINE = re.compile(r"^ttpp: phase:(\d+)/(\d+) (?:(skipped)|pd:(\d+) gd:(\d+))?", re.M)
 LEFTOVER_LINE = re.compile(r"^ttt_leftover: (\d+) documents .*?deadline: (yes|no)", re.M)
 BENCH_LINE = re.compile(r"^bench:.*$", re.M)
 ERROR_LINE = re.compile(r"^(?:error:|ERROR:|config error:).*$", re.M)
@@ -172,6 +175,7 @@ def _ttt(body):
                 num_phases=int(m[5]), boundaries=[int(b) for b in m[6].replace(" ", "").split(",") if b],
                 batches=int(ttp[-1][2]) if ttp else None, batches_logged=len(ttp),
                 phases_done=sum(1 for p in ttpp if not p[3]), phases_skipped=sum(1 for p in ttpp if p[3]),
+                phases=[dict(phase=int(p[1]), scored_docs=_int(p[4]), sgd_docs=_int(p[5])) for p in ttpp if not p[3]],
                 leftover_docs=_int(left[1]) if left else None,
                 leftover_past_deadline=(left[2] == "yes") if left else None)
 
@@ -246,6 +250,8 @@ def parse_train_log(text: str) -> dict:
 
     m = _last(COMPILE_LINE, body)
     r.update(compile_warmup_steps=_int(m and m[1]), compile_s=_num(m and m[2]))
+    m = _last(GPTQ_CALIBRATION, body)
+    r["gptq_calibration"] = m and m[0].rstrip()
     m = _last(GPTQ_MEASURED, body)
     r["gptq_measured_s"] = _num(m and m[1])
     m = _last(GPTQ_RESERVE, body)
