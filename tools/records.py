@@ -242,12 +242,12 @@ def _lines_with(node, source_lines, pattern):
     return out
 
 
-SMEAR_APPLY, SMEAR_MASK = r"smear_lambda\s*\*", r"cu_seqlens|BOS|bos|keep"
+SMEAR_APPLY, SMEAR_MASK = r"smear_lambda\s*\*", r"cu_seqlens|BOS_ID|\bbos"
 
 
 def source_smear_bos(source):
     """(ok, evidence): every function applying the SmearGate (`smear_lambda *`) masks it at
-    sequence starts: its code (not comments) reads cu_seqlens, a BOS id or a keep mask."""
+    sequence starts: its code (not comments, not its def line) reads cu_seqlens or a BOS id."""
     tree, lines = ast.parse(source), source.splitlines()
     users = [f for f in _functions(tree) if _lines_with(f, lines, SMEAR_APPLY)]
     if not users:
@@ -579,7 +579,8 @@ def write_plot(runs, path, title=""):
     for ax, (name, series) in zip(axes, panels.items()):
         for label, pts in series.items():
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if name == "val_bpb" else None, label=label)
+                style = dict(marker="o", linestyle="none") if name == "val_bpb" else {}  # stages share a step
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
