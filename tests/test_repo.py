@@ -2,6 +2,7 @@
 figures in submission.json against the record log they come from."""
 import json
 import re
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import pytest
 import train_gpt as tg
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from train_log import parse_train_log_file  # noqa: E402  (the one log parser, issue 12)
+
 README = (ROOT / "README.md").read_text()
 ENV_NAMES = {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK"}
 
@@ -55,18 +59,13 @@ def test_ci_runs_the_readme_test_command():
 
 def test_submission_proxy_figures_come_from_the_record_log():
     sub = json.loads((ROOT / "submission.json").read_text())["proxy"]
-    log = (ROOT / "records/proxy/2026-11-23_1xH100_seed42/train_seed42.log").read_text()
-
-    def bpb(label):
-        return float(re.search(rf"^{label} val_loss:\S+ val_bpb:(\S+)", log, re.M)[1])
-
-    assert sub["pre_quant_val_bpb"] == bpb("diagnostic pre-quantization post-ema")
-    assert sub["quantized_val_bpb"] == bpb("diagnostic quantized")
-    assert sub["sliding_val_bpb"] == bpb("diagnostic quantized_sliding_window")
-    assert sub["ttt_val_bpb"] == bpb("quantized_ttt_phased")
-    assert sub["artifact_bytes"] == int(re.search(r"^Total submission size quantized\+brotli: (\d+)", log, re.M)[1])
-    assert sub["model_bytes"] == int(re.search(r"^Serialized model quantized\+brotli: (\d+)", log, re.M)[1])
-    assert sub["code_bytes"] == int(re.search(r"^Code size \(compressed\): (\d+)", log, re.M)[1])
-    steps, avg = re.search(r"^training: (\d+) steps in \S+ step_avg: ([\d.]+)ms", log, re.M).groups()
-    assert (sub["steps"], sub["step_avg_ms"]) == (int(steps), float(avg))
-    assert sub["total_eval_seconds"] == float(re.search(r"^total_eval_time:([\d.]+)s", log, re.M)[1])
+    run = parse_train_log_file(ROOT / "records/proxy/2026-11-23_1xH100_seed42/train_seed42.log")
+    assert sub["pre_quant_val_bpb"] == run["prequant_bpb"]
+    assert sub["quantized_val_bpb"] == run["quantized_bpb"]
+    assert sub["sliding_val_bpb"] == run["sliding_bpb"]
+    assert sub["ttt_val_bpb"] == run["ttt_bpb"]
+    assert sub["artifact_bytes"] == run["total_bytes"]
+    assert sub["model_bytes"] == run["artifact_bytes"]
+    assert sub["code_bytes"] == run["code_bytes"]
+    assert (sub["steps"], sub["step_avg_ms"]) == (run["steps"], run["step_avg_ms"])
+    assert sub["total_eval_seconds"] == run["total_eval_s"]
