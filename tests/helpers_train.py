@@ -4,7 +4,6 @@ shards, and a runner for train_gpt.py as a script."""
 import io
 import os
 import random
-import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -14,6 +13,9 @@ import numpy as np
 import torch
 
 import train_gpt as tg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from train_log import parse_train_log  # noqa: E402  (the one log parser, issue 12)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_gpt.py"
@@ -188,15 +190,13 @@ def run_script(env, cwd, nproc=1, timeout=240):
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-TRAIN_LINE = re.compile(r"^(\d+)/(\d+) train_loss: (\S+) ", re.M)
-FINAL_LINE = re.compile(r"^diagnostic pre-quantization post-ema val_loss:(\S+) val_bpb:(\S+) ", re.M)
-
-
 def train_losses(text) -> dict[int, float]:
-    return {int(m.group(1)): float(m.group(3)) for m in TRAIN_LINE.finditer(text)}
+    return parse_train_log(text)["train_losses"]
 
 
 def final_val(text) -> tuple[float, float]:
-    m = FINAL_LINE.search(text)
-    assert m, "no 'diagnostic pre-quantization post-ema val_loss:... val_bpb:...' line in:\n" + text[-3000:]
-    return float(m.group(1)), float(m.group(2))
+    """(val_loss, val_bpb) of the pre-quantization post-EMA eval."""
+    run = parse_train_log(text)
+    assert run["prequant_loss"] is not None, \
+        "no 'diagnostic pre-quantization post-ema val_loss:... val_bpb:...' line in:\n" + text[-3000:]
+    return run["prequant_loss"], run["prequant_bpb"]

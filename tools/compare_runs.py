@@ -4,14 +4,11 @@ not hold the same steps (a run that stopped early), if there are fewer than `--s
 of the first `--steps` differs by more than `--tol`.
     python3 tools/compare_runs.py n1.log n2.log [--steps 10] [--tol 0.02]"""
 import argparse
-import re
+import os
 import sys
 
-TRAIN_LINE = re.compile(r"^(\d+)/\d+ train_loss: (\S+) ", re.M)
-
-
-def train_losses(text):
-    return {int(m[1]): float(m[2]) for m in TRAIN_LINE.finditer(text)}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_log import parse_train_log_file  # noqa: E402
 
 
 def main(argv=None):
@@ -23,7 +20,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be at least 1")
-    a, b = (train_losses(open(p, encoding="utf-8").read()) for p in (args.reference, args.other))
+    a, b = (parse_train_log_file(p)["train_losses"] for p in (args.reference, args.other))
     common = sorted(set(a) & set(b))
     if set(a) != set(b) or len(common) < args.steps:
         print(f"the logs differ in steps: {len(a)} and {len(b)} train_loss lines, {len(common)} in common "
