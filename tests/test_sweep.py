@@ -26,9 +26,9 @@ lr, wd = float(env.get("MATRIX_LR", "0.026")), float(env.get("WARMDOWN_FRAC", "0
 muon_wd, seed = float(env.get("MUON_WD", "0.095")), int(env.get("SEED", "1337"))
 print("hyperparameters:")
 print(f"  run_id: {env['RUN_ID']}")
-print(f"fake: cvd={env.get('CUDA_VISIBLE_DEVICES', '-')} wallclock={env.get('MAX_WALLCLOCK_SECONDS', '-')} "
+print(f"fake: pid={os.getpid()} cvd={env.get('CUDA_VISIBLE_DEVICES', '-')} wallclock={env.get('MAX_WALLCLOCK_SECONDS', '-')} "
       f"ttt={env.get('TTT_ENABLED', '-')} sliding={env.get('SLIDING_EVAL', '-')}")
-print("compile_warmup: 20 steps (2 loop phases) in 58.0s, last loss 6.0000")
+print("compile_warmup: 20 steps (2 loop phases) in 58.0s, last loss 6.0000", flush=True)
 if env.get("WARMDOWN_FRAC") == "0.99":
     time.sleep(60)
 for step in (1, 2):
@@ -166,6 +166,47 @@ def test_resume_runs_only_unfinished_points(tmp_path, fake):
     assert len(calls(tmp_path)) == n + 1
 
 
+def test_a_stopped_sweep_kills_its_running_points_and_records_nothing_for_them(tmp_path, fake):
+    """SIGTERM (or Ctrl-C) of the sweep: the hanging point's process is killed, nothing is recorded
+    for it, and the same command runs it again."""
+    import os
+    import re
+    import signal
+    import time
+
+    env = {**os.environ, "FAKE_CALLS": str(tmp_path / "calls.txt")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, str(TOOLS / "sweep.py"), "--out", str(tmp_path / "sw"), "--cmd", f"{sys.executable} {fake}",
+           "--gpus", "", "WARMDOWN_FRAC=0.99"]
+    p = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_dir, deadline = tmp_path / "sw" / "out", time.time() + 60
+    while time.time() < deadline and not (out_dir.exists() and any("compile_warmup" in f.read_text()
+                                                                   for f in out_dir.iterdir())):
+        time.sleep(0.1)
+    (out_file,) = out_dir.iterdir()
+    pid = int(re.search(r"fake: pid=(\d+)", out_file.read_text())[1])
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and "rerun the same command to resume" in err
+    time.sleep(0.2)
+    status = Path(f"/proc/{pid}/status")
+    assert not status.exists() or "\nState:\tZ" in status.read_text()  # gone (or a zombie awaiting its reaper)
+    assert not (tmp_path / "sw" / "state.jsonl").exists() or (tmp_path / "sw" / "state.jsonl").read_text() == ""
+    r = run_sweep(tmp_path, fake, "--timeout", "1", "WARMDOWN_FRAC=0.99")
+    assert len(calls(tmp_path)) == 2 and read_csv(tmp_path)[0]["status"] == "timeout", r.stdout + r.stderr
+
+
+def test_each_mode_runs_the_base_then_each_override_alone(tmp_path, fake):
+    r = run_sweep(tmp_path, fake, "--each", "MATRIX_LR=0.02,0.03", "WARMDOWN_FRAC=0.8", "--set", "MUON_WD=0.08")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = read_csv(tmp_path)
+    assert sorted((x["MATRIX_LR"], x["WARMDOWN_FRAC"]) for x in rows) == [
+        ("", ""), ("", "0.8"), ("0.02", ""), ("0.03", "")]
+    assert rows[0]["WARMDOWN_FRAC"] == "0.8"  # the one that helps
+    assert all(float(x["final_bpb"]) > 1.3 - 0.01 + 0.0099 for x in rows)  # MUON_WD=0.08 on every point
+    assert "; base MUON_WD=0.08" in rows[0]["mode"]
+
+
 def test_points_get_one_gpu_each_and_quick_mode_is_stated(tmp_path, fake):
     r = run_sweep(tmp_path, fake, "--gpus", "3,5", "--quick", "--quick-seconds", "90", "MATRIX_LR=0.02,0.03,0.026")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -234,6 +275,8 @@ def test_greedy_finds_the_best_overrides_on_a_synthetic_objective_and_stops():
     # without a threshold D=1 is kept too; then nothing is left that helps
     res = sweep.greedy_select(cands, evaluate, threshold=0.0, log=lambda *_: None)
     assert res["config"] == {"A": "1", "B": "1", "D": "1"}
+    with pytest.raises(sweep.SweepError, match="the base configuration failed"):
+        sweep.greedy_select(cands, lambda c: None, log=lambda *_: None)
 
 
 def test_greedy_confirms_a_winner_with_other_seeds_before_keeping_it():

@@ -522,6 +522,14 @@ def main(argv=None):
     except SweepError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("sweep: interrupted; the running points were stopped and not recorded: rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run_sweep(args):
@@ -548,6 +556,7 @@ def run_sweep(args):
     if base_set:
         mode += f"; base {describe(base_set)}"
     kind = "greedy" if args.greedy else "each" if args.each else "grid"
+    title = ("greedy " if args.greedy else "each " if args.each else "") + " ".join(args.overrides)
     out = Path(args.out or Path("sweeps") / f"{kind}_{'_'.join(names).lower()[:80]}{'_quick' if quick else ''}")
 
     gpus = detect_gpus(args.gpus)
@@ -578,26 +587,32 @@ def run_sweep(args):
             print(f"  {point_id({**hyper_base, **p})} {describe(p)}")
         return 0
 
+    # The points run in their own sessions (so a timeout kills torchrun and its workers): a SIGTERM
+    # of the sweep must stop them too, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     runner = Runner(out, cmd, slots, dict(os.environ), hyper_base, args.metric, args.timeout, args.retry_failed)
     if kind == "greedy":
-        base_seed = int(hyper_base.get("SEED", fields["SEED"][1]))
-        rounds = []
+        seeds = [int(hyper_base.get("SEED", fields["SEED"][1])) + 1 + i for i in range(args.confirm_seeds)]
+        batches = []
 
         def evaluate_many(configs):
-            rounds.append(len(rounds) + 1)
-            recs = runner.run(configs, label=f" batch {len(rounds)}")
+            batches.append(len(configs))
+            recs = runner.run(configs, label=f" batch {len(batches)}")
             return [r["metrics"].get(args.metric) if r["status"] == "ok" else None for r in recs]
 
-        result = greedy_select(candidates, evaluate_many=evaluate_many, threshold=args.threshold,
-                               confirm_seeds=[base_seed + 1 + i for i in range(args.confirm_seeds)])
-        write_greedy(result, out, args.metric, f"threshold {args.threshold:g}, confirm seeds "
-                     f"{[base_seed + 1 + i for i in range(args.confirm_seeds)] or 'none'}; mode: {mode}")
-        records = list(runner.seen.values())
-        names = list(dict.fromkeys(n for r in records for n in r["overrides"]))
+        try:
+            result = greedy_select(candidates, evaluate_many=evaluate_many, threshold=args.threshold,
+                                   confirm_seeds=seeds)
+        finally:  # the table of what ran, even when the base failed
+            records = list(runner.seen.values())
+            names = list(dict.fromkeys(n for r in records for n in r["overrides"]))
+            write_results(records, names, args.metric, mode, out, title)
+        write_greedy(result, out, args.metric, f"threshold {args.threshold:g}, confirm seeds {seeds or 'none'}; "
+                                               f"mode: {mode}")
         print(f"sweep: greedy path in {out / 'greedy.md'}: {describe(result['config'])} -> {result['metric']:.6f}")
     else:
         records = runner.run(points)
-    rows = write_results(records, names, args.metric, mode, out, title=" ".join(args.overrides))
+    rows = write_results(records, names, args.metric, mode, out, title)
     defaults = {n: ",".join(map(str, d)) if isinstance(d, tuple) else str(int(d) if isinstance(d, bool) else d)
                 for n, (_, d) in fields.items()}
     plot = write_plot(records, names, args.metric, out / "results.png", mode, defaults)
