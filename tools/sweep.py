@@ -1,5 +1,7 @@
-"""Hyperparameter sweeps of train_gpt.py over environment variables: a grid (or one override at a
-time, or a greedy forward selection), one run per GPU, resumable, with a results table and plots.
+"""Hyperparameter sweeps of train_gpt.py over its environment variables, one run per GPU.
+
+A grid, one override at a time (--each) or a greedy forward selection (--greedy); resumable; a
+results table (CSV, Markdown) sorted by the metric and a plot of the metric per swept variable.
 
     python3 tools/sweep.py MATRIX_LR=0.02,0.026,0.03 WARMDOWN_FRAC=0.75,0.85          # 3x2 grid
     python3 tools/sweep.py --quick --set SEED=42 MATRIX_LR=0.02,0.03                  # quick mode (120 s)
@@ -261,6 +263,7 @@ class Runner:
         self.procs = {}
         self.stopping = False
         self.seen = {}  # run_id -> record of every point of this sweep, for the running best
+        self.ran = set()  # run_ids run by this invocation (--retry-failed retries each once)
         self.durations = []
 
     def hyper_env(self, overrides):
@@ -268,7 +271,7 @@ class Runner:
 
     def finished(self, rid):
         rec = self.state.get(rid)
-        return rec is not None and not (self.retry_failed and rec["status"] != "ok")
+        return rec is not None and (rec["status"] == "ok" or not self.retry_failed or rid in self.ran)
 
     def run(self, points, label=""):
         """Records of `points`, in order, running those not finished yet."""
@@ -305,10 +308,16 @@ class Runner:
                 if not queue:
                     return
                 rid, overrides = queue.pop(0)
-            rec = self._run_point(rid, overrides, slot)
+            try:
+                rec = self._run_point(rid, overrides, slot)
+            except Exception as e:  # a bug here must not lose the point, nor stop the other slots
+                rec = {"run_id": rid, "overrides": overrides, "env": self.hyper_env(overrides), "status": "failed",
+                       "rc": None, "reason": f"sweep error: {type(e).__name__}: {e}", "wall_s": 0.0, "slot": slot,
+                       "metrics": {}}
             if rec is None:  # interrupted: not finished
                 return
             with self.lock:
+                self.ran.add(rid)
                 self.state[rid] = self.seen[rid] = rec
                 with open(self.state_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
