@@ -120,8 +120,8 @@ def classify_pip_failure(output: str) -> tuple[int, str]:
         return EXIT_FETCH, ("pip could not reach the package index (no network?) and found no local wheel: "
                             "connect, or point pip at a folder of wheels (PIP_FIND_LINKS=DIR), and run again")
     if "No matching distribution found" in output:
-        return EXIT_FETCH, ("no wheel for this Python and platform on the indexes pip can reach "
-                            "(no network, or a Python that torch does not support yet)")
+        return EXIT_FETCH, ("pip found no matching package: no network and no local wheel, or no wheel "
+                            "for this Python and platform (its output is above)")
     return EXIT_INSTALL, "pip failed (its output is above)"
 
 
@@ -236,7 +236,8 @@ def choose(need: str) -> str:
         lacking = check(need, gpus)
         if not lacking:
             return sys.executable
-        print(f"env_setup: {sys.executable} lacks {', '.join(lacking)}: using {VENV}", file=sys.stderr)
+        print(f"env_setup: {sys.executable} lacks {', '.join(lacking)}: using {VENV} (to use this Python "
+              "instead, install them into it)", file=sys.stderr)
     if venv_missing(need, gpus) != []:
         build_venv(need, gpus)
     return str(venv_python())
