@@ -125,7 +125,7 @@ case ${1:-} in
   test) shift; use_env test; (($#)) || set -- -q; exec "$PY" -m pytest "$@" ;;
   seeds) shift; seeds "$@" ;;
   proxy)
-    # shellcheck disable=SC1091  # staged by ../shared/bench/stage.sh: DATA_PATH, VOCAB_SIZE=8192, 300 s, seed 42
+    # staged by ../shared/bench/stage.sh: sets DATA_PATH, VOCAB_SIZE=8192, 300 s, SEED=42, brotli
     if [ -f .bench/device_prep.sh ]; then source .bench/device_prep.sh; fi
     use_env train
     exec "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py ;;
