@@ -331,7 +331,7 @@ class Hyperparameters:
 class Runtime:
     """Process group, device and rank-0 logging."""
 
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, h: Hyperparameters, new_log=False):
         self.rank, self.world_size = h.rank, h.world_size
         self.device = torch.device("cuda", h.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
@@ -342,7 +342,7 @@ class Runtime:
                                     if self.device.type == "cuda" else None)
         self.master = self.rank == 0
         self.log_path = os.path.join(h.log_dir, f"{h.run_id}.txt") if self.master else None
-        if self.master and os.path.exists(self.log_path) and not h.resume:  # a second run would append to it
+        if self.master and new_log and os.path.exists(self.log_path):  # a second run would append to it
             raise ConfigError(f"RUN_ID={h.run_id!r}: {self.log_path} exists; pick a new RUN_ID (unset: a fresh one)")
         if self.master:
             os.makedirs(h.log_dir, exist_ok=True)
@@ -2152,7 +2152,7 @@ def main():
     global ATTENTION_BACKEND
     try:
         h = Hyperparameters.from_env()
-        rt = Runtime(h)
+        rt = Runtime(h, new_log=not h.resume)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
