@@ -77,8 +77,6 @@ class Hyperparameters:
     vocab_size: int = 8192
     caseops_enabled: bool = False
     log_dir: str = "logs"
-    checkpoint_every: str = ""  # "500": every 500 steps, "1800s": every 1800 s of training; into LOG_DIR/RUN_ID.ckpt
-    resume: str = ""  # a checkpoint file to continue from (the log of its RUN_ID is appended to)
     # training length and batch
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -239,8 +237,6 @@ class Hyperparameters:
         for key in "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_BETA2 GLOBAL_TTT_MOMENTUM EMA_DECAY".split():
             need(0.0 <= getattr(self, key.lower()) < 1.0, key, "must lie in [0, 1)")
         need(self.min_lr <= 1.0, "MIN_LR", "must lie in [0, 1]")
-        need(self.checkpoint_every.removesuffix("s").isdigit() and self.checkpoint_every_value[0] > 0
-             or not self.checkpoint_every, "CHECKPOINT_EVERY", "expected steps (500) or seconds (1800s), positive")
         need(self.attn_gate in ("out", "sparse", "none"), "ATTN_GATE", "expected out, sparse or none")
         need(self.mlp_act in ("xielu", "leaky_relu2"), "MLP_ACT", "expected xielu or leaky_relu2")
         need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"), "ATTN_BACKEND", "expected auto, fa3, varlen or sdpa")
@@ -287,13 +283,6 @@ class Hyperparameters:
             order = order[:self.loop_start] + seg * (self.num_loops + 1) + order[self.loop_end + 1:]
         n_enc = len(order) // 2
         return order[:n_enc], order[n_enc:]
-
-    @property
-    def checkpoint_every_value(self):
-        """(n, unit): (500, 'steps'), (1800, 's'), or (0, '') for none."""
-        if not self.checkpoint_every:
-            return 0, ""
-        return int(self.checkpoint_every.removesuffix("s")), "s" if self.checkpoint_every.endswith("s") else "steps"
 
     @property
     def micro_tokens(self):
@@ -2152,7 +2141,7 @@ def main():
     global ATTENTION_BACKEND
     try:
         h = Hyperparameters.from_env()
-        rt = Runtime(h, new_log=not h.resume)
+        rt = Runtime(h, new_log=True)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
