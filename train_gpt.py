@@ -7,6 +7,7 @@ Launch: torchrun --standalone --nproc_per_node=N train_gpt.py (N in 1..8), or pl
 from __future__ import annotations
 
 import base64
+import difflib
 import functools
 import glob
 import inspect
@@ -16,6 +17,7 @@ import math
 import os
 import struct
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, fields
@@ -51,6 +53,10 @@ LEAKY_RELU2 = (1.0, 0.25, 0.0, 0.0)
 
 class ConfigError(ValueError):
     """A bad environment variable; the message names it."""
+
+
+class DataError(ValueError):
+    """A bad input file (shard, sidecar, tokenizer); the message names it."""
 
 
 def _env_int_list(text):
@@ -147,7 +153,7 @@ class Hyperparameters:
     lqer_rank: int = 4
     lqer_top_k: int = 3
     lqer_group: int = 64
-    artifact_path: str = "final_model.pgq"
+    artifact_path: str = ""  # default: beside the run's log, LOG_DIR/RUN_ID.pgq
     allow_over_cap: bool = False
     # evaluation and test-time training
     eval_stride: int = 64
@@ -181,8 +187,14 @@ class Hyperparameters:
     def from_env(cls, environ=None):
         environ = os.environ if environ is None else environ
         h = cls()
+        known = [f.name.upper() for f in fields(cls)]
+        for key in environ:  # a typo (MATRX_LR) or lower case (matrix_lr) would be silently ignored
+            close = difflib.get_close_matches(key.upper(), known, n=1, cutoff=0.85)
+            if key not in known and close and environ.get("RANK", "0") == "0":
+                print(f"warning: {key} is not a variable of train_gpt.py and is ignored; did you mean {close[0]}?",
+                      file=sys.stderr)
         for f in fields(cls):
-            key = {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK"}.get(f.name, f.name.upper())
+            key = f.name.upper()
             if key not in environ:
                 continue
             raw = environ[key]
@@ -202,6 +214,7 @@ class Hyperparameters:
             setattr(h, f.name, value)
         if not h.run_id:
             h.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        h.artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{h.run_id}.pgq")
         h.validate()
         return h
 
@@ -210,13 +223,21 @@ class Hyperparameters:
             if not ok:
                 raise ConfigError(f"{key}={getattr(self, key.lower())!r}: {msg}")
 
-        for key in ("MICRO_BATCHES", "TRAIN_SEQ_LEN", "EVAL_SEQ_LEN", "VAL_BATCH_TOKENS", "NUM_LAYERS", "MODEL_DIM",
-                    "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_LOG_EVERY", "WORLD_SIZE", "TTT_CHUNK_SIZE",
-                    "TTT_LORA_RANK", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_SEQ_LEN", "GPTQ_BLOCK_SIZE"):
+        for key in ("VOCAB_SIZE MICRO_BATCHES TRAIN_SEQ_LEN EVAL_SEQ_LEN VAL_BATCH_TOKENS NUM_LAYERS MODEL_DIM NUM_HEADS "
+                    "NUM_KV_HEADS MLP_MULT TRAIN_LOG_EVERY WORLD_SIZE TTT_CHUNK_SIZE TTT_EVAL_SEQ_LEN TTT_LORA_RANK "
+                    "TTT_LORA_ALPHA GLOBAL_TTT_CHUNK_TOKENS GLOBAL_TTT_SEQ_LEN GLOBAL_TTT_GRAD_CLIP GPTQ_BLOCK_SIZE "
+                    "GATE_WIDTH LOGIT_SOFTCAP ROPE_BASE MUON_BACKEND_STEPS GRAM_NS_RATIO ADAM_EPS ATTN_CLIP_SIGMAS "
+                    "MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS LQER_RANK EVAL_BUDGET_SECONDS ITERATIONS TTT_BATCH_SIZE").split():
             need(getattr(self, key.lower()) > 0, key, "must be positive")
-        for key in ("LOCAL_WINDOW_SIZE_EARLY", "LOCAL_WINDOW_SIZE_LATE", "NUM_LOOPS", "WARMUP_STEPS", "VAL_LOSS_EVERY",
-                    "BENCH_STEPS"):
-            need(getattr(self, key.lower()) >= 0, key, "must not be negative")
+        for key in ("LOCAL_WINDOW_SIZE_EARLY LOCAL_WINDOW_SIZE_LATE LOCAL_WINDOW_SPLIT NUM_LOOPS WARMUP_STEPS VAL_LOSS_EVERY "
+                    "MAX_WALLCLOCK_SECONDS XSA_LAST_N LOOP_TRUNC_BWD ENABLE_LOOPING_AT SPARSE_ATTN_GATE_SCALE MATRIX_LR "
+                    "TIED_EMBED_LR SCALAR_LR MUON_MOMENTUM_WARMUP_STEPS MUON_WD EMBED_WD ADAM_WD GRAD_CLIP_NORM GPTQ_DAMP "
+                    "LQER_TOP_K TTT_MAX_DOC_TOKENS TTT_LORA_LR TTT_WEIGHT_DECAY PHASED_TTT_PREFIX_DOCS "
+                    "PHASED_TTT_NUM_PHASES GLOBAL_TTT_LR GLOBAL_TTT_EPOCHS MIN_LR BENCH_STEPS").split():
+            need(getattr(self, key.lower()) >= 0, key, "must not be negative")  # NaN fails too
+        for key in "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_BETA2 GLOBAL_TTT_MOMENTUM EMA_DECAY".split():
+            need(0.0 <= getattr(self, key.lower()) < 1.0, key, "must lie in [0, 1)")
+        need(self.min_lr <= 1.0, "MIN_LR", "must lie in [0, 1]")
         need(self.attn_gate in ("out", "sparse", "none"), "ATTN_GATE", "expected out, sparse or none")
         need(self.mlp_act in ("xielu", "leaky_relu2"), "MLP_ACT", "expected xielu or leaky_relu2")
         need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"), "ATTN_BACKEND", "expected auto, fa3, varlen or sdpa")
@@ -242,8 +263,6 @@ class Hyperparameters:
                  f"need 0 <= LOOP_START <= LOOP_END={self.loop_end} < NUM_LAYERS")
             need(self.loop_end < self.parallel_start_layer, "LOOP_END", "the loop must lie below PARALLEL_START_LAYER")
         need(0.0 <= self.warmdown_frac <= 1.0, "WARMDOWN_FRAC", "must lie in [0, 1]")
-        need(0.0 <= self.ema_decay < 1.0, "EMA_DECAY", "must lie in [0, 1)")
-        need(self.iterations > 0, "ITERATIONS", "must be positive")
         for looping in (False, True):  # parallel lanes are a decoder feature
             need(all(i < self.parallel_start_layer for i in self.layer_plan(looping)[0]), "PARALLEL_START_LAYER",
                  "parallel layers must all lie in the decoder half")
@@ -255,9 +274,6 @@ class Hyperparameters:
         need(self.ttt_chunk_size <= self.ttt_eval_seq_len, "TTT_CHUNK_SIZE", "must not exceed TTT_EVAL_SEQ_LEN")
         need(self.global_ttt_chunk_tokens % self.world_size == 0, "GLOBAL_TTT_CHUNK_TOKENS",
              "must be divisible by WORLD_SIZE")
-        need(self.phased_ttt_num_phases >= 0, "PHASED_TTT_NUM_PHASES", "must not be negative")
-        need(self.phased_ttt_prefix_docs >= 0, "PHASED_TTT_PREFIX_DOCS", "must not be negative")
-        need(self.ttt_batch_size > 0, "TTT_BATCH_SIZE", "must be positive")
 
     def layer_plan(self, looping):
         """(encoder, decoder) physical layer indices; with looping the segment
@@ -305,7 +321,7 @@ class Hyperparameters:
 class Runtime:
     """Process group, device and rank-0 logging."""
 
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, h: Hyperparameters, new_log=False):
         self.rank, self.world_size = h.rank, h.world_size
         self.device = torch.device("cuda", h.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
@@ -315,10 +331,11 @@ class Runtime:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", device_id=self.device
                                     if self.device.type == "cuda" else None)
         self.master = self.rank == 0
-        self.log_path = None
+        self.log_path = os.path.join(h.log_dir, f"{h.run_id}.txt") if self.master else None
+        if self.master and new_log and os.path.exists(self.log_path):  # a second run would append to it
+            raise ConfigError(f"RUN_ID={h.run_id!r}: {self.log_path} exists; pick a new RUN_ID (unset: a fresh one)")
         if self.master:
             os.makedirs(h.log_dir, exist_ok=True)
-            self.log_path = os.path.join(h.log_dir, f"{h.run_id}.txt")
 
     def log(self, msg, console=True):
         if not self.master:
@@ -355,19 +372,30 @@ SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 BOS_ID = 1
 
 
-def load_data_shard(path) -> np.ndarray:
-    """Read one challenge shard: 256 int32 header words (magic, version, n) + n uint16 ids."""
+def load_data_shard(path, mmap=False) -> np.ndarray:
+    """Read (or memory-map) one challenge shard: 256 int32 header words (magic, version, n) + n uint16 ids."""
     size = os.path.getsize(path)
     if size < SHARD_HEADER_BYTES:
-        raise ValueError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+        raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
     header = np.fromfile(path, dtype="<i4", count=256)
     if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: bad shard header (magic {header[0]}, version {header[1]}; "
+        raise DataError(f"{path}: bad shard header (magic {header[0]}, version {header[1]}; "
                          f"expected {SHARD_MAGIC}, {SHARD_VERSION})")
     n = int(header[2])
     if size != SHARD_HEADER_BYTES + 2 * n:
-        raise ValueError(f"{path}: header says {n} tokens ({SHARD_HEADER_BYTES + 2 * n} bytes) but the file has {size} bytes")
+        raise DataError(f"{path}: header says {n} tokens ({SHARD_HEADER_BYTES + 2 * n} bytes) but the file has {size} bytes")
+    if mmap and n:
+        return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n,))
     return np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_BYTES)
+
+
+def check_shards(files, vocab_size):
+    """Every shard's header, size and token range, memory-mapped: a bad shard must stop the run
+    before compile, not when the loader reaches it minutes into training."""
+    for f in files:
+        top = int(load_data_shard(f, mmap=True).max(initial=0))
+        if top >= vocab_size:
+            raise ConfigError(f"VOCAB_SIZE={vocab_size}: {f} holds token id {top}")
 
 
 def shard_files(data_path, split):
@@ -460,7 +488,7 @@ def load_val_set(h: Hyperparameters, luts) -> ValSet:
             raise FileNotFoundError(f"CASEOPS_ENABLED=1 but the byte sidecar {side} of {f} is missing")
         c = load_data_shard(side)
         if len(c) != len(shard):
-            raise ValueError(f"{side}: {len(c)} byte counts for {len(shard)} tokens in {f}")
+            raise DataError(f"{side}: {len(c)} byte counts for {len(shard)} tokens in {f}")
         counts.append(c)
     return ValSet(tokens, np.concatenate(counts).astype(np.int64))
 
@@ -495,7 +523,7 @@ def build_sentencepiece_luts(sp, vocab_size):
     return base_bytes.astype(np.int64), has_space, is_boundary
 
 
-def load_tokenizer_luts(h: Hyperparameters):
+def load_tokenizer(h: Hyperparameters):
     import sentencepiece as spm
 
     if not os.path.isfile(h.tokenizer_path):
@@ -505,7 +533,19 @@ def load_tokenizer_luts(h: Hyperparameters):
         raise ConfigError(f"VOCAB_SIZE={h.vocab_size}: tokenizer {h.tokenizer_path} has {sp.vocab_size()} pieces")
     if sp.bos_id() != BOS_ID:
         raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path}: BOS id is {sp.bos_id()}, the shards use {BOS_ID}")
-    return build_sentencepiece_luts(sp, h.vocab_size)
+    return sp
+
+
+def check_tokenizer_matches(sp, tokens: np.ndarray, h: Hyperparameters, n_docs=64):
+    """The val shards must come from this tokenizer: one of the right size with other pieces
+    (FineWeb's SP8192 on other shards) gives another byte count, so a wrong val_bpb, silently.
+    Decoding and re-encoding a document reproduces its ids only with the tokenizer that made them."""
+    starts = np.flatnonzero(tokens == BOS_ID)[:n_docs + 1]
+    docs = [tokens[s + 1:e].tolist() for s, e in zip(starts[:-1], starts[1:])]
+    same = sum(sp.encode(sp.decode(d)) == d for d in docs)
+    if 2 * same < len(docs):
+        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path}: only {same} of {len(docs)} val documents decode and "
+                          f"re-encode to their ids: the shards in {h.data_path} were made by another tokenizer")
 
 
 # ---------------------------------------------------------------------------------------
@@ -2153,6 +2193,7 @@ class ArtifactTooLarge(RuntimeError):
 
 def timed_eval(label, fn, rt: Runtime):
     """Run an eval returning (val_loss, val_bpb, scored targets) and log it in the records' format."""
+    rt.log(f"eval: {label} running")
     rt.sync()
     t0 = time.perf_counter()
     val_loss, val_bpb, scored = fn()
@@ -2164,6 +2205,7 @@ def timed_eval(label, fn, rt: Runtime):
 
 def quantize_model(model, h: Hyperparameters, rt: Runtime, train_files, train_ms):
     """Hessians + GPTQ on the EMA weights; their time counts against the training cap."""
+    rt.log(f"gptq: collecting Hessians on {h.gptq_calibration_tokens} train tokens, then quantizing")
     hessians, qstate, t_hess, t_quant = run_gptq(model, h, rt, train_files)
     rt.log(f"GPTQ:collected {len(hessians)} Hessians in {t_hess:.1f}s, quantized in {t_quant:.1f}s; "
            f"training + GPTQ = {train_ms / 1000 + t_hess + t_quant:.1f}s (cap {h.max_wallclock_seconds:.0f}s)")
@@ -2177,13 +2219,35 @@ def quantize_model(model, h: Hyperparameters, rt: Runtime, train_files, train_ms
     return qstate
 
 
+def check_writable(path):
+    """ARTIFACT_PATH must be writable before training: failing after training and GPTQ loses the model."""
+    existed = os.path.exists(path)
+    try:
+        open(path, "ab").close()
+    except OSError as e:
+        raise ConfigError(f"ARTIFACT_PATH={path!r}: cannot be written ({e.strerror})") from None
+    if not existed:
+        os.remove(path)
+
+
 def write_artifact(qstate, h: Hyperparameters, rt: Runtime):
-    """Rank 0 packs and writes the artifact, logs exact sizes and enforces the 16 MB cap."""
+    """Rank 0 packs and writes the artifact, logs exact sizes and enforces the 16 MB cap. If
+    ARTIFACT_PATH cannot be written after all, the artifact goes beside the log (or to the temp
+    directory) and the log says where: the trained model is never lost."""
     if rt.master:
         t0 = time.perf_counter()
         blob = pack_artifact(qstate)
-        with open(h.artifact_path, "wb") as f:
-            f.write(blob)
+        for path in dict.fromkeys((h.artifact_path, os.path.join(h.log_dir, f"{h.run_id}.pgq"),
+                                   os.path.join(tempfile.gettempdir(), f"{h.run_id}.pgq"))):
+            try:
+                with open(path, "wb") as f:
+                    f.write(blob)
+                break
+            except OSError as e:
+                rt.log(f"error: cannot write the artifact to {path}: {e}")
+        if path != h.artifact_path:
+            rt.log(f"artifact: saved to {path} instead of ARTIFACT_PATH={h.artifact_path}")
+            h.artifact_path = path  # the eval below reads it there (single process; other ranks keep the old path)
         model_bytes = os.path.getsize(h.artifact_path)
         raw_code, code = counted_code_bytes(os.path.abspath(sys.argv[0]))
         total = model_bytes + code
@@ -2261,22 +2325,42 @@ def main():
     global ATTENTION_BACKEND
     try:
         h = Hyperparameters.from_env()
+        rt = Runtime(h, new_log=True)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    rt = Runtime(h)
+
+    def fail(msg, code):
+        """One line on stderr and in the log, no traceback: the input, not the code, is wrong."""
+        rt.log(msg, console=False)
+        if rt.master:
+            print(msg, file=sys.stderr, flush=True)
+        sys.exit(code)
+
     try:
         ATTENTION_BACKEND = pick_attention_backend(h.attn_backend, rt.device)
         use_compile = h.compile and rt.device.type == "cuda"
-        rt.log("hyperparameters:")
+        rt.log("hyperparameters:", console=False)
         for f in fields(h):
-            rt.log(f"  {f.name}: {getattr(h, f.name)}")
+            rt.log(f"  {f.name}: {getattr(h, f.name)}", console=False)
+        changed = [f"{f.name}={getattr(h, f.name)}" for f in fields(h)
+                   if getattr(h, f.name) != f.default and f.name not in ("run_id", "artifact_path")]
+        if rt.master:
+            print(f"run_id: {h.run_id} log: {rt.log_path} artifact: {h.artifact_path}; {len(changed)} settings differ "
+                  f"from the defaults (all in the log): {' '.join(changed)}", flush=True)
         with open(__file__, encoding="utf-8") as src:
             rt.log(src.read(), console=False)
         torch.manual_seed(h.seed)
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside GPTQ
+        if rt.master:
+            check_writable(h.artifact_path)
         train_files = shard_files(h.data_path, "train")
-        val = load_val_set(h, load_tokenizer_luts(h))
+        sp = load_tokenizer(h)
+        val = load_val_set(h, build_sentencepiece_luts(sp, h.vocab_size))
+        check_tokenizer_matches(sp, val.tokens, h)
+        t0 = time.perf_counter()
+        check_shards(train_files, h.vocab_size)
+        rt.log(f"shards_checked: {len(train_files)} train shards (header, size, token ids) in {time.perf_counter() - t0:.1f}s")
         rt.log(f"device: {rt.device} world_size: {rt.world_size} grad_accum_steps: {h.grad_accum_steps} "
                f"attention_backend: {ATTENTION_BACKEND} compile: {use_compile} "
                f"fused_mlp: {h.fused_mlp and rt.device.type == 'cuda' and triton is not None}")
@@ -2302,11 +2386,11 @@ def main():
         del model, qstate
         evaluate_artifact(h, rt, use_compile, val)
     except ConfigError as e:
-        rt.log(f"config error: {e}")
-        sys.exit(2)
+        fail(f"config error: {e}", 2)
+    except (DataError, FileNotFoundError) as e:
+        fail(f"error: {e}", 1)
     except ArtifactTooLarge as e:
-        rt.log(f"ERROR: {e}")
-        sys.exit(3)
+        fail(f"ERROR: {e}", 3)
     finally:
         rt.close()
 

@@ -61,7 +61,7 @@ def clean_env(**extra):
     """The environment without any of train_gpt.py's variables (or torchrun's), plus `extra`."""
     names = {f.name.upper() for f in fields(tg.Hyperparameters)} | {"RANK", "WORLD_SIZE", "LOCAL_RANK"}
     env = {k: v for k, v in os.environ.items() if k.upper() not in names}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)  # TMPDIR: the wrapper's copy of the source
     return env
 
 
@@ -710,7 +710,8 @@ def test_wrapper_runs_and_reproduces_the_source(tmp_path):
     assert wrapper.startswith(tg.CODE_WRAPPER_MARKER)
     assert re.search(rf"raw: {len(SMALL_SCRIPT)} bytes, wrapper: {len(wrapper)} bytes", r.stdout), r.stdout
     assert wrapper_payload(wrapper) == SMALL_SCRIPT
-    run = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, env=clean_env(), cwd=tmp_path,
+    run = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, cwd=tmp_path,
+                         env=clean_env(TMPDIR=str(tmp_path)),
                          timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout == SMALL_OUTPUT
@@ -733,7 +734,7 @@ def test_wrapper_of_train_gpt_executes(tmp_path, mw):
     mw.main([str(script), str(out)])
     assert wrapper_payload(out.read_bytes()) == script.read_bytes()
     run = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                         env=clean_env(ATTN_GATE="bogus"))
+                         env=clean_env(ATTN_GATE="bogus", TMPDIR=str(tmp_path)))
     assert run.returncode == 2, run.stdout + run.stderr
     assert "config error: ATTN_GATE='bogus': expected out, sparse or none" in run.stderr
 
@@ -751,7 +752,7 @@ def test_minified_wrapper_of_train_gpt_executes(tmp_path, mw, capsys):
     assert b'"""' not in payload  # docstrings removed
     # COMPILE is a bool field: from_env reads its type from the (string) dataclass annotation
     run = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                         env=clean_env(COMPILE="yes"))
+                         env=clean_env(COMPILE="yes", TMPDIR=str(tmp_path)))
     assert run.returncode == 2, run.stdout + run.stderr
     assert "config error: COMPILE='yes': expected 0 or 1" in run.stderr
 

@@ -40,7 +40,9 @@ CFG = dict(
     compile=False, attn_backend="sdpa", run_id="legality",
     eval_seq_len=32, eval_stride=8, val_batch_tokens=128,
     ttt_batch_size=3, ttt_chunk_size=4, ttt_eval_seq_len=16, ttt_lora_rank=2, ttt_max_doc_tokens=40,
-    phased_ttt_prefix_docs=4, phased_ttt_num_phases=2, global_ttt_chunk_tokens=64, global_ttt_seq_len=16,
+    phased_ttt_prefix_docs=4, phased_ttt_num_phases=2, global_ttt_chunk_tokens=32, global_ttt_seq_len=16,
+    # Global SGD chunks of 32 tokens: the cosine LR is exactly 0 on a phase's last chunk, and with
+    # 64 the documents a broken phase appends (sgd_on_next_batch) all fell into it, unseen.
     # large enough that every TTT effect is far above float noise
     ttt_lora_lr=0.01, global_ttt_lr=0.05,
 )
@@ -350,6 +352,20 @@ def sgd_on_whole_val(val):
     return lambda model, stream, h, rt: REAL.global_sgd(model, val.tokens, h, rt)
 
 
+def sgd_on_next_batch(val, h):
+    """Global SGD phases on the scored prefix plus the next, not yet scored, batch of documents."""
+    docs = sorted((sp for sp in REAL.document_spans(val.tokens) if sp[1] <= h.ttt_max_doc_tokens),
+                  key=lambda sp: (-sp[1], sp[0]))  # phased_ttt's TTT documents in its order
+    lengths = np.cumsum([n for _, n in docs])
+
+    def sgd(model, stream, h_, rt):
+        k = int(np.searchsorted(lengths, len(stream))) + 1  # the prefix docs[:k]
+        done = -(-k // h.ttt_batch_size) * h.ttt_batch_size  # scored when the phase runs (one rank)
+        extra = [val.tokens[s:s + n] for s, n in docs[done:done + h.ttt_batch_size]]
+        return REAL.global_sgd(model, np.concatenate([stream, *extra]), h_, rt)
+    return sgd
+
+
 def subset_softmax_ce(input, target, *args, ce=None, **kwargs):
     """CE renormalised over a target-dependent subset of the vocabulary (the first half plus the
     target): each score is a probability, but they no longer sum to 1 over the vocabulary."""
@@ -444,7 +460,8 @@ def ttt_allowed(val):
     return allowed
 
 
-@pytest.mark.parametrize("variant", ["correct", "two_pass_ttt", "sgd_on_unscored_docs", "peeking_attention"])
+@pytest.mark.parametrize("variant", ["correct", "two_pass_ttt", "sgd_on_unscored_docs", "sgd_on_next_batch",
+                                     "peeking_attention"])
 def test_phased_ttt_is_causal(tmp_path, monkeypatch, variant):
     h = make_h(tmp_path)
     val = make_val()
@@ -457,6 +474,10 @@ def test_phased_ttt_is_causal(tmp_path, monkeypatch, variant):
         # trains on the (perturbed) val stream it is evaluating, including unscored documents
         def run(v):
             monkeypatch.setattr(tg, "global_sgd", sgd_on_whole_val(v))
+            return run_phased(monkeypatch, h, v)[0]
+    elif variant == "sgd_on_next_batch":
+        def run(v):
+            monkeypatch.setattr(tg, "global_sgd", sgd_on_next_batch(v, h))
             return run_phased(monkeypatch, h, v)[0]
     else:
         run = lambda v: run_phased(monkeypatch, h, v, **kwargs)[0]

@@ -19,7 +19,10 @@ def test_fused_xielu_matches_reference(layer, m):
     x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(2048, 512, device="cuda") / 512 ** 0.5).bfloat16().requires_grad_()
     c = torch.tensor(tg.PARC_XIELU[layer], device="cuda", requires_grad=True)
-    pre = torch.full((m, 2048), float("nan"), device="cuda")  # poisoned: every element must be written
+    # Poisoned memory: freed NaN blocks of the outputs' size, which the caching allocator hands to
+    # xielu_linear's empty outputs, so an element the kernel does not write stays NaN.
+    poison = torch.full((2, m, 2048), float("nan"), device="cuda", dtype=torch.bfloat16)
+    del poison
     pre, post = tg.xielu_linear(x, w, c)
     g = torch.randn_like(post)
     gx, gw, gc = torch.autograd.grad(post, (x, w, c), g)

@@ -93,7 +93,37 @@ GAPS = [
     ({"VAL_BATCH_TOKENS": "0"}, "VAL_BATCH_TOKENS"),
     ({"TRAIN_LOG_EVERY": "0"}, "TRAIN_LOG_EVERY"),
     ({"LOCAL_WINDOW_SIZE_EARLY": "-1"}, "LOCAL_WINDOW_SIZE_EARLY"),
+    # -5 read as "no cap" (only 0 should), -3 died in a torch traceback, the others were accepted
+    ({"MAX_WALLCLOCK_SECONDS": "-5"}, "MAX_WALLCLOCK_SECONDS"),
+    ({"GATE_WIDTH": "-3"}, "GATE_WIDTH"),
+    ({"XSA_LAST_N": "-4"}, "XSA_LAST_N"),
+    ({"LQER_RANK": "0"}, "LQER_RANK"),
+    ({"MUON_BACKEND_STEPS": "0"}, "MUON_BACKEND_STEPS"),
+    ({"MATRIX_LR": "nan"}, "MATRIX_LR"),
+    ({"GRAD_CLIP_NORM": "-1"}, "GRAD_CLIP_NORM"),
+    ({"BETA2": "1"}, "BETA2"),
+    ({"MUON_MOMENTUM": "-0.1"}, "MUON_MOMENTUM"),
+    ({"MIN_LR": "2"}, "MIN_LR"),
+    ({"EVAL_BUDGET_SECONDS": "0"}, "EVAL_BUDGET_SECONDS"),
+    ({"GLOBAL_TTT_GRAD_CLIP": "0"}, "GLOBAL_TTT_GRAD_CLIP"),
+    ({"VOCAB_SIZE": "0"}, "VOCAB_SIZE"),
 ]
+
+
+def test_every_numeric_variable_has_a_range():
+    """Each int/float field fails validation at some value (a range is checked), except the seed and
+    the GPTQ reserve (any value: negative means measure it)."""
+    unchecked = []
+    for f in tg.fields(tg.Hyperparameters):
+        if f.type not in ("int", "float") or f.name in ("seed", "gptq_reserve_seconds", "rank", "local_rank"):
+            continue
+        try:
+            extra = {"NUM_LOOPS": "0"} if f.name == "parallel_start_layer" else {}  # else the loop check names LOOP_END
+            tg.Hyperparameters.from_env({f.name.upper(): "-1000000", **extra})
+            unchecked.append(f.name)
+        except tg.ConfigError as e:
+            assert "-1000000" in str(e), (f.name, str(e))  # about this value, not another variable's
+    assert unchecked == []
 
 
 @pytest.mark.parametrize("env, var", [pytest.param(env, var, id=var) for env, var in GAPS])
@@ -126,12 +156,19 @@ def data(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("data"))
 
 
+def assert_error(r, tmp_path, code, line):
+    """A bad input ends with exit `code` and exactly one line on stderr, also in the run's log."""
+    assert r.returncode == code, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr == line + "\n", r.stderr[-3000:]
+    assert line in (tmp_path / "logs" / "test.txt").read_text().splitlines()
+
+
 def test_script_vocab_mismatch_exits_2(tmp_path, data):
     data_path, sp_path, vocab = data
     r = run_script(script_env(tmp_path, data_path, sp_path, vocab + 16), tmp_path, timeout=120)
     assert r.returncode == 2
     assert re.search(rf"^config error: VOCAB_SIZE={vocab + 16}: tokenizer {re.escape(str(sp_path))} has {vocab} pieces$",
-                     r.stdout, re.M), r.stdout[-2000:] + r.stderr[-2000:]
+                     r.stderr, re.M), r.stdout[-2000:] + r.stderr[-2000:]
 
 
 def test_script_val_token_above_vocab_exits_2(tmp_path, data):
@@ -142,7 +179,7 @@ def test_script_val_token_above_vocab_exits_2(tmp_path, data):
     write_shard(bad / "fineweb_val_000000.bin", [1, 5, vocab + 3, 7])
     r = run_script(script_env(tmp_path, bad, sp_path, vocab), tmp_path, timeout=120)
     assert r.returncode == 2
-    assert f"config error: VOCAB_SIZE={vocab}: val shards hold token id {vocab + 3}" in r.stdout
+    assert f"config error: VOCAB_SIZE={vocab}: val shards hold token id {vocab + 3}" in r.stderr
 
 
 def test_script_missing_shards_fails_naming_the_pattern(tmp_path, data):
@@ -150,22 +187,20 @@ def test_script_missing_shards_fails_naming_the_pattern(tmp_path, data):
     empty = tmp_path / "empty"
     empty.mkdir()
     r = run_script(script_env(tmp_path, empty, sp_path, vocab), tmp_path, timeout=120)
-    assert r.returncode not in (0, 2)
-    assert f"FileNotFoundError: no train shards match {empty / 'fineweb_train_*.bin'} (set DATA_PATH)" in r.stderr
+    assert_error(r, tmp_path, 1, f"error: no train shards match {empty / 'fineweb_train_*.bin'} (set DATA_PATH)")
 
 
 def test_script_missing_tokenizer_fails_clearly(tmp_path, data):
     data_path, _, vocab = data
     r = run_script(script_env(tmp_path, data_path, tmp_path / "none.model", vocab), tmp_path, timeout=120)
-    assert r.returncode not in (0, 2)
-    assert f"tokenizer {tmp_path / 'none.model'} not found (set TOKENIZER_PATH)" in r.stderr
+    assert_error(r, tmp_path, 1, f"error: tokenizer {tmp_path / 'none.model'} not found (set TOKENIZER_PATH)")
 
 
 def test_script_unavailable_attention_backend_exits_2(tmp_path, data):
     data_path, sp_path, vocab = data
     r = run_script(script_env(tmp_path, data_path, sp_path, vocab, ATTN_BACKEND="fa3"), tmp_path, timeout=120)
     assert r.returncode == 2
-    assert "config error: ATTN_BACKEND='fa3': not available here (available: sdpa)" in r.stdout
+    assert_error(r, tmp_path, 2, "config error: ATTN_BACKEND='fa3': not available here (available: sdpa)")
 
 
 def test_script_gptq_reserve_larger_than_the_cap_exits_2(tmp_path, data):
@@ -175,4 +210,4 @@ def test_script_gptq_reserve_larger_than_the_cap_exits_2(tmp_path, data):
                               WARMUP_STEPS=0), tmp_path, timeout=120)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert re.search(r"^config error: MAX_WALLCLOCK_SECONDS=2.0: nothing left after the 5.0s GPTQ reserve$",
-                     r.stdout, re.M), r.stdout[-2000:]
+                     r.stderr, re.M), r.stdout[-2000:]

@@ -299,12 +299,12 @@ def test_stream_target_bytes_semantics():
     assert tg.stream_target_bytes(np.array([], dtype=np.uint16), TOY_LUTS).tolist() == []
 
 
-def test_tiny_tokenizer_bytes_and_load_tokenizer_luts(tmp_path_factory):
+def test_tiny_tokenizer_bytes_and_load_tokenizer(tmp_path_factory):
     path = tiny_tokenizer(tmp_path_factory.mktemp("sp"))
     sp = sp_model(path)
     vocab = sp.vocab_size()
     h = tg.Hyperparameters(tokenizer_path=str(path), vocab_size=vocab)
-    luts = tg.load_tokenizer_luts(h)
+    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(h), vocab)
     check_luts(luts, vocab)
     for a, b in zip(luts, tg.build_sentencepiece_luts(sp, vocab)):
         assert a.dtype == b.dtype and np.array_equal(a, b)
@@ -318,9 +318,9 @@ def test_tiny_tokenizer_bytes_and_load_tokenizer_luts(tmp_path_factory):
         ids = sp.encode(text)
         assert stream_bytes(ids, luts) == len(sp.decode(ids).encode("utf-8"))
     with pytest.raises(tg.ConfigError, match=rf"^VOCAB_SIZE={vocab + 1}: tokenizer .* has {vocab} pieces"):
-        tg.load_tokenizer_luts(tg.Hyperparameters(tokenizer_path=str(path), vocab_size=vocab + 1))
+        tg.load_tokenizer(tg.Hyperparameters(tokenizer_path=str(path), vocab_size=vocab + 1))
     with pytest.raises(FileNotFoundError, match="TOKENIZER_PATH"):
-        tg.load_tokenizer_luts(tg.Hyperparameters(tokenizer_path=str(tmp_path_factory.mktemp("x") / "no.model")))
+        tg.load_tokenizer(tg.Hyperparameters(tokenizer_path=str(tmp_path_factory.mktemp("x") / "no.model")))
 
 
 def test_loader_rejects_a_train_token_outside_the_vocabulary(tmp_path):

@@ -239,3 +239,53 @@ def test_training_stops_before_a_step_would_overrun_the_budget(tmp_path, monkeyp
     val = tg.ValSet(stream[:100].astype(np.uint16), np.ones(100, dtype=np.int64))
     steps, train_ms = tg.train_model(make_model(h, seed=2), h, rt, files, val, budget_s=5.5)
     assert (steps, train_ms) == (5, 5000.0)
+
+
+class FixedLoader:
+    """next_batch() always returns the same packed row."""
+
+    def __init__(self, h, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(4, h.vocab_size, (1, h.micro_tokens + 1), generator=g)
+        self.batch = ids[:, :-1], ids[:, 1:], torch.tensor([0, h.micro_tokens], dtype=torch.int32), h.micro_tokens
+
+    def next_batch(self):
+        return self.batch
+
+
+def test_trainer_clips_the_gradient(tmp_path, monkeypatch):
+    """GRAD_CLIP_NORM bounds the global gradient norm: at 1e-12 the AdamW updates (scale-aware
+    through eps) shrink to almost nothing, while without clipping they are of the size of the LR."""
+    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+    moved = {}
+    for clip in (0.0, 1e-12):
+        h = tiny_h(grad_clip_norm=clip, embed_wd=0.0, log_dir=str(tmp_path), run_id="clip")
+        model = make_model(h, seed=1).train()
+        before = model.tok_emb.weight.detach().clone()
+        tg.Trainer(model, h, tg.Runtime(h)).step(FixedLoader(h), 0, 0.0)
+        moved[clip] = (model.tok_emb.weight.detach() - before).abs().max().item()
+    assert moved[0.0] > 0.5 * tiny_h().tied_embed_lr
+    assert moved[1e-12] < 1e-2 * moved[0.0], moved
+
+
+def test_train_model_leaves_the_ema_weights_for_quantization(tmp_path, monkeypatch):
+    """After train_model the model holds the EMA average (what GPTQ quantizes), not the last raw weights."""
+    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+    seen = {}
+
+    class SpyEMA(tg.EMA):
+        def apply(self):
+            seen["raw"] = [p.detach().clone() for p in self.params]
+            seen["shadow"] = [s.clone() for s in self.shadow]
+            super().apply()
+
+    monkeypatch.setattr(tg, "EMA", SpyEMA)
+    h = tiny_h(iterations=4, ema_decay=0.5, log_dir=str(tmp_path), run_id="ema")
+    files = [write_shard(tmp_path / "fineweb_train_000000.bin",
+                         np.random.default_rng(0).integers(4, h.vocab_size, 4000))]
+    model = make_model(h, seed=2).train()
+    steps, _ = tg.train_model(model, h, tg.Runtime(h), [str(f) for f in files], None, 0.0)
+    assert steps == 4 and seen, "train_model never applied the EMA"
+    params = [p.detach() for p in model.parameters()]
+    assert all(torch.equal(p, s) for p, s in zip(params, seen["shadow"]))
+    assert any((p - r).abs().max() > 1e-4 for p, r in zip(params, seen["raw"]))

@@ -33,7 +33,7 @@ def main(argv):
     variants = [(spec, variant_h(h, spec)) for spec in specs]  # bad names/values fail before training
     tg.ATTENTION_BACKEND = tg.pick_attention_backend(h.attn_backend, rt.device)
     train_files = tg.shard_files(h.data_path, "train")
-    val = tg.load_val_set(h, tg.load_tokenizer_luts(h))
+    val = tg.load_val_set(h, tg.build_sentencepiece_luts(tg.load_tokenizer(h), h.vocab_size))
     torch.manual_seed(h.seed)
     model = tg.GPT(h).to(rt.device)
     if h.compile and rt.device.type == "cuda":
