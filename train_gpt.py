@@ -2205,10 +2205,11 @@ def timed_eval(label, fn, rt: Runtime):
 
 def quantize_model(model, h: Hyperparameters, rt: Runtime, train_files, train_ms):
     """Hessians + GPTQ on the EMA weights; their time counts against the training cap."""
-    rt.log(f"gptq: collecting Hessians on {h.gptq_calibration_tokens} train tokens, then quantizing")
+    rt.log(f"gptq:calibration {h.gptq_calibration_tokens} tokens from {len(train_files)} train shards "
+           f"({os.path.join(h.data_path, 'fineweb_train_*.bin')}), then quantizing")
     hessians, qstate, t_hess, t_quant = run_gptq(model, h, rt, train_files)
     rt.log(f"GPTQ:collected {len(hessians)} Hessians in {t_hess:.1f}s, quantized in {t_quant:.1f}s; "
-           f"training + GPTQ = {train_ms / 1000 + t_hess + t_quant:.1f}s (cap {h.max_wallclock_seconds:.0f}s)")
+           f"training + GPTQ = {train_ms / 1000 + t_hess + t_quant:.3f}s (cap {h.max_wallclock_seconds:.0f}s)")
     kinds = {}
     for name, e in qstate.items():
         key = f"{e['kind']}{e.get('bits', '')}" + ("+lqer" if "lqer" in e else "")
@@ -2364,6 +2365,8 @@ def main():
         rt.log(f"device: {rt.device} world_size: {rt.world_size} grad_accum_steps: {h.grad_accum_steps} "
                f"attention_backend: {ATTENTION_BACKEND} compile: {use_compile} "
                f"fused_mlp: {h.fused_mlp and rt.device.type == 'cuda' and triton is not None}")
+        gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
+        rt.log(f"runtime: torch {torch.__version__} cuda {torch.version.cuda} gpu {gpu} x {rt.world_size}")
         rt.log(f"train_shards: {len(train_files)} val_tokens: {len(val.tokens)} val_bytes: {val.target_bytes.sum()} "
                f"({'CaseOps sidecar' if h.caseops_enabled else 'LUT accounting'})")
         model = GPT(h).to(rt.device)  # built on the CPU first: identical init on every rank
