@@ -1,0 +1,2315 @@
+"""Parameter Golf training script: Parcae-looped GPT with gates and layered windows.
+
+One file in pipeline order: hyperparameters -> data -> model -> optimizers -> training ->
+quantization/packing -> evaluation -> main. Configured only by environment variables.
+Launch: torchrun --standalone --nproc_per_node=N train_gpt.py (N in 1..8), or plain python.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import glob
+import inspect
+import json
+import lzma
+import math
+import os
+import struct
+import sys
+import time
+import uuid
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch ship without triton
+    triton = None
+
+# ---------------------------------------------------------------------------------------
+# Hyperparameters: every environment variable is read and validated here, and nowhere else.
+# ---------------------------------------------------------------------------------------
+
+# PR #1728 per-layer QK-gain init (layers 0..10).
+PARC_QK_GAINS = (2.3495, 2.8818, 2.7627, 2.8148, 2.7893, 2.8762, 2.5657, 2.7206, 2.6426, 2.2737, 1.9741)
+# PR #1728 xIELU coefficients (ap, an, bp, bn) per layer 0..10, found by a convergence loop.
+PARC_XIELU = (
+    (0.103, 0.39, 0.126, 0.785), (0.196, 0.578, 0.07, 0.638), (1.415, 0.363, 0.0, 0.405),
+    (1.196, 0.491, 0.0, 0.377), (1.485, 0.536, 0.0, 0.314), (1.546, 0.548, 0.002, 0.289),
+    (1.337, 0.579, 0.017, 0.313), (1.727, 0.983, 0.067, 0.571), (1.495, 1.058, 0.005, 0.42),
+    (0.988, 0.935, 0.058, 0.286), (0.917, 0.845, 0.568, 0.52),
+)
+# LeakyReLU(0.5)^2 (PR #493) is the xIELU form with these constants.
+LEAKY_RELU2 = (1.0, 0.25, 0.0, 0.0)
+
+
+class ConfigError(ValueError):
+    """A bad environment variable; the message names it."""
+
+
+def _env_int_list(text):
+    return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+
+
+def _env_float_list(text):
+    return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+
+
+@dataclass
+class Hyperparameters:
+    # run and data
+    run_id: str = ""
+    seed: int = 1337
+    data_path: str = "./data/datasets/fineweb10B_sp8192"
+    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe.model"
+    vocab_size: int = 8192
+    caseops_enabled: bool = False
+    log_dir: str = "logs"
+    # training length and batch
+    iterations: int = 20000
+    max_wallclock_seconds: float = 600.0
+    warmup_steps: int = 20
+    train_batch_tokens: int = 786432
+    micro_batches: int = 8
+    train_seq_len: int = 4096
+    train_log_every: int = 500
+    val_loss_every: int = 0
+    eval_seq_len: int = 4096
+    val_batch_tokens: int = 262144
+    # model shape
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 4
+    logit_softcap: float = 30.0
+    rope_base: float = 10000.0
+    global_rope_dims: int = 16
+    qk_gain_init: tuple = ()
+    global_attn_layers: tuple = (4, 9, 10)
+    local_window_size_early: int = 512
+    local_window_size_late: int = 1024
+    local_window_split: int = 6
+    xsa_last_n: int = 11
+    parallel_start_layer: int = 8
+    num_loops: int = 2
+    loop_start: int = 3
+    loop_end: int = 5
+    enable_looping_at: float = 0.35
+    loop_trunc_bwd: int = 1
+    parcae: bool = True
+    smear_gate: bool = True
+    attn_gate: str = "out"
+    sparse_attn_gate_scale: float = 0.5
+    gate_width: int = 12
+    mlp_act: str = "xielu"
+    xielu_learnable: bool = False
+    fused_mlp: bool = True
+    attn_backend: str = "auto"
+    compile: bool = True
+    bench_steps: int = 0
+    # optimisation
+    matrix_lr: float = 0.026
+    tied_embed_lr: float = 0.03
+    scalar_lr: float = 0.02
+    muon_momentum: float = 0.97
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    gram_ns_ratio: float = 3.0
+    muon_wd: float = 0.095
+    embed_wd: float = 0.085
+    adam_wd: float = 0.02
+    beta1: float = 0.9
+    beta2: float = 0.99
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3
+    warmdown_frac: float = 0.85
+    min_lr: float = 0.1
+    ema_decay: float = 0.9965
+    # quantization and artifact
+    matrix_bits: int = 6
+    embed_bits: int = 7
+    attn_clip_sigmas: float = 13.0
+    mlp_clip_sigmas: float = 12.5
+    embed_clip_sigmas: float = 14.0
+    gptq_calibration_tokens: int = 1572864
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01
+    gptq_reserve_seconds: float = -1.0
+    lqer_enabled: bool = True
+    lqer_rank: int = 4
+    lqer_top_k: int = 3
+    lqer_group: int = 64
+    artifact_path: str = "final_model.pgq"
+    allow_over_cap: bool = False
+    # evaluation and test-time training
+    eval_stride: int = 64
+    sliding_eval: bool = True
+    eval_budget_seconds: float = 600.0
+    ttt_enabled: bool = True
+    ttt_batch_size: int = 64
+    ttt_chunk_size: int = 48
+    ttt_eval_seq_len: int = 2048
+    ttt_max_doc_tokens: int = 16384
+    ttt_lora_rank: int = 80
+    ttt_lora_alpha: float = 144.0
+    ttt_lora_lr: float = 1e-4
+    ttt_beta2: float = 0.99
+    ttt_weight_decay: float = 0.5
+    ttt_warm_start_a: bool = True
+    phased_ttt_prefix_docs: int = 2500
+    phased_ttt_num_phases: int = 3
+    global_ttt_lr: float = 0.001
+    global_ttt_momentum: float = 0.9
+    global_ttt_epochs: int = 1
+    global_ttt_chunk_tokens: int = 32768
+    global_ttt_seq_len: int = 2048
+    global_ttt_grad_clip: float = 1.0
+    # distributed (set by torchrun)
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, environ=None):
+        environ = os.environ if environ is None else environ
+        h = cls()
+        for f in fields(cls):
+            key = {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK"}.get(f.name, f.name.upper())
+            if key not in environ:
+                continue
+            raw = environ[key]
+            try:
+                if f.type == "bool":
+                    if raw not in ("0", "1"):
+                        raise ValueError("expected 0 or 1")
+                    value = raw == "1"
+                elif f.name in ("global_attn_layers",):
+                    value = _env_int_list(raw)
+                elif f.name == "qk_gain_init":
+                    value = _env_float_list(raw)
+                else:
+                    value = {"int": int, "float": float, "str": str}[f.type](raw)
+            except ValueError as e:
+                raise ConfigError(f"{key}={raw!r}: {e}") from None
+            setattr(h, f.name, value)
+        if not h.run_id:
+            h.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        h.validate()
+        return h
+
+    def validate(self):
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key.lower())!r}: {msg}")
+
+        for key in ("MICRO_BATCHES", "TRAIN_SEQ_LEN", "EVAL_SEQ_LEN", "VAL_BATCH_TOKENS", "NUM_LAYERS", "MODEL_DIM",
+                    "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_LOG_EVERY", "WORLD_SIZE", "TTT_CHUNK_SIZE",
+                    "TTT_LORA_RANK", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_SEQ_LEN", "GPTQ_BLOCK_SIZE"):
+            need(getattr(self, key.lower()) > 0, key, "must be positive")
+        for key in ("LOCAL_WINDOW_SIZE_EARLY", "LOCAL_WINDOW_SIZE_LATE", "NUM_LOOPS", "WARMUP_STEPS", "VAL_LOSS_EVERY",
+                    "BENCH_STEPS"):
+            need(getattr(self, key.lower()) >= 0, key, "must not be negative")
+        need(self.attn_gate in ("out", "sparse", "none"), "ATTN_GATE", "expected out, sparse or none")
+        need(self.mlp_act in ("xielu", "leaky_relu2"), "MLP_ACT", "expected xielu or leaky_relu2")
+        need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"), "ATTN_BACKEND", "expected auto, fa3, varlen or sdpa")
+        need(self.world_size >= 1 and 0 <= self.rank < self.world_size, "RANK", "must lie in [0, WORLD_SIZE)")
+        need(self.micro_batches % self.world_size == 0, "MICRO_BATCHES", f"must be divisible by WORLD_SIZE={self.world_size}")
+        need(self.train_batch_tokens % self.micro_batches == 0, "TRAIN_BATCH_TOKENS",
+             f"must be divisible by MICRO_BATCHES={self.micro_batches}")
+        need(self.train_seq_len > 0 and self.micro_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
+             f"tokens per micro-batch ({self.micro_tokens}) must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        need(self.val_batch_tokens % self.eval_seq_len == 0, "VAL_BATCH_TOKENS",
+             f"must be a multiple of EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(self.model_dim % self.num_heads == 0, "MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
+        need(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        head_dim = self.model_dim // self.num_heads
+        need(head_dim % 2 == 0 and 0 < self.global_rope_dims <= head_dim and self.global_rope_dims % 2 == 0,
+             "GLOBAL_ROPE_DIMS", f"must be even and in (0, head_dim={head_dim}]")
+        need(self.gate_width <= self.model_dim, "GATE_WIDTH", "must not exceed MODEL_DIM")
+        need(all(0 <= i < self.num_layers for i in self.global_attn_layers), "GLOBAL_ATTN_LAYERS",
+             f"layer indices must lie in [0, {self.num_layers})")
+        need(len(self.qk_gain_init) in (0, 1, self.num_layers), "QK_GAIN_INIT", "give one value or one per layer")
+        if self.num_loops > 0:
+            need(0 <= self.loop_start <= self.loop_end < self.num_layers, "LOOP_START",
+                 f"need 0 <= LOOP_START <= LOOP_END={self.loop_end} < NUM_LAYERS")
+            need(self.loop_end < self.parallel_start_layer, "LOOP_END", "the loop must lie below PARALLEL_START_LAYER")
+        need(0.0 <= self.warmdown_frac <= 1.0, "WARMDOWN_FRAC", "must lie in [0, 1]")
+        need(0.0 <= self.ema_decay < 1.0, "EMA_DECAY", "must lie in [0, 1)")
+        need(self.iterations > 0, "ITERATIONS", "must be positive")
+        for looping in (False, True):  # parallel lanes are a decoder feature
+            need(all(i < self.parallel_start_layer for i in self.layer_plan(looping)[0]), "PARALLEL_START_LAYER",
+                 "parallel layers must all lie in the decoder half")
+        need(2 <= self.matrix_bits <= 8, "MATRIX_BITS", "must lie in [2, 8]")
+        need(2 <= self.embed_bits <= 8, "EMBED_BITS", "must lie in [2, 8]")
+        need(self.lqer_group > 0 and self.model_dim % self.lqer_group == 0, "LQER_GROUP", "must divide MODEL_DIM")
+        need(self.gptq_calibration_tokens >= self.world_size, "GPTQ_CALIBRATION_TOKENS", "too few for the ranks")
+        need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", "must lie in (0, EVAL_SEQ_LEN]")
+        need(self.ttt_chunk_size <= self.ttt_eval_seq_len, "TTT_CHUNK_SIZE", "must not exceed TTT_EVAL_SEQ_LEN")
+        need(self.global_ttt_chunk_tokens % self.world_size == 0, "GLOBAL_TTT_CHUNK_TOKENS",
+             "must be divisible by WORLD_SIZE")
+        need(self.phased_ttt_num_phases >= 0, "PHASED_TTT_NUM_PHASES", "must not be negative")
+        need(self.phased_ttt_prefix_docs >= 0, "PHASED_TTT_PREFIX_DOCS", "must not be negative")
+        need(self.ttt_batch_size > 0, "TTT_BATCH_SIZE", "must be positive")
+
+    def layer_plan(self, looping):
+        """(encoder, decoder) physical layer indices; with looping the segment
+        [loop_start, loop_end] runs num_loops+1 times (PR #1344/#1523)."""
+        order = list(range(self.num_layers))
+        if looping and self.num_loops > 0:
+            seg = order[self.loop_start:self.loop_end + 1]
+            order = order[:self.loop_start] + seg * (self.num_loops + 1) + order[self.loop_end + 1:]
+        n_enc = len(order) // 2
+        return order[:n_enc], order[n_enc:]
+
+    @property
+    def micro_tokens(self):
+        return self.train_batch_tokens // self.micro_batches
+
+    @property
+    def grad_accum_steps(self):
+        return self.micro_batches // self.world_size
+
+    def _per_layer(self, table, i):
+        """Row i of an 11-layer table, stretched by relative depth for other layer counts."""
+        return table[round(i * (len(table) - 1) / max(self.num_layers - 1, 1))]
+
+    def layer_qk_gain(self, i):
+        if len(self.qk_gain_init) == 1:
+            return self.qk_gain_init[0]
+        return self.qk_gain_init[i] if self.qk_gain_init else self._per_layer(PARC_QK_GAINS, i)
+
+    def layer_xielu(self, i):
+        return LEAKY_RELU2 if self.mlp_act == "leaky_relu2" else self._per_layer(PARC_XIELU, i)
+
+    def layer_window(self, i):
+        """Sliding window for local layers (each query sees W previous tokens); None = full causal."""
+        if i in self.global_attn_layers:
+            return None
+        # 512 below the split: attention cost there is paid up to three times by the loop.
+        return self.local_window_size_early if i < self.local_window_split else self.local_window_size_late
+
+
+# ---------------------------------------------------------------------------------------
+# Distributed runtime and logging
+# ---------------------------------------------------------------------------------------
+
+
+class Runtime:
+    """Process group, device and rank-0 logging."""
+
+    def __init__(self, h: Hyperparameters):
+        self.rank, self.world_size = h.rank, h.world_size
+        self.device = torch.device("cuda", h.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.distributed = h.world_size > 1
+        if self.distributed:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", device_id=self.device
+                                    if self.device.type == "cuda" else None)
+        self.master = self.rank == 0
+        self.log_path = None
+        if self.master:
+            os.makedirs(h.log_dir, exist_ok=True)
+            self.log_path = os.path.join(h.log_dir, f"{h.run_id}.txt")
+
+    def log(self, msg, console=True):
+        if not self.master:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            print(msg, file=f)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def all_reduce(self, t, op="sum"):
+        """SUM or MAX over ranks in place (gloo has no AVG, so callers divide)."""
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any: one decision that all ranks follow."""
+        return bool(self.all_reduce(torch.tensor(float(flag), device=self.device), "max").item())
+
+    def close(self):
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------
+# Data: shards, the document-packing train loader, validation tokens and byte accounting
+# ---------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
+BOS_ID = 1
+
+
+def load_data_shard(path) -> np.ndarray:
+    """Read one challenge shard: 256 int32 header words (magic, version, n) + n uint16 ids."""
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: bad shard header (magic {header[0]}, version {header[1]}; "
+                         f"expected {SHARD_MAGIC}, {SHARD_VERSION})")
+    n = int(header[2])
+    if size != SHARD_HEADER_BYTES + 2 * n:
+        raise ValueError(f"{path}: header says {n} tokens ({SHARD_HEADER_BYTES + 2 * n} bytes) but the file has {size} bytes")
+    return np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_BYTES)
+
+
+def shard_files(data_path, split):
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    files = sorted(f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f))
+    if not files:
+        raise FileNotFoundError(f"no {split} shards match {pattern} (set DATA_PATH)")
+    return files
+
+
+def packed_cu_seqlens(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """Sequence starts for one packed row: 0, every BOS, and a cut every seq_len tokens inside
+    long documents, so no token attends across documents or further back than seq_len."""
+    n = len(tokens)
+    starts = np.union1d([0], np.flatnonzero(tokens == BOS_ID))
+    lengths = np.diff(np.append(starts, n))
+    extra = [s + np.arange(seq_len, l, seq_len) for s, l in zip(starts[lengths > seq_len], lengths[lengths > seq_len])]
+    starts = np.sort(np.concatenate([starts, *extra])) if extra else starts
+    return np.append(starts, n).astype(np.int32)
+
+
+class DocumentPackingLoader:
+    """Streams the train shards in order as one token stream (documents run across shards,
+    the stream wraps at the end). Each call consumes world*(local+1) tokens; rank r takes the
+    r-th piece, so micro-step m on rank r reads piece m*world+r: any world size sees the same
+    pieces in the same optimizer step."""
+
+    def __init__(self, files, local_tokens, seq_len, rank, world_size, device, vocab_size=None):
+        self.files, self.local, self.seq_len = files, local_tokens, seq_len
+        self.rank, self.world_size, self.device, self.vocab_size = rank, world_size, device, vocab_size
+        self.file_idx, self.buf, self.pos = 0, self._load(0), 0
+
+    def _load(self, i):
+        """Shard i, checked against the vocabulary here rather than as a device assert mid-run."""
+        shard = load_data_shard(self.files[i])
+        if self.vocab_size is not None and shard.max(initial=0) >= self.vocab_size:
+            raise ConfigError(f"VOCAB_SIZE={self.vocab_size}: {self.files[i]} holds token id {shard.max()}")
+        return shard
+
+    def _take(self, n):
+        while len(self.buf) - self.pos < n:
+            self.file_idx = (self.file_idx + 1) % len(self.files)
+            self.buf = np.concatenate([self.buf[self.pos:], self._load(self.file_idx)])
+            self.pos = 0
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def next_batch(self):
+        """(inputs [1, T], targets [1, T], cu_seqlens, longest sequence) for this rank."""
+        span = self._take(self.world_size * (self.local + 1))
+        piece = span[self.rank * (self.local + 1):(self.rank + 1) * (self.local + 1)].astype(np.int64)
+        cu = packed_cu_seqlens(piece[:-1], self.seq_len)
+        x, y, cu_t = (to_device(a, self.device) for a in (piece[:-1], piece[1:], cu))
+        return x.view(1, -1), y.view(1, -1), cu_t, int(np.diff(cu).max())
+
+
+def to_device(a: np.ndarray, device):
+    t = torch.from_numpy(a)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+@dataclass
+class ValSet:
+    """The val stream and the bytes credited to each target position (entry j: predicting
+    tokens[j]; entry 0 is never a target)."""
+
+    tokens: np.ndarray
+    target_bytes: np.ndarray
+
+
+def load_val_set(h: Hyperparameters, luts) -> ValSet:
+    """All val shards in order. Bytes come from the challenge's LUT formula, or with CaseOps
+    from the fineweb_val_bytes_* sidecar of each shard, which must exist and align exactly."""
+    files = shard_files(h.data_path, "val")
+    shards = [load_data_shard(f) for f in files]
+    tokens = np.concatenate(shards)
+    if tokens.max(initial=0) >= h.vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={h.vocab_size}: val shards hold token id {tokens.max()}")
+    sidecars = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("fineweb_val_", "fineweb_val_bytes_", 1))
+                for f in files]
+    if not h.caseops_enabled:
+        if any(os.path.isfile(p) for p in sidecars):
+            # LUT bytes on CaseOps text count every case operator as bytes: bpb ~9% too low.
+            raise ConfigError(f"CASEOPS_ENABLED=0: {h.data_path} holds fineweb_val_bytes_* sidecars (CaseOps data)")
+        return ValSet(tokens, stream_target_bytes(tokens, luts))
+    counts = []
+    for f, side, shard in zip(files, sidecars, shards):
+        if not os.path.isfile(side):
+            raise FileNotFoundError(f"CASEOPS_ENABLED=1 but the byte sidecar {side} of {f} is missing")
+        c = load_data_shard(side)
+        if len(c) != len(shard):
+            raise ValueError(f"{side}: {len(c)} byte counts for {len(shard)} tokens in {f}")
+        counts.append(c)
+    return ValSet(tokens, np.concatenate(counts).astype(np.int64))
+
+
+def stream_target_bytes(tokens: np.ndarray, luts) -> np.ndarray:
+    """Bytes credited to each target tokens[j]: base_bytes[y] + (has_space[y] and the previous
+    token is not a boundary), so a document's leading space is not counted."""
+    base_bytes, has_space, is_boundary = luts
+    out = np.zeros(len(tokens), dtype=np.int64)
+    prev, tgt = tokens[:-1].astype(np.int64), tokens[1:].astype(np.int64)
+    out[1:] = base_bytes[tgt] + (has_space[tgt] & ~is_boundary[prev])
+    return out
+
+
+def build_sentencepiece_luts(sp, vocab_size):
+    """Per-token byte tables of the challenge's accounting (SPEC 1.4): bytes credited to target
+    y after token x are base_bytes[y] + (has_space[y] and not is_boundary[x])."""
+    n = max(sp.vocab_size(), vocab_size)
+    base_bytes = np.zeros(n, dtype=np.int16)
+    has_space = np.zeros(n, dtype=bool)
+    is_boundary = np.ones(n, dtype=bool)
+    for t in range(sp.vocab_size()):
+        if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
+            continue
+        is_boundary[t] = False
+        if sp.is_byte(t):
+            base_bytes[t] = 1
+            continue
+        piece = sp.id_to_piece(t)
+        has_space[t] = piece.startswith("\u2581")
+        base_bytes[t] = len(piece[1:].encode("utf-8")) if has_space[t] else len(piece.encode("utf-8"))
+    return base_bytes.astype(np.int64), has_space, is_boundary
+
+
+def load_tokenizer_luts(h: Hyperparameters):
+    import sentencepiece as spm
+
+    if not os.path.isfile(h.tokenizer_path):
+        raise FileNotFoundError(f"tokenizer {h.tokenizer_path} not found (set TOKENIZER_PATH)")
+    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    if sp.vocab_size() != h.vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={h.vocab_size}: tokenizer {h.tokenizer_path} has {sp.vocab_size()} pieces")
+    if sp.bos_id() != BOS_ID:
+        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path}: BOS id is {sp.bos_id()}, the shards use {BOS_ID}")
+    return build_sentencepiece_luts(sp, h.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Model: attention backends, the fused xIELU kernel, blocks and the looped GPT
+# ---------------------------------------------------------------------------------------
+
+
+def pick_attention_backend(requested, device):
+    """FA3 where importable (the competition image), else torch's varlen flash attention
+    (torch >= 2.10, CUDA), else SDPA with an explicit mask (CPU and tests)."""
+    available = ["sdpa"]
+    if device.type == "cuda":
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+            available.insert(0, "varlen")
+        except ImportError:
+            pass
+        try:
+            import flash_attn_interface  # noqa: F401
+            available.insert(0, "fa3")
+        except ImportError:
+            pass
+    if requested == "auto":
+        return available[0]
+    if requested not in available:
+        raise ConfigError(f"ATTN_BACKEND={requested!r}: not available here (available: {', '.join(available)})")
+    return requested
+
+
+ATTENTION_BACKEND = "sdpa"
+
+
+def _attention_sdpa(q, k, v, cu_seqlens, window):
+    """Reference path: SDPA with an explicit causal (+ window) mask, one packed sequence at a
+    time (a mask over the whole row would cost rows^2)."""
+    groups = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e == s:
+            continue
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
+        if window is None:
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
+            continue
+        pos = torch.arange(e - s, device=q.device)
+        delta = pos[:, None] - pos[None, :]
+        mask = (delta >= 0) & (delta <= window)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1))
+    return torch.cat(outs)
+
+
+# torch's flash kernels (FA2) as one opaque op pair, so attention sits inside the compiled block
+# graphs: no graph break, and the longest sequence arrives as a host tensor, read at run time,
+# so a new packing never recompiles (flash launches max_seqlen/128 tiles per sequence: an
+# upper bound of 4096 over ~300-token documents cost 23% of GPU time on the H100).
+@torch.library.custom_op("pgolf::flash_attn", mutates_args=())
+def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+               max_len: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal (window >= 0: windowed) attention over packed sequences; returns (out, lse)."""
+    m = int(max_len)
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, m, m, 0.0, True, False, window_size_left=window, window_size_right=0)[:2]
+    return out, lse
+
+
+@flash_attn.register_fake
+def _(q, k, v, cu_seqlens, max_len, window):
+    return torch.empty_like(q), q.new_empty(q.size(1), q.size(0), dtype=torch.float32)
+
+
+@torch.library.custom_op("pgolf::flash_attn_backward", mutates_args=())
+def flash_attn_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, cu_seqlens: torch.Tensor, max_len: torch.Tensor,
+                        window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m = int(max_len)
+    no_dropout = q.new_zeros(2, dtype=torch.uint64), q.new_empty(0)  # philox state, unused at p=0
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        grad.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, m, m, 0.0, True, *no_dropout,
+        window_size_left=window, window_size_right=0)
+    return dq, dk, dv
+
+
+@flash_attn_backward.register_fake
+def _(grad, q, k, v, out, lse, cu_seqlens, max_len, window):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_attn_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_len, ctx.window = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens, max_len)
+
+
+def _flash_attn_grad(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens, max_len = ctx.saved_tensors
+    return (*flash_attn_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_len, ctx.window), None, None, None)
+
+
+flash_attn.register_autograd(_flash_attn_grad, setup_context=_flash_attn_setup)
+
+
+def attention(q, k, v, cu_seqlens, max_len, window, fa3_max_seqlen):
+    """Causal attention over packed sequences (cu_seqlens, int32 on the device; max_len, the longest,
+    a 1-element host tensor), q [N, H, D], k/v [N, Hkv, D]: no token sees another sequence, and a
+    query sees at most `window` earlier tokens if set. FA3 runs in the graph through its own ops
+    with a fixed bound on the sequence length (an int there would recompile per packing)."""
+    left = -1 if window is None else window
+    if ATTENTION_BACKEND == "fa3":
+        from flash_attn_interface import flash_attn_varlen_func
+
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, fa3_max_seqlen, fa3_max_seqlen,
+                                     causal=True, window_size=(left, 0))
+        return out[0] if isinstance(out, tuple) else out
+    if ATTENTION_BACKEND == "varlen":
+        return flash_attn(q, k, v, cu_seqlens, max_len, left)[0]
+    return _attention_sdpa(q, k, v, cu_seqlens, window)
+
+
+def xielu(h, coeffs):
+    """f(h) = ap h^2 + bp h for h > 0, an h^2 + bn h otherwise (the square is inside f)."""
+    ap, an, bp, bn = coeffs.to(h.dtype).unbind()
+    return torch.where(h > 0, (ap * h + bp) * h, (an * h + bn) * h)
+
+
+if triton is not None:
+
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+                 triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+                 triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=4, num_stages=4)],
+        key=["N", "K"],
+    )
+    @triton.jit
+    def _xielu_linear_kernel(x_ptr, w_ptr, pre_ptr, post_ptr, c_ptr, M, N, K,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Grouped tile order (8 row-tiles per group) keeps W tiles hot in L2.
+        pid = tl.program_id(0)
+        n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = 8 * n_n
+        first_m = (pid // group) * 8
+        size_m = min(n_m - first_m, 8)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :],
+                        mask=(rm[:, None] < M) & ((k0 + rk)[None, :] < K), other=0.0)
+            b = tl.load(w_ptr + rn[None, :] * K + (k0 + rk)[:, None],
+                        mask=(rn[None, :] < N) & ((k0 + rk)[:, None] < K), other=0.0)
+            acc = tl.dot(a, b, acc)
+        ap, an = tl.load(c_ptr), tl.load(c_ptr + 1)
+        bp, bn = tl.load(c_ptr + 2), tl.load(c_ptr + 3)
+        post = tl.where(acc > 0, (ap * acc + bp) * acc, (an * acc + bn) * acc)
+        offs = rm[:, None] * N + rn[None, :]
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(pre_ptr + offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+        tl.store(post_ptr + offs, post.to(post_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("pgolf::xielu_linear", mutates_args=())
+def xielu_linear(x: torch.Tensor, w: torch.Tensor, coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up-projection and xIELU in one kernel: returns (pre, post) of shape [M, N]; pre is what
+    the backward needs for f'(h). x [M, K] and w [N, K] are bf16, coeffs fp32 [4]."""
+    x, w = x.contiguous(), w.contiguous()
+    M, K = x.shape
+    N = w.size(0)
+    pre, post = x.new_empty(M, N), x.new_empty(M, N)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _xielu_linear_kernel[grid](x, w, pre, post, coeffs.float().contiguous(), M, N, K)
+    return pre, post
+
+
+@xielu_linear.register_fake
+def _(x, w, coeffs):
+    return x.new_empty(x.size(0), w.size(0)), x.new_empty(x.size(0), w.size(0))
+
+
+def _xielu_linear_setup(ctx, inputs, output):
+    x, w, coeffs = inputs
+    ctx.save_for_backward(x, w, coeffs, output[0])
+
+
+def _xielu_linear_backward(ctx, grad_pre, grad_post):
+    x, w, coeffs, pre = ctx.saved_tensors
+    ap, an, bp, bn = coeffs.float().unbind()
+    h = pre.float()
+    pos = h > 0
+    g = grad_post.float()
+    grad_h = (g * torch.where(pos, 2 * ap * h + bp, 2 * an * h + bn)).to(x.dtype)
+    grad_x = grad_h @ w if ctx.needs_input_grad[0] else None
+    grad_w = grad_h.t() @ x if ctx.needs_input_grad[1] else None
+    grad_c = None
+    if ctx.needs_input_grad[2]:
+        gh2, gh = g * h * h, g * h
+        grad_c = torch.stack([(gh2 * pos).sum(), (gh2 * ~pos).sum(), (gh * pos).sum(), (gh * ~pos).sum()]).to(coeffs.dtype)
+    return grad_x, grad_w, grad_c
+
+
+xielu_linear.register_autograd(_xielu_linear_backward, setup_context=_xielu_linear_setup)
+
+
+def bf16_autocast(device):
+    """bf16 autocast on CUDA; CPU runs (tests, the embedded job) stay in fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def with_role(p: nn.Parameter, role: str) -> nn.Parameter:
+    """Tag a parameter with its optimizer role (see OPTIMIZER_ROLES); every parameter has one."""
+    p.role = role
+    return p
+
+
+class CastedLinear(nn.Module):
+    """y = x W^T with an fp32 master weight cast to the activation dtype (Muon's 'matrix' role)."""
+
+    def __init__(self, in_features, out_features, init="orthogonal"):
+        super().__init__()
+        w = torch.empty(out_features, in_features)
+        nn.init.orthogonal_(w) if init == "orthogonal" else nn.init.zeros_(w)
+        self.weight = with_role(nn.Parameter(w), "matrix")
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def add_lora(y, u, adapter):
+    """y + per-document low-rank update (u A^T) B^T, u [B, T, in], A [B, r, in], B [B, out, r]."""
+    if adapter is None:
+        return y
+    a, b = adapter
+    return y + torch.bmm(torch.bmm(u.to(y.dtype), a.to(y.dtype).transpose(1, 2)), b.to(y.dtype).transpose(1, 2))
+
+
+def apply_rotary(x, dims, base):
+    """Rotate the first `dims` channels of x [B, T, H, D] by absolute position (rotate-half pairs
+    (j, j+dims/2)); positions are indices in the row, which is harmless since RoPE is relative."""
+    T = x.size(1)
+    inv_freq = base ** (-torch.arange(0, dims, 2, device=x.device, dtype=torch.float32) / dims)
+    angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos()[None, :, None, :].to(x.dtype), angles.sin()[None, :, None, :].to(x.dtype)
+    a, b, rest = x[..., :dims // 2], x[..., dims // 2:dims], x[..., dims:]
+    return torch.cat([a * cos + b * sin, b * cos - a * sin, rest], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """GQA attention with QK-norm, per-head QK gain, partial (global) or full (local) RoPE,
+    sliding windows on local layers, XSA and an output gate."""
+
+    def __init__(self, h: Hyperparameters, i: int):
+        super().__init__()
+        d, self.num_heads, self.num_kv_heads = h.model_dim, h.num_heads, h.num_kv_heads
+        self.head_dim = d // h.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q, self.c_k, self.c_v = CastedLinear(d, d), CastedLinear(d, kv_dim), CastedLinear(d, kv_dim)
+        self.proj = CastedLinear(d, d, init="zeros")
+        self.q_gain = with_role(nn.Parameter(torch.full((h.num_heads,), h.layer_qk_gain(i))), "scalar")
+        self.window = h.layer_window(i)
+        # Gemma-style: global layers rotate 16 of 64 dims, local layers all of them.
+        self.rope_dims = h.global_rope_dims if self.window is None else self.head_dim
+        self.rope_base = h.rope_base
+        self.xsa = i >= h.num_layers - h.xsa_last_n
+        self.gate, self.gate_width, self.gate_scale = h.attn_gate, h.gate_width, h.sparse_attn_gate_scale
+        # FA3's static bound: no packed sequence is longer than the longest length any stage cuts at.
+        self.fa3_max_seqlen = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len, h.global_ttt_seq_len)
+        if self.gate != "none":
+            self.gate_w = with_role(nn.Parameter(torch.zeros(h.num_heads, h.gate_width)), "scalar")
+
+    def forward(self, u, x_in, cu_seqlens, max_len, lora=None):
+        B, T, _ = u.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        lq, lk, lv, lo = lora if lora is not None else (None,) * 4
+        q = add_lora(self.c_q(u), u, lq).view(B, T, H, D)
+        k = add_lora(self.c_k(u), u, lk).view(B, T, Hkv, D)
+        v = add_lora(self.c_v(u), u, lv).view(B, T, Hkv, D)
+        q, k = rms_norm(q), rms_norm(k)
+        q, k = apply_rotary(q, self.rope_dims, self.rope_base), apply_rotary(k, self.rope_dims, self.rope_base)
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        y = attention(q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D), cu_seqlens,
+                      max_len, self.window, self.fa3_max_seqlen).view(B, T, H, D)
+        if self.xsa:
+            # XSA (arXiv 2603.09078): drop the component along the token's own value vector.
+            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            y = y.view(B, T, Hkv, H // Hkv, D)
+            y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+        if self.gate == "out":
+            # AttnOutGate (PR #1667): 2*sigmoid of the pre-norm residual, identity at init.
+            y = y * (2 * torch.sigmoid(F.linear(x_in[..., :self.gate_width], self.gate_w.to(x_in.dtype))))[..., None]
+        elif self.gate == "sparse":
+            # SparseAttnGate (PR #1787): sigmoid of the normed input, 0.5 at init.
+            y = y * torch.sigmoid(self.gate_scale * F.linear(u[..., :self.gate_width], self.gate_w.to(u.dtype)))[..., None]
+        y = y.reshape(B, T, H * D)
+        return add_lora(self.proj(y), u, lo)
+
+
+class MLP(nn.Module):
+    """up -> xIELU (per-layer frozen coefficients, or LeakyReLU(0.5)^2) -> down."""
+
+    def __init__(self, h: Hyperparameters, i: int):
+        super().__init__()
+        hidden = h.mlp_mult * h.model_dim
+        self.fc, self.proj = CastedLinear(h.model_dim, hidden), CastedLinear(hidden, h.model_dim, init="zeros")
+        coeffs = torch.tensor(h.layer_xielu(i), dtype=torch.float32)
+        if h.xielu_learnable:
+            self.act_coeffs = with_role(nn.Parameter(coeffs), "scalar")
+        else:
+            self.register_buffer("act_coeffs", coeffs, persistent=False)  # rebuilt from config
+        self.fused = h.fused_mlp
+
+    def forward(self, u, lora=None):
+        if self.fused and u.is_cuda and triton is not None:
+            B, T, d = u.shape
+            dtype = torch.bfloat16
+            _, post = xielu_linear(u.reshape(B * T, d).to(dtype), self.fc.weight.to(dtype), self.act_coeffs)
+            post = post.view(B, T, -1)
+        else:
+            post = xielu(self.fc(u), self.act_coeffs)
+        return add_lora(self.proj(post), u, lora)
+
+
+class Block(nn.Module):
+    """Sequential block: x_in = m0*x + m1*x0; x += a*Attn(norm(x_in)*s); x += m*MLP(norm(x)*s),
+    with s = 1/sqrt(i+1) (LN scale, PR #315) on every loop pass."""
+
+    parallel = False
+
+    def __init__(self, h: Hyperparameters, i: int):
+        super().__init__()
+        d = h.model_dim
+        self.attn, self.mlp = CausalSelfAttention(h, i), MLP(h, i)
+        self.attn_scale = with_role(nn.Parameter(torch.ones(d)), "scalar")
+        self.mlp_scale = with_role(nn.Parameter(torch.ones(d)), "scalar")
+        self.resid_mix = with_role(nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])), "scalar")
+        self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(i + 1)), persistent=False)
+
+    def forward(self, x, x0, cu_seqlens, max_len, lora=None):
+        la, lm = (lora[:4], lora[4]) if lora is not None else (None, None)
+        x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        x = x_in + self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, x_in, cu_seqlens, max_len, la)
+        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.ln_scale, lm)
+
+
+class ParallelBlock(Block):
+    """Two-lane parallel residual (PR #1529/#1530): attention reads lane0 (mixed with x0), the MLP
+    reads lane1, both run on the same inputs and write to both lanes through learned weights."""
+
+    parallel = True
+
+    def __init__(self, h: Hyperparameters, i: int):
+        super().__init__(h, i)
+        self.resid_lambdas = with_role(nn.Parameter(torch.full((2,), 1.1)), "scalar")
+        self.post_lambdas = with_role(nn.Parameter(torch.ones(2, 2)), "scalar")
+
+    def forward(self, lanes, x0, cu_seqlens, max_len, lora=None):
+        la, lm = (lora[:4], lora[4]) if lora is not None else (None, None)
+        lane0, lane1 = lanes
+        a_in = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
+        a = self.attn_scale * self.attn(rms_norm(a_in) * self.ln_scale, a_in, cu_seqlens, max_len, la)
+        m = self.mlp_scale * self.mlp(rms_norm(lane1) * self.ln_scale, lm)
+        r, p = self.resid_lambdas, self.post_lambdas
+        return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
+
+
+def merge_skip(x, skip, weight, gate):
+    """U-Net skip: sigmoid(g)*x + (1-sigmoid(g))*w*skip, 0.5x + 0.5skip at init."""
+    return torch.lerp(weight * skip, x, torch.sigmoid(gate))
+
+
+def parcae_inject(x, x0, log_a, delta, b):
+    """Parcae constrained loop injection: x <- A*x + B*x0 with A = exp(-softplus(delta)*exp(log_a))
+    in (0, 1), so the looped map stays contractive."""
+    dt = F.softplus(delta)
+    return torch.exp(-dt * torch.exp(log_a)) * x + dt * b * x0
+
+
+def softcap_logits(z, cap):
+    return cap * torch.tanh(z / cap)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _softcap_ce_fwd_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, V, stride, cap, BLOCK: tl.constexpr):
+        # One row per program, online logsumexp over BLOCK-wide slices of bf16 logits: the fp32
+        # softcapped logits exist only in registers.
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        cols = tl.arange(0, BLOCK)
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+        s = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        for off in range(0, V, BLOCK):
+            idx = off + cols
+            z = cap * _tanh(tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32) / cap)
+            z = tl.where(idx < V, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        t = tl.load(targets_ptr + row)
+        zt = cap * _tanh(tl.load(base + tl.maximum(t, 0)).to(tl.float32) / cap)
+        tl.store(loss_ptr + row, tl.where(t >= 0, lse - zt, 0.0))
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def _softcap_ce_bwd_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, gloss_ptr, V, stride, cap,
+                               BLOCK: tl.constexpr):
+        # d loss / d logit = g (softmax(z) - onehot) (1 - tanh^2), z = cap tanh(logit / cap)
+        row = tl.program_id(0).to(tl.int64)
+        t = tl.load(targets_ptr + row)
+        g = tl.where(t >= 0, tl.load(gloss_ptr + row), 0.0)
+        lse = tl.load(lse_ptr + row)
+        cols = tl.arange(0, BLOCK)
+        for off in range(0, V, BLOCK):
+            idx = off + cols
+            th = _tanh(tl.load(logits_ptr + row * stride + idx, mask=idx < V, other=0.0).to(tl.float32) / cap)
+            d = tl.exp(cap * th - lse) - (idx == t).to(tl.float32)
+            tl.store(grad_ptr + row * stride + idx, (g * d * (1.0 - th * th)).to(grad_ptr.dtype.element_ty),
+                     mask=idx < V)
+
+
+@torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
+def softcap_ce(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row softcapped CE of bf16 logits [N, V] (0 where the target is -1) and the row logsumexp."""
+    logits = logits.contiguous()
+    n, vocab = logits.shape
+    loss, lse = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    _softcap_ce_fwd_kernel[(n,)](logits, targets, loss, lse, vocab, logits.stride(0), cap,
+                                 BLOCK=min(4096, triton.next_power_of_2(vocab)), num_warps=8)
+    return loss, lse
+
+
+@softcap_ce.register_fake
+def _(logits, targets, cap):
+    return tuple(logits.new_empty(logits.size(0), dtype=torch.float32) for _ in range(2))
+
+
+@torch.library.custom_op("pgolf::softcap_ce_backward", mutates_args=())
+def softcap_ce_backward(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                        cap: float) -> torch.Tensor:
+    grad = torch.empty_like(logits)
+    _softcap_ce_bwd_kernel[(logits.size(0),)](logits, grad, targets, lse, grad_loss.contiguous(), logits.size(1),
+                                              logits.stride(0), cap, BLOCK=min(4096, triton.next_power_of_2(
+                                                  logits.size(1))), num_warps=8)
+    return grad
+
+
+@softcap_ce_backward.register_fake
+def _(grad_loss, logits, targets, lse, cap):
+    return torch.empty_like(logits)
+
+
+def _softcap_ce_setup(ctx, inputs, output):
+    logits, targets, ctx.cap = inputs
+    ctx.save_for_backward(logits.contiguous(), targets, output[1])
+
+
+def _softcap_ce_grad(ctx, grad_loss, grad_lse):
+    logits, targets, lse = ctx.saved_tensors
+    return softcap_ce_backward(grad_loss, logits, targets, lse, ctx.cap), None, None
+
+
+softcap_ce.register_autograd(_softcap_ce_grad, setup_context=_softcap_ce_setup)
+
+
+def softcap_cross_entropy(h, weight, targets, cap, reduction="mean"):
+    """Tied-head logits, softcap, CE; targets of -1 (padding) are ignored. On CUDA in bf16 the
+    fused kernels never hold fp32 logits for the whole batch; elsewhere the fp32 reference."""
+    z = F.linear(h, weight.to(h.dtype))
+    z, targets = z.view(-1, z.size(-1)), targets.reshape(-1)
+    if z.is_cuda and z.dtype == torch.bfloat16 and triton is not None:
+        losses = softcap_ce(z, targets, float(cap))[0]
+    else:
+        losses = F.cross_entropy(softcap_logits(z.float(), cap), targets, ignore_index=-1, reduction="none")
+    return losses.sum() / (targets >= 0).sum().clamp_min(1) if reduction == "mean" else losses
+
+
+class GPT(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.h = h
+        d = h.model_dim
+        self.tok_emb = nn.Embedding(h.vocab_size, d)
+        nn.init.normal_(self.tok_emb.weight, std=0.005)
+        with_role(self.tok_emb.weight, "token")
+        if h.smear_gate:
+            self.smear_w = with_role(nn.Parameter(torch.zeros(1, h.gate_width)), "scalar")
+            self.smear_lambda = with_role(nn.Parameter(torch.zeros(1)), "scalar")
+        self.blocks = nn.ModuleList(
+            (ParallelBlock if i >= h.parallel_start_layer else Block)(h, i) for i in range(h.num_layers))
+        n_skip = max(min(len(e), len(dd)) for e, dd in (self.layer_plan(False), self.layer_plan(True)))
+        self.skip_weights = with_role(nn.Parameter(torch.ones(n_skip, d)), "scalar")
+        self.skip_gates = with_role(nn.Parameter(torch.zeros(n_skip, d)), "scalar")
+        if h.num_loops > 0 and h.parcae:
+            self.loop_log_a = with_role(nn.Parameter(torch.full((d,), -0.5)), "scalar")
+            self.loop_delta = with_role(nn.Parameter(torch.ones(d)), "scalar")
+            self.loop_b = with_role(nn.Parameter(torch.full((d,), 0.1)), "scalar")
+        self.looping = False
+        self.merge_skip, self.parcae_inject, self.loss_fn = merge_skip, parcae_inject, softcap_cross_entropy
+
+    def layer_plan(self, looping):
+        return self.h.layer_plan(looping)
+
+    def compile_regions(self):
+        """Regional compilation: one graph per distinct block shape, shared by every layer and
+        loop pass of that shape, instead of tracing the unrolled 17-pass model."""
+        import torch._functorch.config  # not imported by `import torch` on 2.11
+
+        torch._functorch.config.enable_autograd_cache = False  # segfaulted pickling entries (torch 2.11)
+        torch._dynamo.config.cache_size_limit = 64
+        torch._dynamo.config.accumulated_cache_size_limit = 512
+        for block in self.blocks:
+            block.compile(dynamic=False)
+        self.merge_skip = torch.compile(merge_skip, dynamic=False)
+        self.parcae_inject = torch.compile(parcae_inject, dynamic=False)
+        self.loss_fn = torch.compile(softcap_cross_entropy, dynamic=False)
+
+    def embed(self, ids, cu_seqlens):
+        e = self.tok_emb(ids)
+        if self.h.smear_gate:
+            # SmearGate (PR #1667): e_t += lambda*sigmoid(w.e_t[:12])*e_{t-1}, off at every sequence
+            # start of the packing. Every BOS starts one, so this contains the BOS fix (PR #1851), and
+            # it also stops leaks between sliding windows or TTT rows packed side by side.
+            gate = torch.sigmoid(F.linear(e[..., :self.h.gate_width], self.smear_w))
+            prev = F.pad(e[:, :-1], (0, 0, 1, 0))
+            starts = cu_seqlens[:-1].long()
+            keep = torch.ones(ids.numel(), device=ids.device, dtype=e.dtype)
+            keep[starts[starts < ids.numel()]] = 0
+            e = e + self.smear_lambda * gate * prev * keep.view(*ids.shape, 1)
+        return e
+
+    def hidden(self, ids, cu_seqlens, max_seqlen, lora=None):
+        """Final-normed hidden states [B, T, d]. lora, if given, maps a virtual layer slot to its
+        (q, k, v, o, mlp) adapters; training, eval and TTT all run through here."""
+        h = self.h
+        # The packing changes every batch: its length is a dynamic dim and the longest sequence a
+        # host tensor, so neither recompiles the block graphs.
+        torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+        pack = cu_seqlens, torch.tensor([max_seqlen], dtype=torch.int32)
+        x0 = rms_norm(self.embed(ids, cu_seqlens))
+        x = x0.clone()  # distinct from x0, else the first block compiles its own aliased graph
+        enc, dec = self.layer_plan(self.looping)
+        skips, lanes, loop_entries = [], None, 0
+        for slot, i in enumerate(enc + dec):
+            adapters = lora[slot] if lora is not None else None
+            if self.looping and h.num_loops > 0 and i == h.loop_start:
+                loop_entries += 1
+                if loop_entries >= 2:
+                    if loop_entries <= h.loop_trunc_bwd + 1:
+                        x = x.detach()  # truncated backward through earlier passes (PR #1728)
+                    if h.parcae:
+                        x = self.parcae_inject(x, x0, self.loop_log_a, self.loop_delta, self.loop_b)
+            block = self.blocks[i]
+            if slot < len(enc):
+                x = block(x, x0, *pack, adapters)
+                skips.append(x)
+                continue
+            k = slot - len(enc)
+            skip = skips.pop() if k < self.skip_weights.size(0) and skips else None
+            if block.parallel:
+                lane0, lane1 = lanes if lanes is not None else (x, x)
+                if skip is not None:
+                    lane0 = self.merge_skip(lane0, skip, self.skip_weights[k], self.skip_gates[k])
+                lanes = block((lane0, lane1), x0, *pack, adapters)
+            else:
+                if skip is not None:
+                    x = self.merge_skip(x, skip, self.skip_weights[k], self.skip_gates[k])
+                x = block(x, x0, *pack, adapters)
+        if lanes is not None:
+            x = 0.5 * (lanes[0] + lanes[1])
+        return rms_norm(x)
+
+    def forward(self, ids, targets, cu_seqlens, max_seqlen):
+        """Mean training loss over the packed row."""
+        return self.loss_fn(self.hidden(ids, cu_seqlens, max_seqlen), self.tok_emb.weight, targets,
+                            self.h.logit_softcap)
+
+    def head_logits(self, hid, head_lora=None):
+        """Softcapped fp32 logits of the tied head (+ a TTT adapter) for hidden states [B, T, d]."""
+        z = add_lora(F.linear(hid, self.tok_emb.weight.to(hid.dtype)), hid, head_lora)
+        return softcap_logits(z.float(), self.h.logit_softcap)
+
+    def logits(self, ids, cu_seqlens, max_seqlen, lora=None, head_lora=None):
+        """Softcapped fp32 logits [B, T, V] (eval and tests)."""
+        return self.head_logits(self.hidden(ids, cu_seqlens, max_seqlen, lora), head_lora)
+
+    def token_losses(self, ids, targets, cu_seqlens, max_seqlen):
+        """Per-token CE [B, T] in fp32 (0 where target is -1)."""
+        hid = self.hidden(ids, cu_seqlens, max_seqlen)
+        return self.loss_fn(hid, self.tok_emb.weight, targets, self.h.logit_softcap, "none").view(targets.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizers: Muon (Polar-Express / Gram Newton-Schulz, MuonEq-R) for matrices, AdamW else
+# ---------------------------------------------------------------------------------------
+
+# Polar Express coefficients (PR #1344 -> #1787), one triple per iteration.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def newton_schulz(g, steps):
+    """Approximate the orthogonal polar factor of each matrix in g [n, r, c] (bf16 iteration)."""
+    x = g.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for a, b, c in POLAR_EXPRESS[:steps]:
+        m = x @ x.mT
+        x = a * x + (b * m + c * (m @ m)) @ x
+    return x.mT if tall else x
+
+
+def gram_newton_schulz(g, steps):
+    """Same iteration in Gram form for strongly rectangular matrices (PR #1728): every product
+    is n x n with n = min(r, c); fp32, with a restart at step 2 to drop spurious negative
+    eigenvalues."""
+    x = g.float()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    eye = torch.eye(x.size(-2), device=x.device, dtype=x.dtype).expand(x.size(0), -1, -1)
+    r, q = x @ x.mT, eye
+    for i, (a, b, c) in enumerate(POLAR_EXPRESS[:steps]):
+        if i == 2:
+            x = q @ x
+            r, q = x @ x.mT, eye
+        z = a * eye + b * r + c * (r @ r)
+        q, r = q @ z, z @ r @ z
+    x = (q @ x).bfloat16()
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan) with Nesterov momentum, MuonEq-R row normalisation (PR #1217),
+    decoupled weight decay and update scale sqrt(max(1, rows/cols)). Same-shape matrices are
+    stacked so the orthogonalisation runs batched; ranks split that work and all-gather."""
+
+    def __init__(self, params, lr, momentum, weight_decay, backend_steps, gram_ratio, rank=0, world_size=1):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.backend_steps, self.gram_ratio = min(backend_steps, len(POLAR_EXPRESS)), gram_ratio
+        self.rank, self.world_size = rank, world_size
+        self.buckets = {}
+        for p in self.param_groups[0]["params"]:
+            self.buckets.setdefault(tuple(p.shape), []).append(p)
+
+    @torch.no_grad()
+    def step(self):
+        group = self.param_groups[0]
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for shape, params in self.buckets.items():
+            grads = torch.stack([p.grad for p in params])
+            state = self.state[params[0]]
+            if "momentum" not in state:
+                state["momentum"] = torch.zeros_like(grads)
+            buf = state["momentum"]
+            buf.mul_(mu).add_(grads)
+            u = grads.add(buf, alpha=mu)
+            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            per_rank = -(-len(params) // self.world_size)
+            mine = u[self.rank * per_rank:(self.rank + 1) * per_rank]
+            if mine.size(0) < per_rank:
+                mine = torch.cat([mine, mine.new_zeros(per_rank - mine.size(0), *shape)])
+            rows, cols = shape
+            ortho = gram_newton_schulz if max(rows, cols) >= self.gram_ratio * min(rows, cols) else newton_schulz
+            out = ortho(mine, self.backend_steps)
+            if self.world_size > 1:
+                gathered = [torch.empty_like(out) for _ in range(self.world_size)]
+                dist.all_gather(gathered, out.contiguous())
+                out = torch.cat(gathered)
+            out = out[:len(params)].to(params[0].dtype)
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_add_(params, list(out.unbind()), alpha=-lr * math.sqrt(max(1.0, rows / cols)))
+
+
+# Optimizer of each parameter role: matrices -> Muon, the tied embedding and every small
+# control tensor -> AdamW, each with its own lr and weight decay.
+OPTIMIZER_ROLES = {
+    "matrix": ("muon", "matrix_lr", "muon_wd"),
+    "token": ("adamw", "tied_embed_lr", "embed_wd"),
+    "scalar": ("adamw", "scalar_lr", "adam_wd"),
+}
+
+
+def build_optimizers(model: nn.Module, h: Hyperparameters, rank, world_size):
+    by_role = {role: [] for role in OPTIMIZER_ROLES}
+    for name, p in model.named_parameters():
+        role = getattr(p, "role", None)
+        if role not in by_role:
+            raise RuntimeError(f"parameter {name} has no optimizer role")
+        by_role[role].append(p)
+    muon = Muon(by_role["matrix"], h.matrix_lr, h.muon_momentum, h.muon_wd, h.muon_backend_steps,
+                h.gram_ns_ratio, rank, world_size)
+    adam_groups = [dict(params=by_role[r], lr=getattr(h, lr), base_lr=getattr(h, lr), weight_decay=getattr(h, wd))
+                   for r, (kind, lr, wd) in OPTIMIZER_ROLES.items() if kind == "adamw" and by_role[r]]
+    adamw = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps,
+                              fused=next(model.parameters()).is_cuda)
+    muon.param_groups[0]["base_lr"] = h.matrix_lr
+    return [muon, adamw]
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+
+
+def lr_multiplier(frac, h: Hyperparameters):
+    """Constant, then a linear warmdown over the last WARMDOWN_FRAC of the budget to MIN_LR."""
+    if h.warmdown_frac <= 0 or frac < 1.0 - h.warmdown_frac:
+        return 1.0
+    return max((1.0 - frac) / h.warmdown_frac, h.min_lr)
+
+
+def all_reduce_grads(params, rt: Runtime):
+    """Average gradients over ranks in one flat buffer."""
+    if not rt.distributed:
+        return
+    grads = [p.grad for p in params if p.grad is not None]  # loop params have none before looping
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    rt.all_reduce(flat)
+    flat /= rt.world_size
+    torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+class Trainer:
+    """One optimizer step = MICRO_BATCHES micro-batches split over ranks; the gradient is
+    averaged over all of them, so any world size computes the same step."""
+
+    def __init__(self, model, h: Hyperparameters, rt: Runtime):
+        self.model, self.h, self.rt = model, h, rt
+        self.params = [p for p in model.parameters()]
+        self.optimizers = build_optimizers(model, h, rt.rank, rt.world_size)
+        self.autocast = bf16_autocast(rt.device)
+
+    def step(self, loader, step, frac):
+        h = self.h
+        mult = lr_multiplier(frac, h)
+        muon = self.optimizers[0]
+        momentum_frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
+        muon.param_groups[0]["momentum"] = (1 - momentum_frac) * h.muon_momentum_warmup_start + momentum_frac * h.muon_momentum
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * mult
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for _ in range(h.grad_accum_steps):
+            x, y, cu, max_len = loader.next_batch()
+            with self.autocast:
+                loss = self.model(x, y, cu, max_len)
+            (loss / h.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        all_reduce_grads(self.params, self.rt)
+        if h.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, h.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        return self.rt.all_reduce(loss_sum) / h.micro_batches
+
+
+class EMA:
+    """fp32 exponential moving average of the parameters, updated after every step. The decay
+    ramps as min(decay, (1+t)/(10+t)): with 0.9965 from step 0, a 360-step run kept 28% of the
+    random init in the average; from step ~2560 on the ramp no longer binds."""
+
+    def __init__(self, model, decay):
+        self.params = list(model.parameters())
+        self.decay, self.updates = decay, 0
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def apply(self):
+        torch._foreach_copy_(self.params, self.shadow)
+
+
+def new_train_loader(h: Hyperparameters, rt: Runtime, train_files):
+    return DocumentPackingLoader(train_files, h.micro_tokens, h.train_seq_len, rt.rank, rt.world_size, rt.device,
+                                 h.vocab_size)
+
+
+def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
+    """WARMUP_STEPS real steps (looping off, then on) to compile every graph, then the initial
+    weights are restored (optimizers are rebuilt by the caller). Returns the seconds it took."""
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    t0 = time.perf_counter()
+    trainer, loader = Trainer(model, h, rt), new_train_loader(h, rt, train_files)
+    loop_phases = [False, True] if h.num_loops > 0 else [False]
+    loss = torch.zeros(())
+    for i in range(h.warmup_steps):
+        model.looping = loop_phases[i * len(loop_phases) // h.warmup_steps]
+        loss = trainer.step(loader, i, 0.0)
+    rt.sync()
+    seconds = time.perf_counter() - t0
+    rt.log(f"compile_warmup: {h.warmup_steps} steps ({len(loop_phases)} loop phases) in {seconds:.1f}s, "
+           f"last loss {float(loss):.4f}")
+    model.load_state_dict(initial_state)
+    model.looping = False
+    return seconds
+
+
+def gptq_reserve(model, h: Hyperparameters, rt: Runtime, train_files):
+    """Seconds kept back from training for the final GPTQ: GPTQ_RESERVE_SECONDS, or one Hessian +
+    GPTQ pass timed on the initial weights (same shapes, same cost)."""
+    reserve = h.gptq_reserve_seconds
+    if reserve < 0:
+        _, _, t_hess, t_quant = run_gptq(model, h, rt, train_files)
+        reserve = rt.all_reduce(torch.tensor(t_hess + t_quant, device=rt.device), "max").item()
+        rt.log(f"gptq:measured {reserve:.1f}s for Hessians + quantization; reserving it from the training budget")
+    return reserve
+
+
+H200_BF16_FLOPS = 790e12  # dense bf16 matmul rate measured on an H200 (8192^3 products): the MFU denominator
+
+
+def attention_pairs(cu_seqlens: np.ndarray, window) -> int:
+    """(query, key) pairs causal attention scores over packed sequences (window: earlier tokens seen)."""
+    lengths = np.diff(cu_seqlens).astype(np.int64)
+    if window is None:
+        return int((lengths * (lengths + 1) // 2).sum())
+    full = np.minimum(lengths, window + 1)
+    return int((full * (full + 1) // 2 + (lengths - full) * (window + 1)).sum())
+
+
+def flops_per_token(model, h: Hyperparameters, train_files, n_rows=8):
+    """Model FLOPs per trained token, {looping: flops}, forward + backward = 3x forward: every
+    matmul of every layer pass (loop passes included) and the tied head, plus attention's scores
+    and values (4 d per (query, key) pair) over the packing of the first train rows."""
+    stream = load_data_shard(train_files[0])[:n_rows * h.micro_tokens]
+    rows = [packed_cu_seqlens(stream[i:i + h.micro_tokens], h.train_seq_len)
+            for i in range(0, len(stream) - h.micro_tokens + 1, h.micro_tokens)]
+    per_layer = [(sum(p.numel() for p in b.parameters() if getattr(p, "role", "") == "matrix"),
+                  sum(attention_pairs(cu, b.attn.window) for cu in rows) / max(sum(int(cu[-1]) for cu in rows), 1))
+                 for b in model.blocks]
+    out = {}
+    for looping in (False, True):
+        passes = sum(h.layer_plan(looping), [])
+        matmul = sum(per_layer[i][0] for i in passes) + h.vocab_size * h.model_dim
+        out[looping] = 3 * (2 * matmul + 4 * h.model_dim * sum(per_layer[i][1] for i in passes))
+    return out
+
+
+def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s):
+    """BENCH_STEPS steady-state steps with looping off, then on (after the compile warm-up): speed,
+    model FLOPs, MFU and memory; no GPTQ, no evaluation."""
+    trainer, loader = Trainer(model, h, rt), new_train_loader(h, rt, train_files)
+    flops = flops_per_token(model, h, train_files)
+    for looping in [False, True] if h.num_loops > 0 else [False]:
+        model.looping = looping
+        trainer.step(loader, 0, 0.0)
+        rt.sync()
+        t0 = time.perf_counter()
+        for i in range(h.bench_steps):
+            trainer.step(loader, i, 0.0)
+        rt.sync()
+        seconds = float(rt.all_reduce(torch.tensor(time.perf_counter() - t0, device=rt.device), "max"))
+        tok_s = h.bench_steps * h.train_batch_tokens / seconds
+        achieved = tok_s / rt.world_size * flops[looping]
+        rt.log(f"bench: looping:{int(looping)} steps:{h.bench_steps} ms/step:{1000 * seconds / h.bench_steps:.2f} "
+               f"tok/s:{tok_s:.0f} tok/s/gpu:{tok_s / rt.world_size:.0f} flops/token:{flops[looping]:.4g} "
+               f"TFLOP/s/gpu:{achieved / 1e12:.1f} mfu:{100 * achieved / H200_BF16_FLOPS:.1f}%")
+    peak = torch.cuda.max_memory_allocated() // 2**20 if rt.device.type == "cuda" else 0
+    rt.log(f"bench: compile_warmup_s:{compile_s:.1f} peak_mem_mib:{peak} world_size:{rt.world_size} "
+           f"micro_tokens:{h.micro_tokens} attention_backend:{ATTENTION_BACKEND}")
+
+
+def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet, budget_s):
+    """Train until ITERATIONS, or until the next step would overrun the wallclock budget
+    (seconds, 0 = none), predicted from the last step's duration."""
+    trainer, loader, ema = Trainer(model, h, rt), new_train_loader(h, rt, train_files), EMA(model, h.ema_decay)
+    flops = flops_per_token(model, h, train_files)
+    rt.log(f"flops_per_token: {flops[False]:.4g} ({flops[True]:.4g} looping); mfu against {H200_BF16_FLOPS / 1e12:.0f} "
+           f"TFLOP/s per GPU")
+    budget_ms = 1000.0 * budget_s
+    train_ms, step, t_start = 0.0, 0, time.perf_counter()
+    logged = (0, 0.0)  # (step, train_ms) of the last log line: MFU over the interval since
+    while step < h.iterations:
+        frac = step / h.iterations
+        if budget_ms > 0:
+            frac = max(frac, train_ms / budget_ms)
+        if h.num_loops > 0 and not model.looping and frac >= h.enable_looping_at:
+            model.looping = True
+            enc, dec = model.layer_plan(True)
+            rt.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{enc} decoder:{dec}")
+        loss = trainer.step(loader, step, frac)
+        ema.update()
+        step += 1
+        rt.sync()
+        elapsed = torch.tensor(1000.0 * (time.perf_counter() - t_start), device=rt.device)
+        previous_ms, train_ms = train_ms, float(rt.all_reduce(elapsed, "max"))  # ranks agree on the clock
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"non-finite train loss {loss_value} at step {step}; stopping")
+        if step <= 5 or step % h.train_log_every == 0:
+            tok_s = step * h.train_batch_tokens / (train_ms / 1000.0)
+            recent = (step - logged[0]) * h.train_batch_tokens / max(train_ms - logged[1], 1e-6) * 1000.0
+            mfu = recent / rt.world_size * flops[model.looping] / H200_BF16_FLOPS
+            left_ms = budget_ms - train_ms if budget_ms > 0 else float("inf")
+            eta_s = min(left_ms, (h.iterations - step) * train_ms / step) / 1000.0
+            rt.log(f"{step}/{h.iterations} train_loss: {loss_value:.4f} train_time: {train_ms / 60000:.1f}m "
+                   f"step_avg: {train_ms / step:.2f}ms tok/s: {tok_s:.0f} mfu: {100 * mfu:.1f}% eta: {eta_s:.0f}s")
+            logged = (step, train_ms)
+        if h.val_loss_every > 0 and step % h.val_loss_every == 0:
+            t_val = time.perf_counter()
+            vl, vb, _ = eval_val(model, h, rt, val)
+            rt.log(f"{step}/{h.iterations} val_loss: {vl:.4f} val_bpb: {vb:.4f}")
+            t_start += time.perf_counter() - t_val  # validation time is not training time
+        if budget_ms > 0 and train_ms + (train_ms - previous_ms) > budget_ms:
+            rt.log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{h.iterations}")
+            break
+    rt.log(f"training: {step} steps in {train_ms / 1000:.1f}s, step_avg: {train_ms / max(step, 1):.2f}ms, "
+           f"tok/s: {step * h.train_batch_tokens / max(train_ms / 1000, 1e-9):.0f}")
+    if rt.device.type == "cuda":
+        rt.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+               f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    rt.log("ema:applying EMA weights")
+    ema.apply()
+    return step, train_ms
+
+
+# ---------------------------------------------------------------------------------------
+# Quantization and packing: Hessians on train data, GPTQ + SDClip, LQER, brotli container
+# ---------------------------------------------------------------------------------------
+
+SUBMISSION_CAP_BYTES = 16_000_000
+ARTIFACT_MAGIC = b"PGQ2"
+CODE_WRAPPER_MARKER = b"# pgolf self-extracting wrapper"
+
+
+def quant_plan(name, numel, h: Hyperparameters):
+    """How a state tensor is stored: ('gptq', bits, clip_sigmas), ('int8row',) or ('fp16',)."""
+    if name == "tok_emb.weight":
+        return "gptq", h.embed_bits, h.embed_clip_sigmas
+    if name.endswith((".c_q.weight", ".c_k.weight", ".c_v.weight", "attn.proj.weight")):
+        return "gptq", h.matrix_bits, h.attn_clip_sigmas
+    if name.endswith(("mlp.fc.weight", "mlp.proj.weight")):
+        return "gptq", h.matrix_bits, h.mlp_clip_sigmas
+    if name.endswith(("gate_w", "smear_w")):
+        return ("int8row",)  # gate matrices are too small for GPTQ, too sensitive for int6
+    return ("fp16",)
+
+
+@torch.no_grad()
+def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
+    """H = sum X^T X / n over GPTQ_CALIBRATION_TOKENS train tokens (never validation data) for
+    every GPTQ matrix, from the eager eval forward with looping on: each loop pass adds its
+    inputs. q/k/v share the attention input; the tied embedding uses the final-norm output."""
+    sums, counts, hooks = {}, {}, []
+
+    def accumulate(key, x):
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        with torch.autocast(x.device.type, enabled=False):  # the forward runs under bf16 autocast
+            if key not in sums:
+                sums[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
+            sums[key].addmm_(x.t(), x)
+        counts[key] = counts.get(key, 0) + x.size(0)
+
+    for i, block in enumerate(model.blocks):
+        p = f"blocks.{i}."
+        hooks += [block.attn.register_forward_pre_hook(lambda m, a, k=p + "attn.in": accumulate(k, a[0])),
+                  block.attn.proj.register_forward_pre_hook(lambda m, a, k=p + "attn.proj.weight": accumulate(k, a[0])),
+                  block.mlp.register_forward_pre_hook(lambda m, a, k=p + "mlp.fc.weight": accumulate(k, a[0])),
+                  block.mlp.proj.register_forward_pre_hook(lambda m, a, k=p + "mlp.proj.weight": accumulate(k, a[0]))]
+    was_looping, model.looping = model.looping, h.num_loops > 0
+    local = min(h.micro_tokens, h.gptq_calibration_tokens // rt.world_size)
+    loader = DocumentPackingLoader(train_files, local, h.train_seq_len, rt.rank, rt.world_size, rt.device, h.vocab_size)
+    autocast = bf16_autocast(rt.device)
+    try:
+        with torch.compiler.set_stance("force_eager"), autocast:
+            for _ in range(max(1, h.gptq_calibration_tokens // (local * rt.world_size))):
+                x, _, cu, max_len = loader.next_batch()
+                accumulate("tok_emb.weight", model.hidden(x, cu, max_len))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.looping = was_looping
+    hessians = {}
+    for key, s in sums.items():
+        rt.all_reduce(s)
+        if not torch.isfinite(s).all():
+            raise FloatingPointError(f"GPTQ: non-finite Hessian for {key} (the model's activations overflowed)")
+        n = torch.tensor(float(counts[key]), device=s.device)
+        s /= rt.all_reduce(n)
+        if key.endswith("attn.in"):
+            for proj in ("c_q", "c_k", "c_v"):
+                hessians[key.replace("attn.in", f"attn.{proj}.weight")] = s
+        else:
+            hessians[key] = s
+    return hessians
+
+
+def fp16_scale(s):
+    """Scales as stored (fp16), floored after the cast: a floor below fp16's range rounds to 0,
+    and an all-zero row (every zero-initialised projection) would then divide 0 by 0."""
+    return s.half().clamp_min(torch.finfo(torch.float16).tiny)
+
+
+def damped_cholesky(m, upper=False):
+    """Batched Cholesky that adds 10x more diagonal damping (from 1e-6 of the mean diagonal) to
+    the matrices that fail; one that still fails at ~1e3x falls back to its diagonal (GPTQ then
+    reduces to rounding with error feedback), with a warning, instead of aborting the artifact."""
+    jitter = 1e-6 * m.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(1e-12)
+    eye = torch.eye(m.size(-1), device=m.device, dtype=m.dtype)
+    for _ in range(11):
+        factor, info = torch.linalg.cholesky_ex(m, upper=upper)
+        if not info.any():
+            return factor
+        bad = (info > 0).to(m.dtype)[:, None, None]
+        m = m + bad * jitter[:, None, None] * eye
+        jitter = jitter * 10
+    print(f"warning: GPTQ Cholesky failed for {int(bad.sum())} matrices; using their diagonal", file=sys.stderr)
+    m = torch.where(bad > 0, torch.diag_embed(m.diagonal(dim1=-2, dim2=-1)), m)
+    return torch.linalg.cholesky(m, upper=upper)
+
+
+def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01):
+    """Full-Hessian GPTQ (PR #1019/#1060) with act-order and SDClip row scales (PR #1394):
+    s_r = k*std(W_r)/(2^(bits-1)-1), no clip search. Batched over a leading dim: w [n, r, c],
+    hessian [n, c, c] (inputs along c). Returns int8 codes [n, r, c] and fp16 scales [n, r]."""
+    w, hessian = w.float().clone(), hessian.float().clone()
+    n, r, c = w.shape
+    top = 2 ** (bits - 1) - 1
+    scale = fp16_scale(clip_sigmas * w.std(dim=-1) / top)
+    s = scale.float()
+    diag = hessian.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)
+    w.masked_fill_(dead[:, None, :], 0.0)
+    diag.add_(damp * diag.mean(-1, keepdim=True))
+    perm = torch.argsort(diag, dim=-1, descending=True)  # act-order: most informative columns first
+    w = torch.gather(w, 2, perm[:, None, :].expand(n, r, c))
+    hessian = torch.gather(torch.gather(hessian, 1, perm[:, :, None].expand(n, c, c)), 2, perm[:, None, :].expand(n, c, c))
+    u = damped_cholesky(torch.cholesky_inverse(damped_cholesky(hessian)), upper=True)
+    codes = torch.empty_like(w)
+    for b0 in range(0, c, block_size):
+        b1 = min(b0 + block_size, c)
+        wb, err = w[:, :, b0:b1].clone(), torch.empty(n, r, b1 - b0, device=w.device)
+        for j in range(b1 - b0):
+            q = torch.clamp(torch.round(wb[:, :, j] / s), -top, top)
+            codes[:, :, b0 + j] = q
+            err[:, :, j] = (wb[:, :, j] - q * s) / u[:, b0 + j, b0 + j, None]
+            wb[:, :, j:] -= err[:, :, j, None] * u[:, None, b0 + j, b0 + j:b1]
+        w[:, :, b1:] -= err @ u[:, b0:b1, b1:]
+    codes = torch.gather(codes, 2, torch.argsort(perm, dim=-1)[:, None, :].expand(n, r, c))
+    return codes.to(torch.int8), scale
+
+
+LQER_A_GRID = torch.linspace(0.3, 1.2, 31)  # candidate A scales, in units of max|A column|/1.5
+
+
+def lqer_factors(err, hessian, rank, group):
+    """LQER asymmetric (PR #1797 storage): E ~ (qA sA)(qB sB) with A 2-bit (one scale per column,
+    best of a grid) and B int4 (one scale per `group` consecutive values), fitted in the layer's
+    output metric tr((E - AB) H (E - AB)^T): B from the SVD of E L (H = L L^T, lightly damped),
+    then A refitted by least squares in H for the quantized B. GPTQ leaves its error where H is
+    small, so the SPEC's SVD of E alone spends the factors there: on synthetic GPTQ tensors it
+    raised this error by ~20%, where this form lowers it by 9-18% (rank 4)."""
+    h = hessian.double()
+    eye = torch.eye(h.size(0), dtype=h.dtype, device=h.device)
+    chol = torch.linalg.cholesky(h + 1e-4 * h.diagonal().mean().clamp_min(1e-12) * eye)
+    _, _, vt = torch.linalg.svd(err.double() @ chol, full_matrices=False)
+    b = torch.linalg.solve_triangular(chol.T, vt[:rank].T, upper=True).T  # V^T L^-1, scales as H^-1/2
+    b = (b / b.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)).float()  # unit rows: fp16 scales in range
+    groups = b.reshape(-1, group)
+    b_scale = fp16_scale(groups.abs().amax(dim=1) / 7.5)
+    qb = torch.clamp(torch.round(groups / b_scale.float()[:, None]), -8, 7).to(torch.int8).view_as(b)
+    bq = lqer_b(qb, b_scale, group).double()
+    a = (err.double() @ h @ bq.T @ torch.linalg.pinv(bq @ h @ bq.T, hermitian=True)).float()
+    scales = fp16_scale(a.abs().amax(dim=0)[None] / 1.5 * LQER_A_GRID.to(a.device)[:, None]).float()  # (grid, rank)
+    codes = torch.clamp(torch.round(a[None] / scales[:, None]), -2, 1)
+    best = ((codes * scales[:, None] - a[None]) ** 2).sum(1).argmin(0)  # per column
+    cols = torch.arange(rank, device=a.device)
+    return codes[best, :, cols].T.to(torch.int8), scales[best, cols].half(), qb, b_scale
+
+
+def lqer_b(qb, b_scale, group):
+    return (qb.float().reshape(-1, group) * b_scale.float()[:, None]).view(qb.shape)
+
+
+def lqer_product(qa, a_scale, qb, b_scale, group):
+    return (qa.float() * a_scale.float()) @ lqer_b(qb, b_scale, group)
+
+
+def run_gptq(model, h: Hyperparameters, rt: Runtime, train_files):
+    """(Hessians, quantized contents, Hessian seconds, quantization seconds), in true fp32 matmul
+    precision: with TF32 on, X^T X is not positive definite enough for the Cholesky."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        t0 = time.perf_counter()
+        hessians = collect_hessians(model, h, rt, train_files)
+        rt.sync()
+        t1 = time.perf_counter()
+        qstate = quantize_state(model.state_dict(), hessians, h)
+        rt.sync()
+        return hessians, qstate, t1 - t0, time.perf_counter() - t1
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def quantize_state(state, hessians, h: Hyperparameters):
+    """Quantized artifact contents {name: {kind, arrays...}}; same-shape GPTQ tensors of one
+    role are quantized in one batched call."""
+    out, batches = {}, {}
+    for name, t in state.items():
+        plan = quant_plan(name, t.numel(), h)
+        if plan[0] == "gptq":
+            role = name.split(".")[-2] if name != "tok_emb.weight" else name
+            batches.setdefault((role, tuple(t.shape), plan[1:]), []).append(name)
+        elif plan[0] == "int8row":
+            t2 = t.float().reshape(t.size(0), -1)
+            scale = fp16_scale(t2.abs().amax(dim=1) / 127)
+            codes = torch.clamp(torch.round(t2 / scale.float()[:, None]), -127, 127).to(torch.int8)
+            out[name] = dict(kind="int8row", codes=codes.view(t.shape), scale=scale)
+        else:
+            out[name] = dict(kind="fp16", value=t.half())
+    errors = {}
+    for (role, shape, (bits, sigmas)), names in batches.items():
+        w = torch.stack([state[nm].float() for nm in names])
+        codes, scale = gptq_quantize(w, torch.stack([hessians[nm] for nm in names]), bits, sigmas,
+                                     h.gptq_block_size, h.gptq_damp)
+        for nm, q, s, wi in zip(names, codes, scale, w):
+            out[nm] = dict(kind="gptq", bits=bits, codes=q, scale=s)
+            errors[nm] = wi - q.float() * s.float()[:, None]
+    if h.lqer_enabled:
+        for nm, e in errors.items():
+            e[:, hessians[nm].diagonal() == 0] = 0  # dead inputs: GPTQ zeroed W there, the output never sees it
+        for nm in sorted(errors, key=lambda k: -errors[k].norm().item())[:h.lqer_top_k]:
+            factors = lqer_factors(errors[nm], hessians[nm], h.lqer_rank, h.lqer_group)
+            rest = errors[nm] - lqer_product(*factors, h.lqer_group)
+            if output_error(rest, hessians[nm]) < output_error(errors[nm], hessians[nm]):
+                out[nm]["lqer"] = factors
+    return out
+
+
+def output_error(err, hessian):
+    """tr(E H E^T): the squared output error of a linear layer's weight error on its inputs."""
+    return torch.einsum("rc,cd,rd->", err.double(), hessian.double(), err.double()).item()
+
+
+def dequantize_state(qstate, like, group):
+    """Float state dict from the artifact contents, dtypes taken from `like`."""
+    state = {}
+    for name, e in qstate.items():
+        if e["kind"] == "fp16":
+            w = e["value"].float()
+        else:
+            w = e["codes"].float().reshape(e["codes"].size(0), -1) * e["scale"].float()[:, None]
+            if "lqer" in e:
+                w = w + lqer_product(*e["lqer"], group).to(w.device)
+        state[name] = w.view(like[name].shape).to(like[name].dtype)
+    return state
+
+
+def _shuffle_bytes(b: bytes, stride: int) -> bytes:
+    """Group byte k of every stride-wide element together (better for brotli on fp16)."""
+    return b"".join(b[i::stride] for i in range(stride))
+
+
+def _unshuffle_bytes(b: bytes, stride: int) -> bytes:
+    arr = np.frombuffer(b, dtype=np.uint8)
+    return arr.reshape(stride, -1).T.tobytes()
+
+
+# Static rANS for the large code arrays: brotli codes i.i.d. int6 symbols about 1% above their
+# entropy, rANS with exact per-tensor frequencies about 0.1%.
+RANS_PROB_BITS = 15  # frequencies of one table sum to 2**15
+RANS_LANES = 2048  # interleaved states: each numpy step codes 2048 symbols; 8 KB of final states
+RANS_MIN_VALUES = 16384  # smaller arrays go to brotli: their frequency table would cost more than it saves
+RANS_LOW = 1 << 16  # states live in [2**16, 2**32) and move 16-bit words in and out
+# (changing any of these changes the artifact format: change ARTIFACT_MAGIC with them)
+
+
+def rans_frequencies(symbols: np.ndarray) -> np.ndarray:
+    """Counts of the byte values in `symbols` scaled to sum to 2**RANS_PROB_BITS, every present
+    value at least 1; the rounding remainder goes to the most frequent value."""
+    counts = np.bincount(symbols, minlength=256).astype(np.int64)
+    freqs = np.where(counts > 0, np.maximum(1, (counts << RANS_PROB_BITS) // max(counts.sum(), 1)), 0)
+    freqs[np.argmax(counts)] += (1 << RANS_PROB_BITS) - freqs.sum()
+    return freqs
+
+
+def _rans_lookup(freqs: np.ndarray):
+    """(frequency, cumulative frequency) keyed by table * 256 + symbol; one extra table gives
+    symbol 0 all the probability, so padding symbols leave the states unchanged."""
+    identity = np.zeros((1, 256), np.int64)
+    identity[0, 0] = 1 << RANS_PROB_BITS
+    freqs = np.concatenate([freqs.reshape(-1, 256).astype(np.int64), identity])
+    return freqs.ravel().astype(np.uint64), (np.cumsum(freqs, axis=1) - freqs).ravel().astype(np.uint64)
+
+
+def _rans_steps(table_ids: np.ndarray, n_tables: int) -> np.ndarray:
+    """Table id of every symbol, padded to whole steps of RANS_LANES with the identity table."""
+    steps = -(-len(table_ids) // RANS_LANES)
+    ids = np.full(steps * RANS_LANES, n_tables, np.int64)
+    ids[:len(table_ids)] = table_ids
+    return ids.reshape(steps, RANS_LANES)
+
+
+def rans_encode(symbols: np.ndarray, table_ids: np.ndarray, freqs: np.ndarray):
+    """Symbol i (uint8) is coded by lane i % RANS_LANES with frequency table table_ids[i].
+    Returns (final states <u4, words <u2); the decoder reads the words front to back."""
+    f_of, c_of = _rans_lookup(freqs)
+    keys = _rans_steps(table_ids, len(freqs)) * 256
+    keys.reshape(-1)[:len(symbols)] += symbols
+    x, chunks = np.full(RANS_LANES, RANS_LOW, np.uint64), []
+    for key in keys[::-1]:  # last in, first out: encode backwards so decoding runs forwards
+        f, c = f_of[key], c_of[key]
+        full = x >= f << np.uint64(32 - RANS_PROB_BITS)
+        chunks.append(x[full] & np.uint64(0xFFFF))
+        x[full] >>= np.uint64(16)
+        x = ((x // f) << np.uint64(RANS_PROB_BITS)) + x % f + c
+    words = np.concatenate(chunks[::-1]) if chunks else np.zeros(0, np.uint64)
+    return x.astype("<u4"), words.astype("<u2")
+
+
+def rans_decode(states: np.ndarray, words: np.ndarray, table_ids: np.ndarray, freqs: np.ndarray) -> np.ndarray:
+    """Inverse of rans_encode. A stream that does not end in the initial states with every word
+    read is corrupt."""
+    f_of, c_of = _rans_lookup(freqs)
+    slot_symbol = np.repeat(np.tile(np.arange(256, dtype=np.int64), len(freqs) + 1), f_of.astype(np.int64))
+    steps = _rans_steps(table_ids, len(freqs))
+    x, words, pos = states.astype(np.uint64), words.astype(np.uint64), 0
+    out = np.empty(steps.shape, np.uint8)
+    for t, ids in enumerate(steps):
+        slot = x & np.uint64((1 << RANS_PROB_BITS) - 1)
+        key = ids * 256 + slot_symbol[(ids << RANS_PROB_BITS) + slot.astype(np.int64)]
+        x = f_of[key] * (x >> np.uint64(RANS_PROB_BITS)) + slot - c_of[key]
+        low = x < np.uint64(RANS_LOW)
+        n = int(np.count_nonzero(low))
+        if pos + n > len(words):
+            raise ValueError("corrupt rANS stream: it ends early")
+        x[low] = (x[low] << np.uint64(16)) | words[pos:pos + n]
+        pos += n
+        out[t] = key & 255
+    if pos != len(words) or (x != RANS_LOW).any():
+        raise ValueError("corrupt rANS stream: it does not end where it began")
+    return out.reshape(-1)[:len(table_ids)]
+
+
+def pack_artifact(qstate) -> bytes:
+    """Container: magic, stream count, stream lengths (u32), streams. Brotli streams: a JSON
+    manifest, all fp16 data (byte-shuffled), the small code arrays, and the rANS frequency
+    tables (per table: first symbol, count, frequencies; u16). Last, raw: the rANS states and
+    words of every code array of >= RANS_MIN_VALUES values (symbol = code + 128), one table each.
+    No pickled objects."""
+    import brotli
+
+    manifest, halves, small, large = [], [], [], []
+
+    def add_half(t):
+        halves.append(t.detach().cpu().contiguous().view(torch.int16).numpy().tobytes())
+        return list(t.shape)
+
+    def add_codes(t):
+        codes = t.detach().cpu().contiguous().numpy().reshape(-1)
+        (large if codes.size >= RANS_MIN_VALUES else small).append(codes)
+        return list(t.shape)
+
+    for name, e in qstate.items():
+        if e["kind"] == "fp16":
+            manifest.append(dict(name=name, kind="fp16", shape=add_half(e["value"])))
+            continue
+        entry = dict(name=name, kind=e["kind"], bits=e.get("bits", 8), shape=add_codes(e["codes"]),
+                     scale=add_half(e["scale"]))
+        if "lqer" in e:
+            qa, sa, qb, sb = e["lqer"]
+            entry["lqer"] = [add_codes(qa), add_half(sa), add_codes(qb), add_half(sb)]
+        manifest.append(entry)
+    symbols = [(c.astype(np.int16) + 128).astype(np.uint8) for c in large]
+    freqs = np.stack([rans_frequencies(s) for s in symbols]) if symbols else np.zeros((0, 256), np.int64)
+    tables = []
+    for f in freqs:
+        present = np.flatnonzero(f)
+        lo, hi = present[0], present[-1]
+        tables += [lo, hi - lo + 1, *f[lo:hi + 1]]
+    table_ids = np.repeat(np.arange(len(symbols)), [s.size for s in symbols])
+    states, words = rans_encode(np.concatenate(symbols or [np.zeros(0, np.uint8)]), table_ids, freqs)
+    streams = [brotli.compress(b, quality=11, lgwin=24) for b in (
+        json.dumps(manifest, separators=(",", ":")).encode(), _shuffle_bytes(b"".join(halves), 2),
+        b"".join(c.tobytes() for c in small), np.array(tables, "<u2").tobytes())]
+    streams.append(states.tobytes() + words.tobytes() if symbols else b"")
+    return ARTIFACT_MAGIC + struct.pack(f"<I{len(streams)}I", len(streams), *map(len, streams)) + b"".join(streams)
+
+
+def unpack_artifact(blob: bytes):
+    """Inverse of pack_artifact: the artifact contents on the CPU."""
+    import brotli
+
+    if blob[:4] != ARTIFACT_MAGIC:
+        raise ValueError(f"not a quantized artifact (magic {blob[:4]!r}, expected {ARTIFACT_MAGIC!r})")
+    count = struct.unpack_from("<I", blob, 4)[0] if len(blob) >= 28 else 0
+    lengths = struct.unpack_from("<5I", blob, 8) if count == 5 else ()
+    if not lengths or sum(lengths) + 28 != len(blob):
+        raise ValueError(f"damaged artifact: {len(blob)} bytes do not match its header")
+    pos, streams = 28, []
+    for n in lengths:
+        streams.append(blob[pos:pos + n])
+        pos += n
+    manifest, halves, small, tables = (brotli.decompress(s) for s in streams[:4])
+    manifest = json.loads(manifest)
+    halves = np.frombuffer(_unshuffle_bytes(halves, 2), dtype=np.float16)
+    small, tables = np.frombuffer(small, dtype=np.int8), np.frombuffer(tables, dtype="<u2").astype(np.int64)
+    sizes = [math.prod(s) for m in manifest if m["kind"] != "fp16" for s in [m["shape"], *m.get("lqer", [])[::2]]]
+    large = [n for n in sizes if n >= RANS_MIN_VALUES]  # in pack_artifact's order
+    freqs, t = np.zeros((len(large), 256), np.int64), 0
+    for f in freqs:
+        lo, n = tables[t:t + 2]
+        f[lo:lo + n], t = tables[t + 2:t + 2 + n], t + 2 + n
+    if t != len(tables) or (freqs.sum(1) != 1 << RANS_PROB_BITS).any() or (len(streams[4]) > 0) != bool(large):
+        raise ValueError("damaged artifact: the rANS tables or stream do not match the manifest")
+    large_codes = iter(())
+    if large:
+        states = np.frombuffer(streams[4][:4 * RANS_LANES], dtype="<u4")
+        words = np.frombuffer(streams[4][4 * RANS_LANES:], dtype="<u2")
+        symbols = rans_decode(states, words, np.repeat(np.arange(len(large)), large), freqs)
+        large_codes = iter(np.split((symbols.astype(np.int16) - 128).astype(np.int8), np.cumsum(large)[:-1]))
+    half_pos = small_pos = 0
+
+    def take_half(shape):
+        nonlocal half_pos
+        n = math.prod(shape)
+        t = torch.from_numpy(halves[half_pos:half_pos + n].copy()).view(shape)
+        half_pos += n
+        return t
+
+    def take_codes(shape):
+        nonlocal small_pos
+        n = math.prod(shape)
+        if n >= RANS_MIN_VALUES:
+            return torch.from_numpy(next(large_codes).copy()).view(shape)
+        small_pos += n
+        return torch.from_numpy(small[small_pos - n:small_pos].copy()).view(shape)
+
+    qstate = {}
+    for m in manifest:
+        if m["kind"] == "fp16":
+            qstate[m["name"]] = dict(kind="fp16", value=take_half(m["shape"]))
+            continue
+        e = dict(kind=m["kind"], bits=m["bits"], codes=take_codes(m["shape"]), scale=take_half(m["scale"]))
+        if "lqer" in m:
+            qa, sa, qb, sb = m["lqer"]
+            e["lqer"] = (take_codes(qa), take_half(sa), take_codes(qb), take_half(sb))
+        qstate[m["name"]] = e
+    if half_pos != len(halves) or small_pos != len(small):
+        raise ValueError("damaged artifact: the fp16 or small-code streams do not match the manifest")
+    return qstate
+
+
+def build_code_wrapper(source: bytes) -> bytes:
+    """Self-extracting form of the script (LZMA + base85 in a short stub), the way records count
+    code bytes. The stub writes the source to a temp file before running it, because Triton
+    reads kernel source from the file."""
+    payload = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)).decode()
+    return (CODE_WRAPPER_MARKER + b"\nimport base64,lzma,os,runpy,sys,tempfile\n"
+            b"p=os.path.join(tempfile.mkdtemp(),'train_gpt.py')\n"
+            b"open(p,'wb').write(lzma.decompress(base64.b85decode('" + payload.encode() + b"')))\n"
+            b"sys.argv[0]=p;runpy.run_path(p,run_name='__main__')\n")
+
+
+def counted_code_bytes(path) -> tuple[int, int]:
+    """(raw bytes of the running file, bytes the submission counts): a wrapper counts as is,
+    plain source as the wrapper built from it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    return len(raw), len(raw) if raw.startswith(CODE_WRAPPER_MARKER) else len(build_code_wrapper(raw))
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation: document-aware windows (plain and sliding) and phased TTT
+# ---------------------------------------------------------------------------------------
+
+
+def document_spans(tokens: np.ndarray):
+    """(start, n_targets) per document: inputs tokens[s:s+n], targets tokens[s+1:s+n+1]. A
+    document's last target is the next document's BOS (0 bytes; its loss counts, as in LEAD)."""
+    starts = np.union1d([0], np.flatnonzero(tokens == BOS_ID))
+    ends = np.append(starts[1:], len(tokens) - 1)
+    return [(int(s), int(e - s)) for s, e in zip(starts, ends) if e > s]
+
+
+def scoring_windows(spans, seq_len, stride):
+    """(input start, length, first scored offset) windows in which every target is scored
+    exactly once with up to seq_len tokens of context from its own document; after the first
+    window of a long document, each window scores only its last `stride` targets."""
+    windows = []
+    for s, n in spans:
+        windows.append((s, min(n, seq_len), 0))
+        end = seq_len
+        while end < n:
+            new_end = min(end + stride, n)
+            windows.append((s + new_end - seq_len, seq_len, seq_len - (new_end - end)))
+            end = new_end
+    return windows
+
+
+def pack_rows(windows, row_tokens):
+    """Greedy packing of whole windows into rows of row_tokens (a fixed shape for the graphs)."""
+    rows, cur, used = [], [], 0
+    for w in windows:
+        if used + w[1] > row_tokens:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append(w)
+        used += w[1]
+    return rows + [cur] if cur else rows
+
+
+def build_row(val: ValSet, row, row_tokens):
+    """Inputs, targets (-1 = not scored here), their bytes and cu_seqlens for one packed row of
+    windows; the unused tail is one padding sequence."""
+    x = np.zeros(row_tokens, dtype=np.int64)
+    y = np.full(row_tokens, -1, dtype=np.int64)
+    b = np.zeros(row_tokens, dtype=np.int64)
+    starts, pos = [], 0
+    for ws, n, first in row:
+        x[pos:pos + n] = val.tokens[ws:ws + n]
+        y[pos + first:pos + n] = val.tokens[ws + first + 1:ws + n + 1]
+        b[pos + first:pos + n] = val.target_bytes[ws + first + 1:ws + n + 1]
+        starts.append(pos)
+        pos += n
+    if pos < row_tokens:
+        starts.append(pos)
+    return x, y, b, np.array(starts + [row_tokens], dtype=np.int32)
+
+
+@torch.no_grad()
+def eval_windows(model, h: Hyperparameters, rt: Runtime, val: ValSet, windows, split_ranks=True):
+    """Sum of (loss nats, scored targets, bytes) over the windows; rows are split over ranks
+    unless this rank owns the windows. Not reduced over ranks."""
+    was_looping, model.looping = model.looping, h.num_loops > 0
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    rows = pack_rows(windows, h.val_batch_tokens)
+    autocast = bf16_autocast(rt.device)
+    for row in rows[rt.rank::rt.world_size] if split_ranks else rows:
+        x, y, b, cu = build_row(val, row, h.val_batch_tokens)
+        max_len = int(np.diff(cu).max())
+        x, y, b, cu = (to_device(a, rt.device) for a in (x, y, b, cu))
+        with autocast:
+            losses = model.token_losses(x.view(1, -1), y.view(1, -1), cu, max_len).view(-1)
+        valid = y >= 0
+        sums += torch.stack([losses[valid].double().sum(), valid.sum().double(), b.sum().double()])
+    model.looping = was_looping
+    return sums
+
+
+def summarize(sums, rt: Runtime):
+    """(val_loss nats/token, val_bpb, scored targets) from summed (loss, targets, bytes)."""
+    loss, count, nbytes = rt.all_reduce(sums.clone()).tolist()
+    return loss / count, loss / (math.log(2) * nbytes), int(count)
+
+
+def eval_val(model, h: Hyperparameters, rt: Runtime, val: ValSet, stride=None):
+    """Score every val target once in EVAL_SEQ_LEN windows that never cross a BOS, with a stride
+    of `stride` (sliding) or EVAL_SEQ_LEN (disjoint). Returns (val_loss, val_bpb, targets)."""
+    windows = scoring_windows(document_spans(val.tokens), h.eval_seq_len, stride or h.eval_seq_len)
+    return summarize(eval_windows(model, h, rt, val, windows), rt)
+
+
+class LoRABank(nn.Module):
+    """Per-document LoRA adapters for q, k, v, o and mlp of every virtual layer slot plus the
+    tied head (PR #1530), stacked over the documents of a TTT batch. Output scale alpha/rank."""
+
+    def __init__(self, n_docs, n_slots, h: Hyperparameters):
+        super().__init__()
+        d, r = h.model_dim, h.ttt_lora_rank
+        kv = h.num_kv_heads * (d // h.num_heads)
+        self.n_docs, self.scale = n_docs, h.ttt_lora_alpha / r
+        shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, d)] * n_slots + [(d, h.vocab_size)]  # (in, out)
+        self.a = nn.ParameterList(nn.Parameter(torch.empty(n_docs, r, i)) for i, _ in shapes)
+        self.b = nn.ParameterList(nn.Parameter(torch.zeros(n_docs, o, r)) for _, o in shapes)
+        self.reset(warm_a=False)
+
+    @torch.no_grad()
+    def reset(self, warm_a):
+        """B = 0 (no change to the model); A re-drawn unless warm-started (PR #1767)."""
+        for a, b in zip(self.a, self.b):
+            b.zero_()
+            if not warm_a:
+                a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5)
+
+    def select(self, idx):
+        """(per-slot (q, k, v, o, mlp) adapters, head adapter) of the documents idx."""
+        pairs = [(a[idx], b[idx] * self.scale) for a, b in zip(self.a, self.b)]
+        return [tuple(pairs[5 * s:5 * s + 5]) for s in range(len(pairs) // 5)], pairs[-1]
+
+
+def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums):
+    """Score-first LoRA TTT over one batch of documents, chunk by chunk: chunk ci of every
+    document is scored with adapters trained on that document's chunks < ci only, then (if not
+    its last chunk) the adapters take one step on it."""
+    C, W = h.ttt_chunk_size, h.ttt_eval_seq_len
+    device = sums.device
+    n_chunks = [-(-n // C) for _, n in batch]
+    for ci in range(max(n_chunks)):
+        active = [b for b in range(len(batch)) if ci < n_chunks[b]]
+        ends = [min((ci + 1) * C, batch[b][1]) for b in active]
+        w0s = [max(0, e - W) for e in ends]
+        T = -(-max(e - w0 for e, w0 in zip(ends, w0s)) // 64) * 64  # fewer distinct shapes
+        x = np.zeros((len(active), T), dtype=np.int64)
+        y = np.zeros((len(active), T), dtype=np.int64)
+        pos = np.zeros((len(active), C), dtype=np.int64)
+        nbytes = np.zeros((len(active), C), dtype=np.int64)
+        valid = np.zeros((len(active), C), dtype=bool)
+        for row, (b, e, w0) in enumerate(zip(active, ends, w0s)):
+            s = batch[b][0]
+            x[row, :e - w0], y[row, :e - w0] = val.tokens[s + w0:s + e], val.tokens[s + w0 + 1:s + e + 1]
+            k = e - ci * C
+            pos[row, :k], valid[row, :k] = np.arange(ci * C - w0, e - w0), True
+            nbytes[row, :k] = val.target_bytes[s + ci * C + 1:s + e + 1]
+        x, y, pos, nbytes, valid = (to_device(a, device) for a in (x, y, pos, nbytes, valid))
+        cu = torch.arange(len(active) + 1, device=device, dtype=torch.int32) * T
+        lora, head = bank.select(torch.tensor(active, device=device))
+        rows = torch.arange(len(active), device=device)[:, None]
+        with bf16_autocast(device):
+            hid = model.hidden(x, cu, T, lora)[rows, pos]
+            logits = model.head_logits(hid, head)
+        tgt = y[rows, pos]
+        ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none").view_as(tgt)
+        with torch.no_grad():
+            sums += torch.stack([ce[valid].double().sum(), valid.sum().double(), nbytes.sum().double()])
+        train = torch.tensor([ci < n_chunks[b] - 1 for b in active], device=device)
+        if train.any():
+            per_doc = (ce * valid).sum(1) / valid.sum(1)
+            per_doc[train].sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
+    """Phase step of phased TTT (PR #1610/#1626): SGD on all base weights over already-scored
+    documents, GLOBAL_TTT_CHUNK_TOKENS per step split over ranks, cosine LR per chunk,
+    sequences cut at every BOS; the final partial chunk is dropped."""
+    chunk = h.global_ttt_chunk_tokens
+    per_rank, n = chunk // rt.world_size, (len(stream) - 1) // chunk
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
+    autocast = bf16_autocast(rt.device)
+    for _ in range(h.global_ttt_epochs):
+        for ci in range(n):
+            for g in opt.param_groups:
+                g["lr"] = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n - 1, 1)))
+            piece = stream[ci * chunk + rt.rank * per_rank:ci * chunk + (rt.rank + 1) * per_rank + 1].astype(np.int64)
+            cu = packed_cu_seqlens(piece[:-1], h.global_ttt_seq_len)
+            x, y, cu_t = (to_device(a, rt.device) for a in (piece[:-1], piece[1:], cu))
+            with autocast:
+                loss = model(x.view(1, -1), y.view(1, -1), cu_t, int(np.diff(cu).max()))
+            loss.backward()
+            all_reduce_grads(params, rt)
+            torch.nn.utils.clip_grad_norm_(params, h.global_ttt_grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for p in params:
+        p.requires_grad_(False)
+
+
+def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline):
+    """Phased TTT (LEAD, SPEC 5.3). Documents up to TTT_MAX_DOC_TOKENS targets, longest first, in
+    batches dealt round-robin to ranks, get per-document LoRA TTT; after the first b_k documents
+    are scored (b_k = PREFIX*k/PHASES) the base model takes a global SGD pass over exactly those.
+    Longer documents, and every batch not started before the deadline, are scored by sliding
+    windows on the adapted base model at the end: every target is still scored exactly once."""
+    model.looping = h.num_loops > 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    spans = document_spans(val.tokens)
+    docs = sorted((sp for sp in spans if sp[1] <= h.ttt_max_doc_tokens), key=lambda sp: (-sp[1], sp[0]))
+    leftover = [sp for i, sp in enumerate(sp for sp in spans if sp[1] > h.ttt_max_doc_tokens)
+                if i % rt.world_size == rt.rank]
+    batches = [docs[i:i + h.ttt_batch_size] for i in range(0, len(docs), h.ttt_batch_size)]
+    prefix = min(h.phased_ttt_prefix_docs, len(docs))
+    # Distinct, non-empty prefixes: with fewer documents than phases some would repeat or be 0.
+    boundaries = sorted({prefix * k // h.phased_ttt_num_phases for k in range(1, h.phased_ttt_num_phases + 1)} - {0})
+    rt.log(f"ttt_phased: total_docs:{len(spans)} ttt_docs:{len(docs)} long_docs_sliding:{len(spans) - len(docs)} "
+           f"prefix_docs:{prefix} num_phases:{h.phased_ttt_num_phases} boundaries:{boundaries}")
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    bank, phase, done, t0, stopped = None, 0, 0, time.perf_counter(), False
+    n_slots = len(sum(model.layer_plan(model.looping), []))
+    for bi, batch in enumerate(batches):
+        if bi % rt.world_size == rt.rank:
+            if stopped or time.perf_counter() > deadline:
+                stopped = True
+                leftover += batch
+            else:
+                if bank is None or bank.n_docs != len(batch):
+                    bank = LoRABank(len(batch), n_slots, h).to(rt.device)
+                else:
+                    bank.reset(h.ttt_warm_start_a)
+                opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
+                                        weight_decay=h.ttt_weight_decay)
+                ttt_batch(model, batch, val, bank, opt, h, sums)
+        done += len(batch)
+        if bi % 10 == 0 or bi == len(batches) - 1:
+            rt.log(f"ttp: b{bi + 1}/{len(batches)} docs:{done} dl:{batch[-1][1]}-{batch[0][1]} t:{time.perf_counter() - t0:.1f}s")
+        while phase < len(boundaries) and done >= boundaries[phase]:
+            if not rt.any_rank(time.perf_counter() > deadline):
+                t1 = time.perf_counter()
+                stream = np.concatenate([val.tokens[s:s + n] for s, n in docs[:boundaries[phase]]])
+                global_sgd(model, stream, h, rt)
+                bank = None  # fresh adapters on the adapted base
+                rt.log(f"ttpp: phase:{phase + 1}/{len(boundaries)} pd:{done} gd:{boundaries[phase]} "
+                       f"sgd:{time.perf_counter() - t1:.1f}s t:{time.perf_counter() - t0:.1f}s")
+            else:
+                rt.log(f"ttpp: phase:{phase + 1}/{len(boundaries)} skipped: eval budget spent")
+            phase += 1
+    n_late = len(leftover)
+    windows = scoring_windows(sorted(leftover), h.eval_seq_len, h.eval_stride)
+    sums += eval_windows(model, h, rt, val, windows, split_ranks=False)
+    rt.log(f"ttt_leftover: {n_late} documents scored by sliding windows (too long, or past the deadline: "
+           f"{'yes' if stopped else 'no'})")
+    return summarize(sums, rt)
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+
+
+class ArtifactTooLarge(RuntimeError):
+    pass
+
+
+def timed_eval(label, fn, rt: Runtime):
+    """Run an eval returning (val_loss, val_bpb, scored targets) and log it in the records' format."""
+    rt.sync()
+    t0 = time.perf_counter()
+    val_loss, val_bpb, scored = fn()
+    rt.sync()
+    rt.log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms "
+           f"scored_targets:{scored}")
+    return val_loss, val_bpb
+
+
+def quantize_model(model, h: Hyperparameters, rt: Runtime, train_files, train_ms):
+    """Hessians + GPTQ on the EMA weights; their time counts against the training cap."""
+    hessians, qstate, t_hess, t_quant = run_gptq(model, h, rt, train_files)
+    rt.log(f"GPTQ:collected {len(hessians)} Hessians in {t_hess:.1f}s, quantized in {t_quant:.1f}s; "
+           f"training + GPTQ = {train_ms / 1000 + t_hess + t_quant:.1f}s (cap {h.max_wallclock_seconds:.0f}s)")
+    kinds = {}
+    for name, e in qstate.items():
+        key = f"{e['kind']}{e.get('bits', '')}" + ("+lqer" if "lqer" in e else "")
+        kinds.setdefault(key, []).append(name)
+    rt.log("Quantized weights:")
+    for key, names in sorted(kinds.items()):
+        rt.log(f"  {key}: {len(names)} tensors, {sum(qstate[n].get('codes', qstate[n].get('value')).numel() for n in names)} values")
+    return qstate
+
+
+def write_artifact(qstate, h: Hyperparameters, rt: Runtime):
+    """Rank 0 packs and writes the artifact, logs exact sizes and enforces the 16 MB cap."""
+    if rt.master:
+        t0 = time.perf_counter()
+        blob = pack_artifact(qstate)
+        with open(h.artifact_path, "wb") as f:
+            f.write(blob)
+        model_bytes = os.path.getsize(h.artifact_path)
+        raw_code, code = counted_code_bytes(os.path.abspath(sys.argv[0]))
+        total = model_bytes + code
+        rt.log(f"Serialized model quantized+brotli: {model_bytes} bytes ({h.artifact_path}, "
+               f"compressed in {time.perf_counter() - t0:.1f}s)")
+        rt.log(f"Code size (uncompressed): {raw_code} bytes")
+        rt.log(f"Code size (compressed): {code} bytes")
+        rt.log(f"Total submission size quantized+brotli: {total} bytes")
+        over = total > SUBMISSION_CAP_BYTES
+        if over:
+            rt.log(f"!!! OVER THE CAP: {total} bytes > {SUBMISSION_CAP_BYTES} by {total - SUBMISSION_CAP_BYTES} bytes !!!")
+    else:
+        over = False
+    if rt.any_rank(over) and not h.allow_over_cap:
+        raise ArtifactTooLarge(f"submission exceeds {SUBMISSION_CAP_BYTES} bytes (set ALLOW_OVER_CAP=1 for research runs)")
+
+
+def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet):
+    """The scored evaluation, timed from reading the artifact: the quantized model (diagnostic),
+    then the score. Without TTT the score is the sliding-window eval. With TTT, phased TTT gets
+    EVAL_BUDGET_SECONDS and the sliding-window diagnostic runs after it, on a fresh copy (TTT
+    adapts the base weights), only if it is predicted to end within the budget: on FineWeb it
+    would otherwise take ~100 s from TTT."""
+    rt.sync()
+    t0 = time.perf_counter()
+    model = load_artifact_model(h, rt, use_compile)
+    t1 = time.perf_counter()
+    timed_eval("diagnostic quantized", lambda: eval_val(model, h, rt, val), rt)
+    disjoint_s = time.perf_counter() - t1
+
+    def sliding(m):
+        timed_eval("diagnostic quantized_sliding_window", lambda: eval_val(m, h, rt, val, stride=h.eval_stride), rt)
+
+    if not h.ttt_enabled:
+        if h.sliding_eval:
+            sliding(model)
+    else:
+        # Leave 5% of the budget for scoring what TTT could not reach by sliding windows.
+        deadline = t0 + 0.95 * h.eval_budget_seconds
+        # Eager: TTT shapes change every chunk (documents x window length); the compiled graphs
+        # are static and would recompile.
+        with torch.compiler.set_stance("force_eager"):
+            timed_eval("quantized_ttt_phased", lambda: phased_ttt(model, h, rt, val, deadline), rt)
+        if h.sliding_eval:
+            # Sliding windows do about eval_seq_len/stride times the disjoint eval's work (an estimate).
+            predicted = disjoint_s * h.eval_seq_len / h.eval_stride
+            if rt.any_rank(time.perf_counter() + predicted > t0 + h.eval_budget_seconds):
+                rt.log(f"diagnostic quantized_sliding_window skipped: predicted {predicted:.0f}s would end past "
+                       f"EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f}")
+            else:
+                del model  # the TTT-adapted weights
+                sliding(load_artifact_model(h, rt, use_compile))
+    rt.log(f"total_eval_time:{time.perf_counter() - t0:.1f}s")
+    if rt.device.type == "cuda":
+        rt.log(f"peak memory allocated (whole run): {torch.cuda.max_memory_allocated() // 2**20} MiB")
+
+
+def load_artifact_model(h: Hyperparameters, rt: Runtime, use_compile):
+    """A fresh model built from the artifact file alone: unpack, dequantize, load strictly."""
+    if rt.distributed:
+        dist.barrier()
+    t0 = time.perf_counter()
+    with open(h.artifact_path, "rb") as f:
+        qstate = unpack_artifact(f.read())
+    model = GPT(h)
+    model.load_state_dict(dequantize_state(qstate, model.state_dict(), h.lqer_group), strict=True)
+    model = model.to(rt.device)
+    if use_compile:
+        model.compile_regions()
+    rt.log(f"artifact:loaded {h.artifact_path} into a fresh model in {time.perf_counter() - t0:.1f}s")
+    return model
+
+
+def main():
+    global ATTENTION_BACKEND
+    try:
+        h = Hyperparameters.from_env()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    rt = Runtime(h)
+    try:
+        ATTENTION_BACKEND = pick_attention_backend(h.attn_backend, rt.device)
+        use_compile = h.compile and rt.device.type == "cuda"
+        rt.log("hyperparameters:")
+        for f in fields(h):
+            rt.log(f"  {f.name}: {getattr(h, f.name)}")
+        with open(__file__, encoding="utf-8") as src:
+            rt.log(src.read(), console=False)
+        torch.manual_seed(h.seed)
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside GPTQ
+        train_files = shard_files(h.data_path, "train")
+        val = load_val_set(h, load_tokenizer_luts(h))
+        rt.log(f"device: {rt.device} world_size: {rt.world_size} grad_accum_steps: {h.grad_accum_steps} "
+               f"attention_backend: {ATTENTION_BACKEND} compile: {use_compile} "
+               f"fused_mlp: {h.fused_mlp and rt.device.type == 'cuda' and triton is not None}")
+        rt.log(f"train_shards: {len(train_files)} val_tokens: {len(val.tokens)} val_bytes: {val.target_bytes.sum()} "
+               f"({'CaseOps sidecar' if h.caseops_enabled else 'LUT accounting'})")
+        model = GPT(h).to(rt.device)  # built on the CPU first: identical init on every rank
+        rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+        if use_compile:
+            model.compile_regions()
+        compile_s = compile_warmup(model, h, rt, train_files)
+        if h.bench_steps > 0:
+            return benchmark(model, h, rt, train_files, compile_s)
+        reserve = gptq_reserve(model, h, rt, train_files)
+        budget_s = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
+        if h.max_wallclock_seconds > 0 and budget_s <= 0:  # 0 would read as "no cap"
+            raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: nothing left after the "
+                              f"{reserve:.1f}s GPTQ reserve")
+        rt.log(f"gptq:reserving {reserve:.1f}s, training budget {budget_s:.1f}s")
+        _, train_ms = train_model(model, h, rt, train_files, val, budget_s)
+        qstate = quantize_model(model, h, rt, train_files, train_ms)
+        timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, h, rt, val), rt)
+        write_artifact(qstate, h, rt)
+        del model, qstate
+        evaluate_artifact(h, rt, use_compile, val)
+    except ConfigError as e:
+        rt.log(f"config error: {e}")
+        sys.exit(2)
+    except ArtifactTooLarge as e:
+        rt.log(f"ERROR: {e}")
+        sys.exit(3)
+    finally:
+        rt.close()
+
+
+if __name__ == "__main__":
+    main()
