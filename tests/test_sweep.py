@@ -333,7 +333,7 @@ def test_a_real_tiny_run_fills_the_table_from_its_log(tmp_path):
     r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (row,) = read_csv(tmp_path)
-    log = (out / "out" / f"{row['run_id']}.txt").read_text()
+    log = (out / "logs" / f"{row['run_id']}.txt").read_text()  # the run's log: hyperparameters first
     assert "matrix_lr: 0.03" in log and "warmdown_frac: 0.5" in log and f"run_id: {row['run_id']}" in log
     assert row["status"] == "ok" and row["steps"] == "2" and row["final_bpb"] == row["quantized_bpb"] != ""
     assert "diagnostic quantized val_loss:" in log and f"val_bpb:{row['quantized_bpb']}" in log
