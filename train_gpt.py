@@ -1375,7 +1375,7 @@ def gptq_reserve(model, h: Hyperparameters, rt: Runtime, train_files):
     if reserve < 0:
         _, _, t_hess, t_quant = run_gptq(model, h, rt, train_files)
         reserve = rt.all_reduce(torch.tensor(t_hess + t_quant, device=rt.device), "max").item()
-        rt.log(f"gptq:measured {reserve:.1f}s for Hessians + quantization; reserving it from the training budget")
+        rt.log(f"gptq:measured {reserve:.3f}s for Hessians + quantization; reserving it from the training budget")
     return reserve
 
 
@@ -2381,7 +2381,7 @@ def main():
         if h.max_wallclock_seconds > 0 and budget_s <= 0:  # 0 would read as "no cap"
             raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: nothing left after the "
                               f"{reserve:.1f}s GPTQ reserve")
-        rt.log(f"gptq:reserving {reserve:.1f}s, training budget {budget_s:.1f}s")
+        rt.log(f"gptq:reserving {reserve:.3f}s, training budget {budget_s:.3f}s")
         _, train_ms = train_model(model, h, rt, train_files, val, budget_s)
         qstate = quantize_model(model, h, rt, train_files, train_ms)
         timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, h, rt, val), rt)
