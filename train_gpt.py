@@ -10,7 +10,9 @@ import base64
 import difflib
 import functools
 import glob
+import hashlib
 import inspect
+import io
 import json
 import lzma
 import math
@@ -88,6 +90,8 @@ class Hyperparameters:
     val_loss_every: int = 0
     eval_seq_len: int = 4096
     val_batch_tokens: int = 262144
+    checkpoint_every: str = ""  # N steps, or Ns of training time; "" = no checkpoints
+    resume: str = ""  # a checkpoint to continue from
     # model shape
     num_layers: int = 11
     model_dim: int = 512
@@ -262,6 +266,9 @@ class Hyperparameters:
             need(0 <= self.loop_start <= self.loop_end < self.num_layers, "LOOP_START",
                  f"need 0 <= LOOP_START <= LOOP_END={self.loop_end} < NUM_LAYERS")
             need(self.loop_end < self.parallel_start_layer, "LOOP_END", "the loop must lie below PARALLEL_START_LAYER")
+        every = self.checkpoint_every.removesuffix("s")
+        need(not self.checkpoint_every or every.isdecimal() and int(every) > 0, "CHECKPOINT_EVERY",
+             "expected a positive step count (1000) or seconds of training (600s)")
         need(0.0 <= self.warmdown_frac <= 1.0, "WARMDOWN_FRAC", "must lie in [0, 1]")
         for looping in (False, True):  # parallel lanes are a decoder feature
             need(all(i < self.parallel_start_layer for i in self.layer_plan(looping)[0]), "PARALLEL_START_LAYER",
@@ -426,7 +433,7 @@ class DocumentPackingLoader:
     def __init__(self, files, local_tokens, seq_len, rank, world_size, device, vocab_size=None):
         self.files, self.local, self.seq_len = files, local_tokens, seq_len
         self.rank, self.world_size, self.device, self.vocab_size = rank, world_size, device, vocab_size
-        self.file_idx, self.buf, self.pos = 0, self._load(0), 0
+        self.file_idx, self.buf, self.pos, self.taken = 0, self._load(0), 0, 0
 
     def _load(self, i):
         """Shard i, checked against the vocabulary here rather than as a device assert mid-run."""
@@ -442,7 +449,16 @@ class DocumentPackingLoader:
             self.pos = 0
         out = self.buf[self.pos:self.pos + n]
         self.pos += n
+        self.taken += n
         return out
+
+    def seek(self, taken):
+        """Continue after `taken` tokens of the stream (the shards in a cycle), as if they had been read."""
+        ends = np.cumsum([len(load_data_shard(f, mmap=True)) for f in self.files])
+        pos = taken % int(ends[-1])
+        self.file_idx = int(np.searchsorted(ends, pos, side="right"))
+        self.buf, self.pos = self._load(self.file_idx), pos - (int(ends[self.file_idx - 1]) if self.file_idx else 0)
+        self.taken = taken
 
     def next_batch(self):
         """(inputs [1, T], targets [1, T], cu_seqlens, longest sequence) for this rank."""
@@ -1433,7 +1449,75 @@ def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s):
            f"micro_tokens:{h.micro_tokens} attention_backend:{ATTENTION_BACKEND}")
 
 
-def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet, budget_s):
+CHECKPOINT_MAGIC = b"PGCK"
+
+
+def checkpoint_due(h: Hyperparameters, step, train_ms, saved_ms):
+    """CHECKPOINT_EVERY: every N steps, or every N seconds of training time since the last one."""
+    every = h.checkpoint_every
+    if every.endswith("s"):
+        return train_ms - saved_ms >= 1000 * int(every[:-1])
+    return bool(every) and step % int(every) == 0
+
+
+def save_checkpoint(h: Hyperparameters, rt: Runtime, step, train_ms, model, trainer, loader, ema):
+    """Rank 0 writes all the next step depends on to LOG_DIR/RUN_ID.ckpt: a temp file, then
+    os.replace, so a crash mid-write leaves the previous checkpoint; a length + sha256 footer
+    lets RESUME refuse a truncated or corrupt file. Gradients are all-reduced, so every rank
+    holds these same states, and each rank's loader position follows from the shared stream's."""
+    if not rt.master:
+        return
+    t0, path = time.perf_counter(), os.path.join(h.log_dir, f"{h.run_id}.ckpt")
+    state = dict(step=step, train_ms=train_ms, looping=model.looping, stream_pos=loader.taken,
+                 model=model.state_dict(), optimizers=[o.state_dict() for o in trainer.optimizers],
+                 ema_shadow=ema.shadow, ema_updates=ema.updates, rng_cpu=torch.get_rng_state(),
+                 rng_cuda=torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
+                 hparams={f.name: getattr(h, f.name) for f in fields(h)})
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getbuffer()
+    with open(path + ".tmp", "wb") as f:
+        f.write(payload)
+        f.write(struct.pack("<Q", len(payload)) + hashlib.sha256(payload).digest() + CHECKPOINT_MAGIC)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    rt.log(f"checkpoint: step {step} train_time {train_ms:.0f}ms -> {path} ({len(payload) + 44} bytes, "
+           f"{time.perf_counter() - t0:.1f}s)")
+
+
+def load_checkpoint(path):
+    """A checkpoint's contents, read whole and checked against its length + sha256 footer first:
+    a truncated or corrupt file is refused before anything is loaded."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    n = struct.unpack("<Q", blob[-44:-36])[0] if len(blob) >= 44 and blob[-4:] == CHECKPOINT_MAGIC else -1
+    if n != len(blob) - 44 or hashlib.sha256(blob[:n]).digest() != blob[-36:-4]:
+        raise DataError(f"RESUME={path}: truncated or corrupt checkpoint ({len(blob)} bytes, its length + sha256 "
+                        f"footer does not match); nothing was loaded")
+    return torch.load(io.BytesIO(blob[:n]), map_location="cpu", weights_only=True)
+
+
+def restore_checkpoint(ck, h: Hyperparameters, rt: Runtime, model, trainer, loader, ema):
+    """Every rank takes the checkpoint's states; returns (step, train_ms) to continue from."""
+    model.load_state_dict(ck["model"])
+    for opt, state in zip(trainer.optimizers, ck["optimizers"]):
+        opt.load_state_dict(state)
+    torch._foreach_copy_(ema.shadow, [t.to(rt.device) for t in ck["ema_shadow"]])
+    ema.updates, model.looping = ck["ema_updates"], ck["looping"]
+    loader.seek(ck["stream_pos"])
+    torch.set_rng_state(ck["rng_cpu"])
+    if ck["rng_cuda"] is not None and rt.device.type == "cuda":
+        torch.cuda.set_rng_state(ck["rng_cuda"], rt.device)
+    old = ck["hparams"]
+    changed = [f"{k}={old[k]}->{getattr(h, k)}" for k in old if hasattr(h, k) and getattr(h, k) != old[k]
+               and k not in ("run_id", "resume", "artifact_path")]
+    rt.log(f"resume: {h.resume} (run {old['run_id']}) at step {ck['step']}, train_time {ck['train_ms']:.0f}ms; "
+           f"settings changed since: {' '.join(changed) or 'none'}")
+    return ck["step"], ck["train_ms"]
+
+
+def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet, budget_s, ckpt=None):
     """Train until ITERATIONS, or until the next step would overrun the wallclock budget
     (seconds, 0 = none), predicted from the last step's duration."""
     trainer, loader, ema = Trainer(model, h, rt), new_train_loader(h, rt, train_files), EMA(model, h.ema_decay)
@@ -1442,7 +1526,10 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
            f"TFLOP/s per GPU")
     budget_ms = 1000.0 * budget_s
     train_ms, step, t_start = 0.0, 0, time.perf_counter()
-    logged = (0, 0.0)  # (step, train_ms) of the last log line: MFU over the interval since
+    if ckpt is not None:
+        step, train_ms = restore_checkpoint(ckpt, h, rt, model, trainer, loader, ema)
+        t_start -= train_ms / 1000.0
+    logged, saved_ms = (step, train_ms), train_ms  # (step, train_ms) of the last log line: MFU over the interval since
     while step < h.iterations:
         frac = step / h.iterations
         if budget_ms > 0:
@@ -1474,7 +1561,11 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
             vl, vb, _ = eval_val(model, h, rt, val)
             rt.log(f"{step}/{h.iterations} val_loss: {vl:.4f} val_bpb: {vb:.4f}")
             t_start += time.perf_counter() - t_val  # validation time is not training time
-        if budget_ms > 0 and train_ms + (train_ms - previous_ms) > budget_ms:
+        stop = budget_ms > 0 and train_ms + (train_ms - previous_ms) > budget_ms
+        if checkpoint_due(h, step, train_ms, saved_ms) or h.checkpoint_every and (stop or step == h.iterations):
+            save_checkpoint(h, rt, step, train_ms, model, trainer, loader, ema)  # its time counts as training
+            saved_ms = train_ms
+        if stop:
             rt.log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{h.iterations}")
             break
     rt.log(f"training: {step} steps in {train_ms / 1000:.1f}s, step_avg: {train_ms / max(step, 1):.2f}ms, "
@@ -2355,6 +2446,7 @@ def main():
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside GPTQ
         if rt.master:
             check_writable(h.artifact_path)
+        ckpt = load_checkpoint(h.resume) if h.resume else None  # refused here, not after compiling
         train_files = shard_files(h.data_path, "train")
         sp = load_tokenizer(h)
         val = load_val_set(h, build_sentencepiece_luts(sp, h.vocab_size))
@@ -2382,7 +2474,7 @@ def main():
             raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: nothing left after the "
                               f"{reserve:.1f}s GPTQ reserve")
         rt.log(f"gptq:reserving {reserve:.3f}s, training budget {budget_s:.3f}s")
-        _, train_ms = train_model(model, h, rt, train_files, val, budget_s)
+        _, train_ms = train_model(model, h, rt, train_files, val, budget_s, ckpt)
         qstate = quantize_model(model, h, rt, train_files, train_ms)
         timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, h, rt, val), rt)
         write_artifact(qstate, h, rt)
