@@ -2054,6 +2054,12 @@ def scoring_windows(spans, seq_len, stride):
     return windows
 
 
+def window_tokens(n, seq_len, stride):
+    """Input tokens in the scoring windows of a document of n targets (scoring_windows): the work
+    of scoring it, n with disjoint windows, up to ~n*seq_len/stride with sliding ones."""
+    return min(n, seq_len) + seq_len * max(0, -(-(n - seq_len) // stride))
+
+
 def pack_rows(windows, row_tokens):
     """Greedy packing of whole windows into rows of row_tokens (a fixed shape for the graphs)."""
     rows, cur, used = [], [], 0
@@ -2216,12 +2222,15 @@ def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
         p.requires_grad_(False)
 
 
-def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline):
+def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, token_s=0.0):
     """Phased TTT (LEAD, SPEC 5.3). Documents up to TTT_MAX_DOC_TOKENS targets, longest first, in
     batches dealt round-robin to ranks, get per-document LoRA TTT; after the first b_k documents
     are scored (b_k = PREFIX*k/PHASES) the base model takes a global SGD pass over exactly those.
-    Longer documents, and every batch not started before the deadline, are scored by sliding
-    windows on the adapted base model at the end: every target is still scored exactly once."""
+    Longer documents, and every batch not started in time, are scored by windows on the adapted
+    base model at the end: every target is still scored exactly once. A batch or phase starts only
+    if it and then disjoint windows (the cheapest legal scoring) over this rank's unscored documents
+    are predicted to end by the deadline, at token_s seconds per window token (measured by the
+    disjoint eval); the leftovers get sliding windows if those are predicted to fit."""
     model.looping = h.num_loops > 0
     for p in model.parameters():
         p.requires_grad_(False)
@@ -2235,14 +2244,23 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline):
     boundaries = sorted({prefix * k // h.phased_ttt_num_phases for k in range(1, h.phased_ttt_num_phases + 1)} - {0})
     rt.log(f"ttt_phased: total_docs:{len(spans)} ttt_docs:{len(docs)} long_docs_sliding:{len(spans) - len(docs)} "
            f"prefix_docs:{prefix} num_phases:{h.phased_ttt_num_phases} boundaries:{boundaries}")
+    # Targets of this rank's later batches after batch bi, and of its documents left to the windows.
+    mine = [sum(n for _, n in b) if bi % rt.world_size == rt.rank else 0 for bi, b in enumerate(batches)]
+    after, left = np.cumsum([0] + mine[:0:-1])[::-1], sum(n for _, n in leftover)
+    # First estimates (forward + backward ~ 3 forwards), then the measured durations.
+    batch_s = 3 * token_s * sum(window_tokens(n, h.ttt_eval_seq_len, h.ttt_chunk_size) for _, n in batches[0]) \
+        if batches else 0.0
+    sgd_token_s = 3 * token_s
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     bank, phase, done, t0, stopped = None, 0, 0, time.perf_counter(), False
     n_slots = len(sum(model.layer_plan(model.looping), []))
     for bi, batch in enumerate(batches):
         if bi % rt.world_size == rt.rank:
-            if stopped or time.perf_counter() > deadline:
+            t1 = time.perf_counter()
+            if stopped or t1 + batch_s + token_s * (after[bi] + left) > deadline:
                 stopped = True
                 leftover += batch
+                left += mine[bi]
             else:
                 if bank is None or bank.n_docs != len(batch):
                     bank = LoRABank(len(batch), n_slots, h).to(rt.device)
@@ -2251,25 +2269,29 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline):
                 opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
                                         weight_decay=h.ttt_weight_decay)
                 ttt_batch(model, batch, val, bank, opt, h, sums)
+                batch_s = time.perf_counter() - t1  # longest first: the next batch costs at most this
         done += len(batch)
         if bi % 10 == 0 or bi == len(batches) - 1:
             rt.log(f"ttp: b{bi + 1}/{len(batches)} docs:{done} dl:{batch[-1][1]}-{batch[0][1]} t:{time.perf_counter() - t0:.1f}s")
         while phase < len(boundaries) and done >= boundaries[phase]:
-            if not rt.any_rank(time.perf_counter() > deadline):
-                t1 = time.perf_counter()
-                stream = np.concatenate([val.tokens[s:s + n] for s, n in docs[:boundaries[phase]]])
+            stream = np.concatenate([val.tokens[s:s + n] for s, n in docs[:boundaries[phase]]])
+            t1 = time.perf_counter()
+            # A stopped batch left documents of this prefix unscored: SGD on them would see them first.
+            if not rt.any_rank(stopped or t1 + sgd_token_s * len(stream) + token_s * (after[bi] + left) > deadline):
                 global_sgd(model, stream, h, rt)
+                sgd_token_s = (time.perf_counter() - t1) / len(stream)
                 bank = None  # fresh adapters on the adapted base
                 rt.log(f"ttpp: phase:{phase + 1}/{len(boundaries)} pd:{done} gd:{boundaries[phase]} "
                        f"sgd:{time.perf_counter() - t1:.1f}s t:{time.perf_counter() - t0:.1f}s")
             else:
                 rt.log(f"ttpp: phase:{phase + 1}/{len(boundaries)} skipped: eval budget spent")
             phase += 1
-    n_late = len(leftover)
-    windows = scoring_windows(sorted(leftover), h.eval_seq_len, h.eval_stride)
-    sums += eval_windows(model, h, rt, val, windows, split_ranks=False)
-    rt.log(f"ttt_leftover: {n_late} documents scored by sliding windows (too long, or past the deadline: "
-           f"{'yes' if stopped else 'no'})")
+    leftover.sort()
+    sliding_s = token_s * sum(window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in leftover)
+    stride = h.eval_stride if time.perf_counter() + sliding_s <= deadline else h.eval_seq_len
+    sums += eval_windows(model, h, rt, val, scoring_windows(leftover, h.eval_seq_len, stride), split_ranks=False)
+    rt.log(f"ttt_leftover: {len(leftover)} documents scored by {'sliding' if stride < h.eval_seq_len else 'disjoint'} "
+           f"windows (too long, or past the deadline: {'yes' if stopped else 'no'})")
     return summarize(sums, rt)
 
 
@@ -2377,15 +2399,17 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet)
         if h.sliding_eval:
             sliding(model)
     else:
-        # Leave 5% of the budget for scoring what TTT could not reach by sliding windows.
+        # 5% of the budget is slack for the predictions' errors.
         deadline = t0 + 0.95 * h.eval_budget_seconds
+        # Seconds per window token on one rank: costs scale with the tokens of the windows scored.
+        token_s = disjoint_s * rt.world_size / (len(val.tokens) - 1)
         # Eager: TTT shapes change every chunk (documents x window length); the compiled graphs
         # are static and would recompile.
         with torch.compiler.set_stance("force_eager"):
-            timed_eval("quantized_ttt_phased", lambda: phased_ttt(model, h, rt, val, deadline), rt)
+            timed_eval("quantized_ttt_phased", lambda: phased_ttt(model, h, rt, val, deadline, token_s), rt)
         if h.sliding_eval:
-            # Sliding windows do about eval_seq_len/stride times the disjoint eval's work (an estimate).
-            predicted = disjoint_s * h.eval_seq_len / h.eval_stride
+            predicted = token_s / rt.world_size * sum(window_tokens(n, h.eval_seq_len, h.eval_stride)
+                                                      for _, n in document_spans(val.tokens))
             if rt.any_rank(time.perf_counter() + predicted > t0 + h.eval_budget_seconds):
                 rt.log(f"diagnostic quantized_sliding_window skipped: predicted {predicted:.0f}s would end past "
                        f"EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f}")

@@ -29,3 +29,21 @@ def test_gptq_reserve_is_measured_and_taken_from_the_training_budget(tmp_path_fa
         assert x > 0 and run_log["gptq_measured_s"] == x  # one Hessian + GPTQ pass was timed
     else:
         assert x == reserve and run_log["gptq_measured_s"] is None  # set: nothing measured
+
+
+# Phased TTT on every document takes ~13 s here (longest batches first: the first takes ~2 s),
+# its sliding diagnostic ~2 s: neither fits a 4 s budget (unbounded, the leftovers made it 6.4-6.8 s).
+TTT_ENV = dict(ITERATIONS=3, WARMUP_STEPS=0, SLIDING_EVAL=1, EVAL_STRIDE=16, TTT_ENABLED=1, TTT_BATCH_SIZE=4,
+               TTT_CHUNK_SIZE=16, TTT_EVAL_SEQ_LEN=128, TTT_LORA_RANK=4, PHASED_TTT_PREFIX_DOCS=16,
+               PHASED_TTT_NUM_PHASES=2, GLOBAL_TTT_CHUNK_TOKENS=1024, GLOBAL_TTT_SEQ_LEN=128, GLOBAL_TTT_LR=0.05)
+SLACK_S = 1.0  # timing noise of a shared CPU: the predictions use one measured disjoint eval
+
+
+def test_eval_stays_inside_its_budget_and_scores_every_target_once(tmp_path_factory, data):
+    budget = 4.0
+    run_log, out = run(tmp_path_factory, data, "budget", EVAL_BUDGET_SECONDS=budget, **TTT_ENV)
+    assert run_log["total_eval_s"] <= budget + SLACK_S, out[-3000:]
+    scored = run_log["scored_targets"]
+    assert scored["ttt"] == scored["quantized"] == run_log["val_tokens"] - 1  # every target once
+    ttt = run_log["ttt"]
+    assert ttt["leftover_past_deadline"] and ttt["leftover_docs"] > 0  # the budget did bind
