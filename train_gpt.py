@@ -2031,6 +2031,25 @@ def counted_code_bytes(path) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 
 
+PROGRESS_EVERY_S = 30.0
+
+
+class Progress:
+    """`progress:` lines (rank 0, console and log) through a long silent stage: done/total, elapsed
+    and an ETA at most every PROGRESS_EVERY_S seconds."""
+
+    def __init__(self, rt: Runtime, label, total):
+        self.rt, self.label, self.total = rt, label, total
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done):
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_EVERY_S and 0 < done < self.total:
+            self.last = now
+            self.rt.log(f"progress: {self.label} {done}/{self.total} ({100 * done / self.total:.0f}%) "
+                        f"elapsed:{now - self.t0:.0f}s eta:{(now - self.t0) * (self.total - done) / done:.0f}s")
+
+
 def document_spans(tokens: np.ndarray):
     """(start, n_targets) per document: inputs tokens[s:s+n], targets tokens[s+1:s+n+1]. A
     document's last target is the next document's BOS (0 bytes; its loss counts, as in LEAD)."""
@@ -2098,7 +2117,10 @@ def eval_windows(model, h: Hyperparameters, rt: Runtime, val: ValSet, windows, s
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     rows = pack_rows(windows, h.val_batch_tokens)
     autocast = bf16_autocast(rt.device)
-    for row in rows[rt.rank::rt.world_size] if split_ranks else rows:
+    mine = rows[rt.rank::rt.world_size] if split_ranks else rows
+    progress = Progress(rt, "eval rows", len(mine))
+    for i, row in enumerate(mine):
+        progress.update(i)
         x, y, b, cu = build_row(val, row, h.val_batch_tokens)
         max_len = int(np.diff(cu).max())
         x, y, b, cu = (to_device(a, rt.device) for a in (x, y, b, cu))
@@ -2254,7 +2276,9 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     bank, phase, done, t0, stopped = None, 0, 0, time.perf_counter(), False
     n_slots = len(sum(model.layer_plan(model.looping), []))
+    progress = Progress(rt, "ttt batches", len(batches))
     for bi, batch in enumerate(batches):
+        progress.update(bi)
         if bi % rt.world_size == rt.rank:
             t1 = time.perf_counter()
             if stopped or t1 + batch_s + token_s * (after[bi] + left) > deadline:

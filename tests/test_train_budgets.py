@@ -47,3 +47,36 @@ def test_eval_stays_inside_its_budget_and_scores_every_target_once(tmp_path_fact
     assert scored["ttt"] == scored["quantized"] == run_log["val_tokens"] - 1  # every target once
     ttt = run_log["ttt"]
     assert ttt["leftover_past_deadline"] and ttt["leftover_docs"] > 0  # the budget did bind
+
+
+def test_long_eval_stages_print_progress_with_an_eta(tmp_path, monkeypatch, capsys):
+    """Every PROGRESS_EVERY_S (0 here: every row / batch) the eval windows and phased TTT print
+    `progress: <stage> done/total (p%) elapsed:Xs eta:Ys` on the console and in the log; the lines
+    the log parser reads keep their format."""
+    import re
+
+    import numpy as np
+
+    import train_gpt as tg
+    from helpers_train import make_model, tiny_h
+
+    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+    monkeypatch.setattr(tg, "PROGRESS_EVERY_S", 0.0)
+    h = tiny_h(eval_seq_len=64, val_batch_tokens=64, log_dir=str(tmp_path), run_id="progress", ttt_batch_size=2,
+               ttt_chunk_size=16, ttt_eval_seq_len=32, ttt_lora_rank=2, phased_ttt_prefix_docs=2,
+               phased_ttt_num_phases=1, global_ttt_chunk_tokens=64, global_ttt_seq_len=32)
+    rt = tg.Runtime(h)
+    rng = np.random.default_rng(0)
+    tokens = np.concatenate([np.r_[tg.BOS_ID, rng.integers(4, h.vocab_size, n - 1)] for n in (40, 30, 20, 50, 10, 25)])
+    val = tg.ValSet(tokens.astype(np.uint16), np.ones(len(tokens), dtype=np.int64))
+    model = make_model(h)
+    tg.eval_val(model, h, rt, val)
+    tg.phased_ttt(model, h, rt, val, deadline=float("inf"))
+    log = (tmp_path / "progress.txt").read_text()
+    assert capsys.readouterr().out == log
+    for stage, total in (("eval rows", 4), ("ttt batches", 3)):  # 6 documents: 4 rows of 64, 3 batches of 2
+        lines = re.findall(rf"^progress: {stage} (\d+)/(\d+) \((\d+)%\) elapsed:\d+s eta:\d+s$", log, re.M)
+        assert [(int(d), int(t), int(p)) for d, t, p in lines] == [(d, total, round(100 * d / total))
+                                                                   for d in range(1, total)], (stage, log)
+    run = parse_train_log(log)
+    assert run["ttt"]["batches"] == 3 and run["ttt"]["leftover_docs"] == 0
