@@ -2272,7 +2272,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     # First estimates (forward + backward ~ 3 forwards), then the measured durations.
     batch_s = 3 * token_s * sum(window_tokens(n, h.ttt_eval_seq_len, h.ttt_chunk_size) for _, n in batches[0]) \
         if batches else 0.0
-    sgd_token_s = 3 * token_s
+    sgd_token_s, calibrated = None, False
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     bank, phase, done, t0, stopped = None, 0, 0, time.perf_counter(), False
     n_slots = len(sum(model.layer_plan(model.looping), []))
@@ -2293,7 +2293,12 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
                 opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
                                         weight_decay=h.ttt_weight_decay)
                 ttt_batch(model, batch, val, bank, opt, h, sums)
-                batch_s = time.perf_counter() - t1  # longest first: the next batch costs at most this
+                elapsed = time.perf_counter() - t1
+                if not calibrated and batch_s > 0:
+                    # TTT and the leftovers run eager, token_s came from compiled graphs (the proxy:
+                    # 2-3x slower eager): rescale it once by the first batch's measured/predicted time.
+                    token_s *= max(1.0, elapsed / batch_s)
+                calibrated, batch_s = True, elapsed  # longest first: the next batch costs at most this
         done += len(batch)
         if bi % 10 == 0 or bi == len(batches) - 1:
             rt.log(f"ttp: b{bi + 1}/{len(batches)} docs:{done} dl:{batch[-1][1]}-{batch[0][1]} t:{time.perf_counter() - t0:.1f}s")
@@ -2301,7 +2306,8 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
             stream = np.concatenate([val.tokens[s:s + n] for s, n in docs[:boundaries[phase]]])
             t1 = time.perf_counter()
             # A stopped batch left documents of this prefix unscored: SGD on them would see them first.
-            if not rt.any_rank(stopped or t1 + sgd_token_s * len(stream) + token_s * (after[bi] + left) > deadline):
+            sgd_s = (sgd_token_s or 3 * token_s) * len(stream)
+            if not rt.any_rank(stopped or t1 + sgd_s + token_s * (after[bi] + left) > deadline):
                 global_sgd(model, stream, h, rt)
                 sgd_token_s = (time.perf_counter() - t1) / len(stream)
                 bank = None  # fresh adapters on the adapted base

@@ -677,6 +677,22 @@ def test_phased_ttt_bounded_by_predicted_cost_stays_legal(tmp_path, monkeypatch,
         assert not rec.ttt_batches and not calls
 
 
+def test_phased_ttt_rescales_the_eval_rate_by_the_first_batch(tmp_path, monkeypatch):
+    """The rate measured on the (compiled) disjoint eval underestimates the eager TTT and leftover
+    scoring: the first batch's measured time (1 per batch here) over its prediction (3 x 1e-4 x
+    320 window tokens) rescales it. Then batch 1 plus the windows for the 161 targets left would
+    end at 2.17 > 2.1 and it does not start; at the unscaled rate (2.02) it would."""
+    h = make_h(tmp_path)
+    val = make_val()
+    clock = FakeClock()
+    monkeypatch.setattr(tg, "time", clock)
+    model = make_model(h)
+    rec = Recorder(monkeypatch, model, val, h, ttt_variant=clock.ticking)
+    out = tg.phased_ttt(model, h, tg.Runtime(h), val, 2.1, token_s=1e-4)
+    assert_single_pass(rec, out, val)
+    assert [[n for _, n in b] for b in rec.ttt_batches] == [[40, 37, 33]]
+
+
 # ---------------------------------------------------------------------------------------
 # 4. Normalisation
 # ---------------------------------------------------------------------------------------

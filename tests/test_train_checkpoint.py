@@ -40,8 +40,8 @@ def runs(tmp_path_factory, data):
     env["PYTHONPATH"] = str(REPO)
     r = subprocess.run([sys.executable, "-c", CRASH], env=env, cwd=work, capture_output=True, text=True, timeout=240)
     out["crash"] = r.returncode, r.stdout + r.stderr
-    for name, nproc in (("resumed", 1), ("resumed2", 2)):
-        r = run_script(script_env(work, *data, RUN_ID=name, RESUME=work / "logs" / "crash.ckpt", **ENV), work, nproc)
+    for name, src, nproc in (("resumed", "crash", 1), ("resumed2", "crash", 2), ("finished", "ref", 1)):
+        r = run_script(script_env(work, *data, RUN_ID=name, RESUME=work / "logs" / f"{src}.ckpt", **ENV), work, nproc)
         out[name] = r.returncode, r.stdout + r.stderr
     return work, out
 
@@ -93,6 +93,16 @@ def test_two_ranks_resume_a_one_process_checkpoint(runs):
     assert sorted(l2) == [5, 6, 7, 8]
     for s in l2:
         assert abs(l2[s] - ref[s]) <= 1e-4 * abs(ref[s]) + 1e-4, (s, l2, ref)
+
+
+def test_the_checkpoint_at_the_end_of_training_resumes_into_gptq(runs):
+    """Training writes a last checkpoint when it ends: a crash in GPTQ or the evaluation loses no
+    training, the resumed run goes straight to GPTQ with the same weights."""
+    _, out = runs
+    rc, fin = out["finished"]
+    assert rc == 0, fin[-4000:]
+    assert "at step 8," in fin and not train_losses(fin) and "training: 8 steps" in fin
+    assert final_val(fin) == final_val(out["ref"][1])
 
 
 def test_a_truncated_checkpoint_is_refused_before_anything_is_loaded(runs, data, tmp_path):
