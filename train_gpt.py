@@ -10,7 +10,9 @@ import base64
 import difflib
 import functools
 import glob
+import hashlib
 import inspect
+import io
 import json
 import lzma
 import math
@@ -88,6 +90,8 @@ class Hyperparameters:
     val_loss_every: int = 0
     eval_seq_len: int = 4096
     val_batch_tokens: int = 262144
+    checkpoint_every: str = ""  # N steps, or Ns of training time; "" = no checkpoints
+    resume: str = ""  # a checkpoint to continue from
     # model shape
     num_layers: int = 11
     model_dim: int = 512
@@ -262,6 +266,9 @@ class Hyperparameters:
             need(0 <= self.loop_start <= self.loop_end < self.num_layers, "LOOP_START",
                  f"need 0 <= LOOP_START <= LOOP_END={self.loop_end} < NUM_LAYERS")
             need(self.loop_end < self.parallel_start_layer, "LOOP_END", "the loop must lie below PARALLEL_START_LAYER")
+        every = self.checkpoint_every.removesuffix("s")
+        need(not self.checkpoint_every or every.isdecimal() and int(every) > 0, "CHECKPOINT_EVERY",
+             "expected a positive step count (1000) or seconds of training (600s)")
         need(0.0 <= self.warmdown_frac <= 1.0, "WARMDOWN_FRAC", "must lie in [0, 1]")
         for looping in (False, True):  # parallel lanes are a decoder feature
             need(all(i < self.parallel_start_layer for i in self.layer_plan(looping)[0]), "PARALLEL_START_LAYER",
@@ -426,7 +433,7 @@ class DocumentPackingLoader:
     def __init__(self, files, local_tokens, seq_len, rank, world_size, device, vocab_size=None):
         self.files, self.local, self.seq_len = files, local_tokens, seq_len
         self.rank, self.world_size, self.device, self.vocab_size = rank, world_size, device, vocab_size
-        self.file_idx, self.buf, self.pos = 0, self._load(0), 0
+        self.file_idx, self.buf, self.pos, self.taken = 0, self._load(0), 0, 0
 
     def _load(self, i):
         """Shard i, checked against the vocabulary here rather than as a device assert mid-run."""
@@ -442,7 +449,16 @@ class DocumentPackingLoader:
             self.pos = 0
         out = self.buf[self.pos:self.pos + n]
         self.pos += n
+        self.taken += n
         return out
+
+    def seek(self, taken):
+        """Continue after `taken` tokens of the stream (the shards in a cycle), as if they had been read."""
+        ends = np.cumsum([len(load_data_shard(f, mmap=True)) for f in self.files])
+        pos = taken % int(ends[-1])
+        self.file_idx = int(np.searchsorted(ends, pos, side="right"))
+        self.buf, self.pos = self._load(self.file_idx), pos - (int(ends[self.file_idx - 1]) if self.file_idx else 0)
+        self.taken = taken
 
     def next_batch(self):
         """(inputs [1, T], targets [1, T], cu_seqlens, longest sequence) for this rank."""
@@ -1375,7 +1391,7 @@ def gptq_reserve(model, h: Hyperparameters, rt: Runtime, train_files):
     if reserve < 0:
         _, _, t_hess, t_quant = run_gptq(model, h, rt, train_files)
         reserve = rt.all_reduce(torch.tensor(t_hess + t_quant, device=rt.device), "max").item()
-        rt.log(f"gptq:measured {reserve:.1f}s for Hessians + quantization; reserving it from the training budget")
+        rt.log(f"gptq:measured {reserve:.3f}s for Hessians + quantization; reserving it from the training budget")
     return reserve
 
 
@@ -1433,7 +1449,75 @@ def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s):
            f"micro_tokens:{h.micro_tokens} attention_backend:{ATTENTION_BACKEND}")
 
 
-def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet, budget_s):
+CHECKPOINT_MAGIC = b"PGCK"
+
+
+def checkpoint_due(h: Hyperparameters, step, train_ms, saved_ms):
+    """CHECKPOINT_EVERY: every N steps, or every N seconds of training time since the last one."""
+    every = h.checkpoint_every
+    if every.endswith("s"):
+        return train_ms - saved_ms >= 1000 * int(every[:-1])
+    return bool(every) and step % int(every) == 0
+
+
+def save_checkpoint(h: Hyperparameters, rt: Runtime, step, train_ms, model, trainer, loader, ema):
+    """Rank 0 writes all the next step depends on to LOG_DIR/RUN_ID.ckpt: a temp file, then
+    os.replace, so a crash mid-write leaves the previous checkpoint; a length + sha256 footer
+    lets RESUME refuse a truncated or corrupt file. Gradients are all-reduced, so every rank
+    holds these same states, and each rank's loader position follows from the shared stream's."""
+    if not rt.master:
+        return
+    t0, path = time.perf_counter(), os.path.join(h.log_dir, f"{h.run_id}.ckpt")
+    state = dict(step=step, train_ms=train_ms, looping=model.looping, stream_pos=loader.taken,
+                 model=model.state_dict(), optimizers=[o.state_dict() for o in trainer.optimizers],
+                 ema_shadow=ema.shadow, ema_updates=ema.updates, rng_cpu=torch.get_rng_state(),
+                 rng_cuda=torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
+                 hparams={f.name: getattr(h, f.name) for f in fields(h)})
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getbuffer()
+    with open(path + ".tmp", "wb") as f:
+        f.write(payload)
+        f.write(struct.pack("<Q", len(payload)) + hashlib.sha256(payload).digest() + CHECKPOINT_MAGIC)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    rt.log(f"checkpoint: step {step} train_time {train_ms:.0f}ms -> {path} ({len(payload) + 44} bytes, "
+           f"{time.perf_counter() - t0:.1f}s)")
+
+
+def load_checkpoint(path):
+    """A checkpoint's contents, read whole and checked against its length + sha256 footer first:
+    a truncated or corrupt file is refused before anything is loaded."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    n = struct.unpack("<Q", blob[-44:-36])[0] if len(blob) >= 44 and blob[-4:] == CHECKPOINT_MAGIC else -1
+    if n != len(blob) - 44 or hashlib.sha256(blob[:n]).digest() != blob[-36:-4]:
+        raise DataError(f"RESUME={path}: truncated or corrupt checkpoint ({len(blob)} bytes, its length + sha256 "
+                        f"footer does not match); nothing was loaded")
+    return torch.load(io.BytesIO(blob[:n]), map_location="cpu", weights_only=True)
+
+
+def restore_checkpoint(ck, h: Hyperparameters, rt: Runtime, model, trainer, loader, ema):
+    """Every rank takes the checkpoint's states; returns (step, train_ms) to continue from."""
+    model.load_state_dict(ck["model"])
+    for opt, state in zip(trainer.optimizers, ck["optimizers"]):
+        opt.load_state_dict(state)
+    torch._foreach_copy_(ema.shadow, [t.to(rt.device) for t in ck["ema_shadow"]])
+    ema.updates, model.looping = ck["ema_updates"], ck["looping"]
+    loader.seek(ck["stream_pos"])
+    torch.set_rng_state(ck["rng_cpu"])
+    if ck["rng_cuda"] is not None and rt.device.type == "cuda":
+        torch.cuda.set_rng_state(ck["rng_cuda"], rt.device)
+    old = ck["hparams"]
+    changed = [f"{k}={old[k]}->{getattr(h, k)}" for k in old if hasattr(h, k) and getattr(h, k) != old[k]
+               and k not in ("run_id", "resume", "artifact_path")]
+    rt.log(f"resume: {h.resume} (run {old['run_id']}) at step {ck['step']}, train_time {ck['train_ms']:.0f}ms; "
+           f"settings changed since: {' '.join(changed) or 'none'}")
+    return ck["step"], ck["train_ms"]
+
+
+def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet, budget_s, ckpt=None):
     """Train until ITERATIONS, or until the next step would overrun the wallclock budget
     (seconds, 0 = none), predicted from the last step's duration."""
     trainer, loader, ema = Trainer(model, h, rt), new_train_loader(h, rt, train_files), EMA(model, h.ema_decay)
@@ -1442,7 +1526,10 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
            f"TFLOP/s per GPU")
     budget_ms = 1000.0 * budget_s
     train_ms, step, t_start = 0.0, 0, time.perf_counter()
-    logged = (0, 0.0)  # (step, train_ms) of the last log line: MFU over the interval since
+    if ckpt is not None:
+        step, train_ms = restore_checkpoint(ckpt, h, rt, model, trainer, loader, ema)
+        t_start -= train_ms / 1000.0
+    logged, saved_ms = (step, train_ms), train_ms  # (step, train_ms) of the last log line: MFU over the interval since
     while step < h.iterations:
         frac = step / h.iterations
         if budget_ms > 0:
@@ -1474,7 +1561,11 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
             vl, vb, _ = eval_val(model, h, rt, val)
             rt.log(f"{step}/{h.iterations} val_loss: {vl:.4f} val_bpb: {vb:.4f}")
             t_start += time.perf_counter() - t_val  # validation time is not training time
-        if budget_ms > 0 and train_ms + (train_ms - previous_ms) > budget_ms:
+        stop = budget_ms > 0 and train_ms + (train_ms - previous_ms) > budget_ms
+        if checkpoint_due(h, step, train_ms, saved_ms) or h.checkpoint_every and (stop or step == h.iterations):
+            save_checkpoint(h, rt, step, train_ms, model, trainer, loader, ema)  # its time counts as training
+            saved_ms = train_ms
+        if stop:
             rt.log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{h.iterations}")
             break
     rt.log(f"training: {step} steps in {train_ms / 1000:.1f}s, step_avg: {train_ms / max(step, 1):.2f}ms, "
@@ -1940,6 +2031,25 @@ def counted_code_bytes(path) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 
 
+PROGRESS_EVERY_S = 30.0
+
+
+class Progress:
+    """`progress:` lines (rank 0, console and log) through a long silent stage: done/total, elapsed
+    and an ETA at most every PROGRESS_EVERY_S seconds."""
+
+    def __init__(self, rt: Runtime, label, total):
+        self.rt, self.label, self.total = rt, label, total
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done):
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_EVERY_S and 0 < done < self.total:
+            self.last = now
+            self.rt.log(f"progress: {self.label} {done}/{self.total} ({100 * done / self.total:.0f}%) "
+                        f"elapsed:{now - self.t0:.0f}s eta:{(now - self.t0) * (self.total - done) / done:.0f}s")
+
+
 def document_spans(tokens: np.ndarray):
     """(start, n_targets) per document: inputs tokens[s:s+n], targets tokens[s+1:s+n+1]. A
     document's last target is the next document's BOS (0 bytes; its loss counts, as in LEAD)."""
@@ -1961,6 +2071,12 @@ def scoring_windows(spans, seq_len, stride):
             windows.append((s + new_end - seq_len, seq_len, seq_len - (new_end - end)))
             end = new_end
     return windows
+
+
+def window_tokens(n, seq_len, stride):
+    """Input tokens in the scoring windows of a document of n targets (scoring_windows): the work
+    of scoring it, n with disjoint windows, up to ~n*seq_len/stride with sliding ones."""
+    return min(n, seq_len) + seq_len * max(0, -(-(n - seq_len) // stride))
 
 
 def pack_rows(windows, row_tokens):
@@ -2001,7 +2117,10 @@ def eval_windows(model, h: Hyperparameters, rt: Runtime, val: ValSet, windows, s
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     rows = pack_rows(windows, h.val_batch_tokens)
     autocast = bf16_autocast(rt.device)
-    for row in rows[rt.rank::rt.world_size] if split_ranks else rows:
+    mine = rows[rt.rank::rt.world_size] if split_ranks else rows
+    progress = Progress(rt, "eval rows", len(mine))
+    for i, row in enumerate(mine):
+        progress.update(i)
         x, y, b, cu = build_row(val, row, h.val_batch_tokens)
         max_len = int(np.diff(cu).max())
         x, y, b, cu = (to_device(a, rt.device) for a in (x, y, b, cu))
@@ -2125,12 +2244,15 @@ def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
         p.requires_grad_(False)
 
 
-def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline):
+def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, token_s=0.0):
     """Phased TTT (LEAD, SPEC 5.3). Documents up to TTT_MAX_DOC_TOKENS targets, longest first, in
     batches dealt round-robin to ranks, get per-document LoRA TTT; after the first b_k documents
     are scored (b_k = PREFIX*k/PHASES) the base model takes a global SGD pass over exactly those.
-    Longer documents, and every batch not started before the deadline, are scored by sliding
-    windows on the adapted base model at the end: every target is still scored exactly once."""
+    Longer documents, and every batch not started in time, are scored by windows on the adapted
+    base model at the end: every target is still scored exactly once. A batch or phase starts only
+    if it and then disjoint windows (the cheapest legal scoring) over this rank's unscored documents
+    are predicted to end by the deadline, at token_s seconds per window token (measured by the
+    disjoint eval); the leftovers get sliding windows if those are predicted to fit."""
     model.looping = h.num_loops > 0
     for p in model.parameters():
         p.requires_grad_(False)
@@ -2144,14 +2266,25 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline):
     boundaries = sorted({prefix * k // h.phased_ttt_num_phases for k in range(1, h.phased_ttt_num_phases + 1)} - {0})
     rt.log(f"ttt_phased: total_docs:{len(spans)} ttt_docs:{len(docs)} long_docs_sliding:{len(spans) - len(docs)} "
            f"prefix_docs:{prefix} num_phases:{h.phased_ttt_num_phases} boundaries:{boundaries}")
+    # Targets of this rank's later batches after batch bi, and of its documents left to the windows.
+    mine = [sum(n for _, n in b) if bi % rt.world_size == rt.rank else 0 for bi, b in enumerate(batches)]
+    after, left = np.cumsum([0] + mine[:0:-1])[::-1], sum(n for _, n in leftover)
+    # First estimates (forward + backward ~ 3 forwards), then the measured durations.
+    batch_s = 3 * token_s * sum(window_tokens(n, h.ttt_eval_seq_len, h.ttt_chunk_size) for _, n in batches[0]) \
+        if batches else 0.0
+    sgd_token_s, calibrated = None, False
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     bank, phase, done, t0, stopped = None, 0, 0, time.perf_counter(), False
     n_slots = len(sum(model.layer_plan(model.looping), []))
+    progress = Progress(rt, "ttt batches", len(batches))
     for bi, batch in enumerate(batches):
+        progress.update(bi)
         if bi % rt.world_size == rt.rank:
-            if stopped or time.perf_counter() > deadline:
+            t1 = time.perf_counter()
+            if stopped or t1 + batch_s + token_s * (after[bi] + left) > deadline:
                 stopped = True
                 leftover += batch
+                left += mine[bi]
             else:
                 if bank is None or bank.n_docs != len(batch):
                     bank = LoRABank(len(batch), n_slots, h).to(rt.device)
@@ -2160,25 +2293,35 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline):
                 opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
                                         weight_decay=h.ttt_weight_decay)
                 ttt_batch(model, batch, val, bank, opt, h, sums)
+                elapsed = time.perf_counter() - t1
+                if not calibrated and batch_s > 0:
+                    # TTT and the leftovers run eager, token_s came from compiled graphs (the proxy:
+                    # 2-3x slower eager): rescale it once by the first batch's measured/predicted time.
+                    token_s *= max(1.0, elapsed / batch_s)
+                calibrated, batch_s = True, elapsed  # longest first: the next batch costs at most this
         done += len(batch)
         if bi % 10 == 0 or bi == len(batches) - 1:
             rt.log(f"ttp: b{bi + 1}/{len(batches)} docs:{done} dl:{batch[-1][1]}-{batch[0][1]} t:{time.perf_counter() - t0:.1f}s")
         while phase < len(boundaries) and done >= boundaries[phase]:
-            if not rt.any_rank(time.perf_counter() > deadline):
-                t1 = time.perf_counter()
-                stream = np.concatenate([val.tokens[s:s + n] for s, n in docs[:boundaries[phase]]])
+            stream = np.concatenate([val.tokens[s:s + n] for s, n in docs[:boundaries[phase]]])
+            t1 = time.perf_counter()
+            # A stopped batch left documents of this prefix unscored: SGD on them would see them first.
+            sgd_s = (sgd_token_s or 3 * token_s) * len(stream)
+            if not rt.any_rank(stopped or t1 + sgd_s + token_s * (after[bi] + left) > deadline):
                 global_sgd(model, stream, h, rt)
+                sgd_token_s = (time.perf_counter() - t1) / len(stream)
                 bank = None  # fresh adapters on the adapted base
                 rt.log(f"ttpp: phase:{phase + 1}/{len(boundaries)} pd:{done} gd:{boundaries[phase]} "
                        f"sgd:{time.perf_counter() - t1:.1f}s t:{time.perf_counter() - t0:.1f}s")
             else:
                 rt.log(f"ttpp: phase:{phase + 1}/{len(boundaries)} skipped: eval budget spent")
             phase += 1
-    n_late = len(leftover)
-    windows = scoring_windows(sorted(leftover), h.eval_seq_len, h.eval_stride)
-    sums += eval_windows(model, h, rt, val, windows, split_ranks=False)
-    rt.log(f"ttt_leftover: {n_late} documents scored by sliding windows (too long, or past the deadline: "
-           f"{'yes' if stopped else 'no'})")
+    leftover.sort()
+    sliding_s = token_s * sum(window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in leftover)
+    stride = h.eval_stride if time.perf_counter() + sliding_s <= deadline else h.eval_seq_len
+    sums += eval_windows(model, h, rt, val, scoring_windows(leftover, h.eval_seq_len, stride), split_ranks=False)
+    rt.log(f"ttt_leftover: {len(leftover)} documents scored by {'sliding' if stride < h.eval_seq_len else 'disjoint'} "
+           f"windows (too long, or past the deadline: {'yes' if stopped else 'no'})")
     return summarize(sums, rt)
 
 
@@ -2286,15 +2429,17 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet)
         if h.sliding_eval:
             sliding(model)
     else:
-        # Leave 5% of the budget for scoring what TTT could not reach by sliding windows.
+        # 5% of the budget is slack for the predictions' errors.
         deadline = t0 + 0.95 * h.eval_budget_seconds
+        # Seconds per window token on one rank: costs scale with the tokens of the windows scored.
+        token_s = disjoint_s * rt.world_size / (len(val.tokens) - 1)
         # Eager: TTT shapes change every chunk (documents x window length); the compiled graphs
         # are static and would recompile.
         with torch.compiler.set_stance("force_eager"):
-            timed_eval("quantized_ttt_phased", lambda: phased_ttt(model, h, rt, val, deadline), rt)
+            timed_eval("quantized_ttt_phased", lambda: phased_ttt(model, h, rt, val, deadline, token_s), rt)
         if h.sliding_eval:
-            # Sliding windows do about eval_seq_len/stride times the disjoint eval's work (an estimate).
-            predicted = disjoint_s * h.eval_seq_len / h.eval_stride
+            predicted = token_s / rt.world_size * sum(window_tokens(n, h.eval_seq_len, h.eval_stride)
+                                                      for _, n in document_spans(val.tokens))
             if rt.any_rank(time.perf_counter() + predicted > t0 + h.eval_budget_seconds):
                 rt.log(f"diagnostic quantized_sliding_window skipped: predicted {predicted:.0f}s would end past "
                        f"EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f}")
@@ -2355,6 +2500,7 @@ def main():
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside GPTQ
         if rt.master:
             check_writable(h.artifact_path)
+        ckpt = load_checkpoint(h.resume) if h.resume else None  # refused here, not after compiling
         train_files = shard_files(h.data_path, "train")
         sp = load_tokenizer(h)
         val = load_val_set(h, build_sentencepiece_luts(sp, h.vocab_size))
@@ -2381,8 +2527,8 @@ def main():
         if h.max_wallclock_seconds > 0 and budget_s <= 0:  # 0 would read as "no cap"
             raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: nothing left after the "
                               f"{reserve:.1f}s GPTQ reserve")
-        rt.log(f"gptq:reserving {reserve:.1f}s, training budget {budget_s:.1f}s")
-        _, train_ms = train_model(model, h, rt, train_files, val, budget_s)
+        rt.log(f"gptq:reserving {reserve:.3f}s, training budget {budget_s:.3f}s")
+        _, train_ms = train_model(model, h, rt, train_files, val, budget_s, ckpt)
         qstate = quantize_model(model, h, rt, train_files, train_ms)
         timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, h, rt, val), rt)
         write_artifact(qstate, h, rt)

@@ -610,9 +610,9 @@ def test_phased_ttt_scores_every_target_exactly_once(tmp_path, monkeypatch, vari
     clock = FakeClock()
     monkeypatch.setattr(tg, "time", clock)
     wrap = (lambda inner: clock.ticking(ttt_variant(inner) if ttt_variant else inner))
-    # "mid": batches 0 and 1 run (phase 1 too), then the deadline passes: phase 2 is skipped and
-    # batches 2 and 3 go to sliding windows with the long documents
-    limit = {"never": math.inf, "passed": -1.0, "mid": 1.5}[deadline]
+    # "mid": batches 0 and 1 run (and both phases), then batch 2, predicted to take as long as
+    # batch 1, would end past the deadline: batches 2 and 3 go to the windows with the long documents
+    limit = {"never": math.inf, "passed": -1.0, "mid": 2.5}[deadline]
     rec, out = run_phased(monkeypatch, h, val, deadline=limit, ttt_variant=wrap)
 
     def legal():
@@ -630,12 +630,67 @@ def test_phased_ttt_scores_every_target_exactly_once(tmp_path, monkeypatch, vari
     check("correct" if deadline == "passed" and ttt_variant else variant, legal, "single pass violated")
 
 
-def test_phased_ttt_past_deadline_is_the_sliding_eval(tmp_path, monkeypatch):
+def test_phased_ttt_past_deadline_is_the_disjoint_eval(tmp_path, monkeypatch):
+    """Past the deadline nothing adapts and every document gets the cheapest legal scoring,
+    disjoint windows (sliding ones cost up to EVAL_SEQ_LEN/EVAL_STRIDE times more)."""
     h = make_h(tmp_path)
     val = make_val()
     rec, out = run_phased(monkeypatch, h, val, deadline=0.0)
     assert not rec.ttt_batches
-    assert out == run_eval(monkeypatch, h, val, stride=h.eval_stride)[1]
+    assert out == run_eval(monkeypatch, h, val)[1]
+
+
+@pytest.mark.parametrize("deadline", [0.3, 0.8, 1.2, 1.6, 2.5, 5.0])
+def test_phased_ttt_bounded_by_predicted_cost_stays_legal(tmp_path, monkeypatch, deadline):
+    """With costs predicted (token_s > 0, a frozen clock) batches stop where their cost and the
+    windows' for the rest would pass the deadline: every target is still scored once, and a
+    global SGD phase only ever trains on documents TTT has already scored, also when it would
+    fit where the batch before it did not."""
+    h = make_h(tmp_path)
+    val = make_val()
+    monkeypatch.setattr(tg, "time", FakeClock())
+    scored, calls = [], []
+
+    def track(inner):
+        def ttt(model_, batch, *args):
+            inner(model_, batch, *args)
+            scored.extend(batch)
+        return ttt
+
+    def sgd(model_, stream, h_, rt):
+        calls.append((len(stream), set(scored)))
+        REAL.global_sgd(model_, stream, h_, rt)
+
+    monkeypatch.setattr(tg, "global_sgd", sgd)
+    model = make_model(h)
+    rec = Recorder(monkeypatch, model, val, h, ttt_variant=track)
+    torch.manual_seed(1234)
+    out = tg.phased_ttt(model, h, tg.Runtime(h), val, deadline, token_s=1e-3)
+    assert_single_pass(rec, out, val)
+    docs = sorted((d for d in REAL.document_spans(val.tokens) if d[1] <= h.ttt_max_doc_tokens), key=lambda d: -d[1])
+    for n, seen in calls:
+        prefix = next(docs[:k] for k in range(len(docs) + 1) if sum(m for _, m in docs[:k]) == n)
+        assert set(prefix) <= seen, "global SGD on documents not yet scored"
+    if deadline == 5.0:
+        assert len(rec.ttt_batches) == 4 and len(calls) == 2
+    if deadline == 0.3:
+        assert not rec.ttt_batches and not calls
+
+
+def test_phased_ttt_rescales_the_eval_rate_by_the_first_batch(tmp_path, monkeypatch):
+    """The rate measured on the (compiled) disjoint eval underestimates the eager TTT and leftover
+    scoring: the first batch's measured time (1 per batch here) over its prediction (3 x 1e-4 x
+    320 window tokens) rescales it. Then batch 1 plus the windows for the 161 targets left would
+    end at 2.17 > 2.1 and it does not start; at the unscaled rate (2.02) it would."""
+    h = make_h(tmp_path)
+    val = make_val()
+    clock = FakeClock()
+    monkeypatch.setattr(tg, "time", clock)
+    model = make_model(h)
+    rec = Recorder(monkeypatch, model, val, h, ttt_variant=clock.ticking)
+    out = tg.phased_ttt(model, h, tg.Runtime(h), val, 2.1, token_s=1e-4)
+    assert_single_pass(rec, out, val)
+    assert [[n for _, n in b] for b in rec.ttt_batches] == [[40, 37, 33]]
 
 
 # ---------------------------------------------------------------------------------------
