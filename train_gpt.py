@@ -319,7 +319,8 @@ class Hyperparameters:
 
 
 class Runtime:
-    """Process group, device and rank-0 logging."""
+    """Process group, device, rank-0 logging, and the device decisions (attention backend,
+    compilation, fused MLP kernel, TF32, seed), made here once for main, tools and tests alike."""
 
     def __init__(self, h: Hyperparameters, new_log=False):
         self.rank, self.world_size = h.rank, h.world_size
@@ -336,6 +337,22 @@ class Runtime:
             raise ConfigError(f"RUN_ID={h.run_id!r}: {self.log_path} exists; pick a new RUN_ID (unset: a fresh one)")
         if self.master:
             os.makedirs(h.log_dir, exist_ok=True)
+        try:
+            self.attn_backend = use_attention_backend(h.attn_backend, self.device)
+        except ConfigError as e:
+            self.log(f"config error: {e}", console=False)  # main prints it
+            raise
+        self.compile = h.compile and self.device.type == "cuda"
+        self.fused_mlp = fused_mlp_enabled(h.fused_mlp, self.device)
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside GPTQ
+        torch.manual_seed(h.seed)
+
+    def place(self, model):
+        """The model on this device, its blocks compiled if COMPILE=1 on CUDA."""
+        model = model.to(self.device)
+        if self.compile:
+            model.compile_regions()
+        return model
 
     def log(self, msg, console=True):
         if not self.master:
@@ -553,9 +570,10 @@ def check_tokenizer_matches(sp, tokens: np.ndarray, h: Hyperparameters, n_docs=6
 # ---------------------------------------------------------------------------------------
 
 
-def pick_attention_backend(requested, device):
-    """FA3 where importable (the competition image), else torch's varlen flash attention
-    (torch >= 2.10, CUDA), else SDPA with an explicit mask (CPU and tests)."""
+def use_attention_backend(requested, device):
+    """Set (and return) the attention backend: FA3 where importable (the competition image), else
+    torch's varlen flash attention (torch >= 2.10, CUDA), else SDPA with an explicit mask (CPU)."""
+    global ATTENTION_BACKEND
     available = ["sdpa"]
     if device.type == "cuda":
         try:
@@ -568,14 +586,13 @@ def pick_attention_backend(requested, device):
             available.insert(0, "fa3")
         except ImportError:
             pass
-    if requested == "auto":
-        return available[0]
-    if requested not in available:
+    if requested not in available + ["auto"]:
         raise ConfigError(f"ATTN_BACKEND={requested!r}: not available here (available: {', '.join(available)})")
-    return requested
+    ATTENTION_BACKEND = available[0] if requested == "auto" else requested
+    return ATTENTION_BACKEND
 
 
-ATTENTION_BACKEND = "sdpa"
+ATTENTION_BACKEND = "sdpa"  # written only by use_attention_backend
 
 
 def _attention_sdpa(q, k, v, cu_seqlens, window):
@@ -751,6 +768,11 @@ def _xielu_linear_backward(ctx, grad_pre, grad_post):
 xielu_linear.register_autograd(_xielu_linear_backward, setup_context=_xielu_linear_setup)
 
 
+def fused_mlp_enabled(requested, device):
+    """FUSED_MLP=1 takes the Triton kernel above on CUDA; elsewhere the MLP runs unfused."""
+    return requested and device.type == "cuda" and triton is not None
+
+
 def bf16_autocast(device):
     """bf16 autocast on CUDA; CPU runs (tests, the embedded job) stay in fp32."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -863,7 +885,7 @@ class MLP(nn.Module):
         self.fused = h.fused_mlp
 
     def forward(self, u, lora=None):
-        if self.fused and u.is_cuda and triton is not None:
+        if fused_mlp_enabled(self.fused, u.device):
             B, T, d = u.shape
             dtype = torch.bfloat16
             _, post = xielu_linear(u.reshape(B * T, d).to(dtype), self.fc.weight.to(dtype), self.act_coeffs)
@@ -1430,7 +1452,7 @@ def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s):
                f"TFLOP/s/gpu:{achieved / 1e12:.1f} mfu:{100 * achieved / H200_BF16_FLOPS:.1f}%")
     peak = torch.cuda.max_memory_allocated() // 2**20 if rt.device.type == "cuda" else 0
     rt.log(f"bench: compile_warmup_s:{compile_s:.1f} peak_mem_mib:{peak} world_size:{rt.world_size} "
-           f"micro_tokens:{h.micro_tokens} attention_backend:{ATTENTION_BACKEND}")
+           f"micro_tokens:{h.micro_tokens} attention_backend:{rt.attn_backend}")
 
 
 def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet, budget_s):
@@ -2266,7 +2288,7 @@ def write_artifact(qstate, h: Hyperparameters, rt: Runtime):
         raise ArtifactTooLarge(f"submission exceeds {SUBMISSION_CAP_BYTES} bytes (set ALLOW_OVER_CAP=1 for research runs)")
 
 
-def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet):
+def evaluate_artifact(h: Hyperparameters, rt: Runtime, val: ValSet):
     """The scored evaluation, timed from reading the artifact: the quantized model (diagnostic),
     then the score. Without TTT the score is the sliding-window eval. With TTT, phased TTT gets
     EVAL_BUDGET_SECONDS and the sliding-window diagnostic runs after it, on a fresh copy (TTT
@@ -2274,7 +2296,7 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet)
     would otherwise take ~100 s from TTT."""
     rt.sync()
     t0 = time.perf_counter()
-    model = load_artifact_model(h, rt, use_compile)
+    model = load_artifact_model(h, rt)
     t1 = time.perf_counter()
     timed_eval("diagnostic quantized", lambda: eval_val(model, h, rt, val), rt)
     disjoint_s = time.perf_counter() - t1
@@ -2300,13 +2322,13 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet)
                        f"EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f}")
             else:
                 del model  # the TTT-adapted weights
-                sliding(load_artifact_model(h, rt, use_compile))
+                sliding(load_artifact_model(h, rt))
     rt.log(f"total_eval_time:{time.perf_counter() - t0:.1f}s")
     if rt.device.type == "cuda":
         rt.log(f"peak memory allocated (whole run): {torch.cuda.max_memory_allocated() // 2**20} MiB")
 
 
-def load_artifact_model(h: Hyperparameters, rt: Runtime, use_compile):
+def load_artifact_model(h: Hyperparameters, rt: Runtime):
     """A fresh model built from the artifact file alone: unpack, dequantize, load strictly."""
     if rt.distributed:
         dist.barrier()
@@ -2315,15 +2337,12 @@ def load_artifact_model(h: Hyperparameters, rt: Runtime, use_compile):
         qstate = unpack_artifact(f.read())
     model = GPT(h)
     model.load_state_dict(dequantize_state(qstate, model.state_dict(), h.lqer_group), strict=True)
-    model = model.to(rt.device)
-    if use_compile:
-        model.compile_regions()
+    model = rt.place(model)
     rt.log(f"artifact:loaded {h.artifact_path} into a fresh model in {time.perf_counter() - t0:.1f}s")
     return model
 
 
 def main():
-    global ATTENTION_BACKEND
     try:
         h = Hyperparameters.from_env()
         rt = Runtime(h, new_log=True)
@@ -2339,8 +2358,6 @@ def main():
         sys.exit(code)
 
     try:
-        ATTENTION_BACKEND = pick_attention_backend(h.attn_backend, rt.device)
-        use_compile = h.compile and rt.device.type == "cuda"
         rt.log("hyperparameters:", console=False)
         for f in fields(h):
             rt.log(f"  {f.name}: {getattr(h, f.name)}", console=False)
@@ -2351,8 +2368,6 @@ def main():
                   f"from the defaults (all in the log): {' '.join(changed)}", flush=True)
         with open(__file__, encoding="utf-8") as src:
             rt.log(src.read(), console=False)
-        torch.manual_seed(h.seed)
-        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside GPTQ
         if rt.master:
             check_writable(h.artifact_path)
         train_files = shard_files(h.data_path, "train")
@@ -2363,16 +2378,13 @@ def main():
         check_shards(train_files, h.vocab_size)
         rt.log(f"shards_checked: {len(train_files)} train shards (header, size, token ids) in {time.perf_counter() - t0:.1f}s")
         rt.log(f"device: {rt.device} world_size: {rt.world_size} grad_accum_steps: {h.grad_accum_steps} "
-               f"attention_backend: {ATTENTION_BACKEND} compile: {use_compile} "
-               f"fused_mlp: {h.fused_mlp and rt.device.type == 'cuda' and triton is not None}")
+               f"attention_backend: {rt.attn_backend} compile: {rt.compile} fused_mlp: {rt.fused_mlp}")
         gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
         rt.log(f"runtime: torch {torch.__version__} cuda {torch.version.cuda} gpu {gpu} x {rt.world_size}")
         rt.log(f"train_shards: {len(train_files)} val_tokens: {len(val.tokens)} val_bytes: {val.target_bytes.sum()} "
                f"({'CaseOps sidecar' if h.caseops_enabled else 'LUT accounting'})")
-        model = GPT(h).to(rt.device)  # built on the CPU first: identical init on every rank
+        model = rt.place(GPT(h))  # built on the CPU first: identical init on every rank
         rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-        if use_compile:
-            model.compile_regions()
         compile_s = compile_warmup(model, h, rt, train_files)
         if h.bench_steps > 0:
             return benchmark(model, h, rt, train_files, compile_s)
@@ -2387,7 +2399,7 @@ def main():
         timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, h, rt, val), rt)
         write_artifact(qstate, h, rt)
         del model, qstate
-        evaluate_artifact(h, rt, use_compile, val)
+        evaluate_artifact(h, rt, val)
     except ConfigError as e:
         fail(f"config error: {e}", 2)
     except (DataError, FileNotFoundError) as e:

@@ -449,7 +449,7 @@ def test_load_artifact_model_reads_the_file(quantized, tmp_path):
     h0, state, q = quantized
     h = tiny_h(lqer_top_k=3, artifact_path=str(tmp_path / "m.pgq"), log_dir=str(tmp_path / "logs"), run_id="load")
     (tmp_path / "m.pgq").write_bytes(tg.pack_artifact(q))
-    model = tg.load_artifact_model(h, tg.Runtime(h), use_compile=False)
+    model = tg.load_artifact_model(h, tg.Runtime(h))
     deq = tg.dequantize_state(q, state, h.lqer_group)
     assert set(model.state_dict()) == set(deq)
     assert all(torch.equal(model.state_dict()[n], deq[n]) for n in deq)

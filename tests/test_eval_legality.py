@@ -54,8 +54,8 @@ TOL = 1e-6  # "unchanged" (the runs are deterministic; broken variants move scor
 
 
 @pytest.fixture(autouse=True)
-def _cpu_env(monkeypatch):
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+def _cpu_env():
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic, and much faster for these tiny shapes
     yield

@@ -51,7 +51,7 @@ def random_packed(n_seq, max_len, heads=8, kv_heads=4, d=64, seed=0):
 @pytest.mark.parametrize("window", [None, 37])
 def test_attention_backend_matches_sdpa(backend, window):
     try:
-        tg.ATTENTION_BACKEND = tg.pick_attention_backend(backend, torch.device("cuda"))
+        tg.use_attention_backend(backend, torch.device("cuda"))
     except tg.ConfigError:
         pytest.skip(f"{backend} not available")
     q, k, v, cu, max_len = random_packed(9, 300)
@@ -61,7 +61,7 @@ def test_attention_backend_matches_sdpa(backend, window):
     qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = tg._attention_sdpa(qr, kr, vr, cu, window)
     grads_ref = torch.autograd.grad(ref, (qr, kr, vr), g.float())
-    tg.ATTENTION_BACKEND = "sdpa"
+    tg.use_attention_backend("sdpa", torch.device("cuda"))
     assert rel_err(out, ref) < 1e-2
     for a, b in zip(grads, grads_ref):
         assert rel_err(a, b) < 2e-2
@@ -70,7 +70,7 @@ def test_attention_backend_matches_sdpa(backend, window):
 def test_compiled_model_matches_eager():
     """Regional compilation must not change the function: compare loss and grads."""
     h = tg.Hyperparameters(vocab_size=512, train_seq_len=256)
-    tg.ATTENTION_BACKEND = tg.pick_attention_backend("auto", torch.device("cuda"))
+    tg.use_attention_backend("auto", torch.device("cuda"))
     torch.manual_seed(0)
     ids = torch.randint(2, 512, (1, 2048), device="cuda")
     ids[0, ::300] = tg.BOS_ID
@@ -128,7 +128,7 @@ def test_fused_softcap_ce_matches_reference(n, vocab, cap):
 def test_attention_op_shapes_and_no_graph_break(heads, kv_heads, window):
     """The custom op under torch.compile(fullgraph=True) (a graph break would raise) matches SDPA
     on long and short packed sequences, forward and backward."""
-    tg.ATTENTION_BACKEND = "varlen"
+    tg.use_attention_backend("varlen", torch.device("cuda"))
     q, k, v, cu, max_len = random_packed(13, 1500, heads, kv_heads, seed=heads + kv_heads)
     fn = torch.compile(lambda q, k, v, cu, m: tg.attention(q, k, v, cu, m, window, 4096), fullgraph=True)
     out = fn(q, k, v, cu, torch.tensor([max_len], dtype=torch.int32))
@@ -137,7 +137,7 @@ def test_attention_op_shapes_and_no_graph_break(heads, kv_heads, window):
     qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = tg._attention_sdpa(qr, kr, vr, cu, window)
     grads_ref = torch.autograd.grad(ref, (qr, kr, vr), g.float())
-    tg.ATTENTION_BACKEND = "sdpa"
+    tg.use_attention_backend("sdpa", torch.device("cuda"))
     assert rel_err(out, ref) < 1e-2
     for a, b in zip(grads, grads_ref):
         assert rel_err(a, b) < 2e-2
@@ -149,7 +149,7 @@ def test_compiled_step_has_no_graph_break_or_recompile():
     import torch._dynamo.utils as dyn
 
     h = tg.Hyperparameters(vocab_size=512, train_seq_len=256)
-    tg.ATTENTION_BACKEND = tg.pick_attention_backend("varlen", torch.device("cuda"))
+    tg.use_attention_backend("varlen", torch.device("cuda"))
     torch.manual_seed(0)
     model = tg.GPT(h).cuda()
     model.compile_regions()
@@ -170,6 +170,6 @@ def test_compiled_step_has_no_graph_break_or_recompile():
     graphs = dyn.counters["stats"]["unique_graphs"]
     for period, looping in ((97, False), (1000, True), (41, True)):
         step(period, looping)
-    tg.ATTENTION_BACKEND = "sdpa"
+    tg.use_attention_backend("sdpa", torch.device("cuda"))
     assert not dyn.counters["graph_break"], dict(dyn.counters["graph_break"])
     assert dyn.counters["stats"]["unique_graphs"] == graphs

@@ -126,8 +126,8 @@ def reference_eval(model, tokens, luts):
     return loss / (len(tokens) - 1), loss / (math.log(2) * n_bytes)
 
 
-def test_eval_val_scores_every_target_once_for_any_packing(tmp_path, monkeypatch):
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+def test_eval_val_scores_every_target_once_for_any_packing(tmp_path):
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
     h = tiny_h(eval_seq_len=64, val_batch_tokens=64, log_dir=str(tmp_path), run_id="ev")
     rt = tg.Runtime(h)
     model = make_model(h, seed=3)

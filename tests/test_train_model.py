@@ -16,8 +16,8 @@ from helpers_train import make_model, single_doc_cu, tiny_h
 
 
 @pytest.fixture(autouse=True)
-def _sdpa_backend(monkeypatch):
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+def _sdpa_backend():
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
 
 
 def logits(model, ids, cu=None):

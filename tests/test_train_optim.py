@@ -253,10 +253,10 @@ class FixedLoader:
         return self.batch
 
 
-def test_trainer_clips_the_gradient(tmp_path, monkeypatch):
+def test_trainer_clips_the_gradient(tmp_path):
     """GRAD_CLIP_NORM bounds the global gradient norm: at 1e-12 the AdamW updates (scale-aware
     through eps) shrink to almost nothing, while without clipping they are of the size of the LR."""
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
     moved = {}
     for clip in (0.0, 1e-12):
         h = tiny_h(grad_clip_norm=clip, embed_wd=0.0, log_dir=str(tmp_path), run_id="clip")
@@ -270,7 +270,7 @@ def test_trainer_clips_the_gradient(tmp_path, monkeypatch):
 
 def test_train_model_leaves_the_ema_weights_for_quantization(tmp_path, monkeypatch):
     """After train_model the model holds the EMA average (what GPTQ quantizes), not the last raw weights."""
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
     seen = {}
 
     class SpyEMA(tg.EMA):

@@ -16,10 +16,7 @@ def main():
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     h = tg.Hyperparameters.from_env()
     rt = tg.Runtime(h)
-    tg.ATTENTION_BACKEND = tg.pick_attention_backend(h.attn_backend, rt.device)
-    model = tg.GPT(h).to(rt.device)
-    if h.compile:
-        model.compile_regions()
+    model = rt.place(tg.GPT(h))
     trainer = tg.Trainer(model, h, rt)
     loader = tg.DocumentPackingLoader(tg.shard_files(h.data_path, "train"), h.micro_tokens, h.train_seq_len,
                                       rt.rank, rt.world_size, rt.device)

@@ -31,13 +31,9 @@ def main(argv):
     h = tg.Hyperparameters.from_env()
     rt = tg.Runtime(h)
     variants = [(spec, variant_h(h, spec)) for spec in specs]  # bad names/values fail before training
-    tg.ATTENTION_BACKEND = tg.pick_attention_backend(h.attn_backend, rt.device)
     train_files = tg.shard_files(h.data_path, "train")
     val = tg.load_val_set(h, tg.build_sentencepiece_luts(tg.load_tokenizer(h), h.vocab_size))
-    torch.manual_seed(h.seed)
-    model = tg.GPT(h).to(rt.device)
-    if h.compile and rt.device.type == "cuda":
-        model.compile_regions()
+    model = rt.place(tg.GPT(h))  # seeded, TF32 and compiled by Runtime, as in train_gpt.py
     tg.compile_warmup(model, h, rt, train_files)
     reserve = tg.gptq_reserve(model, h, rt, train_files)  # the same training budget as train_gpt.py
     budget = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
