@@ -1075,7 +1075,6 @@ class GPT(nn.Module):
             self.loop_log_a = with_role(nn.Parameter(torch.full((d,), -0.5)), "scalar")
             self.loop_delta = with_role(nn.Parameter(torch.ones(d)), "scalar")
             self.loop_b = with_role(nn.Parameter(torch.full((d,), 0.1)), "scalar")
-        self.looping = False
         self.merge_skip, self.parcae_inject, self.loss_fn = merge_skip, parcae_inject, softcap_cross_entropy
 
     def layer_plan(self, looping):
@@ -1109,9 +1108,11 @@ class GPT(nn.Module):
             e = e + self.smear_lambda * gate * prev * keep.view(*ids.shape, 1)
         return e
 
-    def hidden(self, ids, cu_seqlens, max_seqlen, lora=None):
+    def hidden(self, ids, cu_seqlens, max_seqlen, lora=None, looping=True):
         """Final-normed hidden states [B, T, d]. lora, if given, maps a virtual layer slot to its
-        (q, k, v, o, mlp) adapters; training, eval and TTT all run through here."""
+        (q, k, v, o, mlp) adapters; training, eval and TTT all run through here. looping=False
+        skips the loop passes (training before ENABLE_LOOPING_AT); a Python choice here, so the
+        compiled blocks never see it."""
         h = self.h
         # The packing changes every batch: its length is a dynamic dim and the longest sequence a
         # host tensor, so neither recompiles the block graphs.
@@ -1119,11 +1120,11 @@ class GPT(nn.Module):
         pack = cu_seqlens, torch.tensor([max_seqlen], dtype=torch.int32)
         x0 = rms_norm(self.embed(ids, cu_seqlens))
         x = x0.clone()  # distinct from x0, else the first block compiles its own aliased graph
-        enc, dec = self.layer_plan(self.looping)
+        enc, dec = self.layer_plan(looping)
         skips, lanes, loop_entries = [], None, 0
         for slot, i in enumerate(enc + dec):
             adapters = lora[slot] if lora is not None else None
-            if self.looping and h.num_loops > 0 and i == h.loop_start:
+            if looping and i == h.loop_start:
                 loop_entries += 1
                 if loop_entries >= 2:
                     if loop_entries <= h.loop_trunc_bwd + 1:
@@ -1150,9 +1151,9 @@ class GPT(nn.Module):
             x = 0.5 * (lanes[0] + lanes[1])
         return rms_norm(x)
 
-    def forward(self, ids, targets, cu_seqlens, max_seqlen):
+    def forward(self, ids, targets, cu_seqlens, max_seqlen, looping=True):
         """Mean training loss over the packed row."""
-        return self.loss_fn(self.hidden(ids, cu_seqlens, max_seqlen), self.tok_emb.weight, targets,
+        return self.loss_fn(self.hidden(ids, cu_seqlens, max_seqlen, looping=looping), self.tok_emb.weight, targets,
                             self.h.logit_softcap)
 
     def head_logits(self, hid, head_lora=None):
@@ -1319,7 +1320,7 @@ class Trainer:
         self.optimizers = build_optimizers(model, h, rt.rank, rt.world_size)
         self.autocast = bf16_autocast(rt.device)
 
-    def step(self, loader, step, frac):
+    def step(self, loader, step, frac, looping):
         h = self.h
         mult = lr_multiplier(frac, h)
         muon = self.optimizers[0]
@@ -1332,7 +1333,7 @@ class Trainer:
         for _ in range(h.grad_accum_steps):
             x, y, cu, max_len = loader.next_batch()
             with self.autocast:
-                loss = self.model(x, y, cu, max_len)
+                loss = self.model(x, y, cu, max_len, looping)
             (loss / h.grad_accum_steps).backward()
             loss_sum += loss.detach()
         all_reduce_grads(self.params, self.rt)
@@ -1379,14 +1380,12 @@ def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
     loop_phases = [False, True] if h.num_loops > 0 else [False]
     loss = torch.zeros(())
     for i in range(h.warmup_steps):
-        model.looping = loop_phases[i * len(loop_phases) // h.warmup_steps]
-        loss = trainer.step(loader, i, 0.0)
+        loss = trainer.step(loader, i, 0.0, loop_phases[i * len(loop_phases) // h.warmup_steps])
     rt.sync()
     seconds = time.perf_counter() - t0
     rt.log(f"compile_warmup: {h.warmup_steps} steps ({len(loop_phases)} loop phases) in {seconds:.1f}s, "
            f"last loss {float(loss):.4f}")
     model.load_state_dict(initial_state)
-    model.looping = False
     return seconds
 
 
@@ -1437,12 +1436,11 @@ def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s):
     trainer, loader = Trainer(model, h, rt), new_train_loader(h, rt, train_files)
     flops = flops_per_token(model, h, train_files)
     for looping in [False, True] if h.num_loops > 0 else [False]:
-        model.looping = looping
-        trainer.step(loader, 0, 0.0)
+        trainer.step(loader, 0, 0.0, looping)
         rt.sync()
         t0 = time.perf_counter()
         for i in range(h.bench_steps):
-            trainer.step(loader, i, 0.0)
+            trainer.step(loader, i, 0.0, looping)
         rt.sync()
         seconds = float(rt.all_reduce(torch.tensor(time.perf_counter() - t0, device=rt.device), "max"))
         tok_s = h.bench_steps * h.train_batch_tokens / seconds
@@ -1463,17 +1461,17 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
     rt.log(f"flops_per_token: {flops[False]:.4g} ({flops[True]:.4g} looping); mfu against {H200_BF16_FLOPS / 1e12:.0f} "
            f"TFLOP/s per GPU")
     budget_ms = 1000.0 * budget_s
-    train_ms, step, t_start = 0.0, 0, time.perf_counter()
+    train_ms, step, t_start, looping = 0.0, 0, time.perf_counter(), False
     logged = (0, 0.0)  # (step, train_ms) of the last log line: MFU over the interval since
     while step < h.iterations:
         frac = step / h.iterations
         if budget_ms > 0:
             frac = max(frac, train_ms / budget_ms)
-        if h.num_loops > 0 and not model.looping and frac >= h.enable_looping_at:
-            model.looping = True
+        if h.num_loops > 0 and not looping and frac >= h.enable_looping_at:
+            looping = True
             enc, dec = model.layer_plan(True)
             rt.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{enc} decoder:{dec}")
-        loss = trainer.step(loader, step, frac)
+        loss = trainer.step(loader, step, frac, looping)
         ema.update()
         step += 1
         rt.sync()
@@ -1485,7 +1483,7 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
         if step <= 5 or step % h.train_log_every == 0:
             tok_s = step * h.train_batch_tokens / (train_ms / 1000.0)
             recent = (step - logged[0]) * h.train_batch_tokens / max(train_ms - logged[1], 1e-6) * 1000.0
-            mfu = recent / rt.world_size * flops[model.looping] / H200_BF16_FLOPS
+            mfu = recent / rt.world_size * flops[looping] / H200_BF16_FLOPS
             left_ms = budget_ms - train_ms if budget_ms > 0 else float("inf")
             eta_s = min(left_ms, (h.iterations - step) * train_ms / step) / 1000.0
             rt.log(f"{step}/{h.iterations} train_loss: {loss_value:.4f} train_time: {train_ms / 60000:.1f}m "
@@ -1552,7 +1550,6 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
                   block.attn.proj.register_forward_pre_hook(lambda m, a, k=p + "attn.proj.weight": accumulate(k, a[0])),
                   block.mlp.register_forward_pre_hook(lambda m, a, k=p + "mlp.fc.weight": accumulate(k, a[0])),
                   block.mlp.proj.register_forward_pre_hook(lambda m, a, k=p + "mlp.proj.weight": accumulate(k, a[0]))]
-    was_looping, model.looping = model.looping, h.num_loops > 0
     local = min(h.micro_tokens, h.gptq_calibration_tokens // rt.world_size)
     loader = DocumentPackingLoader(train_files, local, h.train_seq_len, rt.rank, rt.world_size, rt.device, h.vocab_size)
     autocast = bf16_autocast(rt.device)
@@ -1564,7 +1561,6 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
     finally:
         for hook in hooks:
             hook.remove()
-        model.looping = was_looping
     hessians = {}
     for key, s in sums.items():
         rt.all_reduce(s)
@@ -2019,7 +2015,6 @@ def build_row(val: ValSet, row, row_tokens):
 def eval_windows(model, h: Hyperparameters, rt: Runtime, val: ValSet, windows, split_ranks=True):
     """Sum of (loss nats, scored targets, bytes) over the windows; rows are split over ranks
     unless this rank owns the windows. Not reduced over ranks."""
-    was_looping, model.looping = model.looping, h.num_loops > 0
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     rows = pack_rows(windows, h.val_batch_tokens)
     autocast = bf16_autocast(rt.device)
@@ -2031,7 +2026,6 @@ def eval_windows(model, h: Hyperparameters, rt: Runtime, val: ValSet, windows, s
             losses = model.token_losses(x.view(1, -1), y.view(1, -1), cu, max_len).view(-1)
         valid = y >= 0
         sums += torch.stack([losses[valid].double().sum(), valid.sum().double(), b.sum().double()])
-    model.looping = was_looping
     return sums
 
 
@@ -2153,7 +2147,6 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline):
     are scored (b_k = PREFIX*k/PHASES) the base model takes a global SGD pass over exactly those.
     Longer documents, and every batch not started before the deadline, are scored by sliding
     windows on the adapted base model at the end: every target is still scored exactly once."""
-    model.looping = h.num_loops > 0
     for p in model.parameters():
         p.requires_grad_(False)
     spans = document_spans(val.tokens)
@@ -2168,7 +2161,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline):
            f"prefix_docs:{prefix} num_phases:{h.phased_ttt_num_phases} boundaries:{boundaries}")
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     bank, phase, done, t0, stopped = None, 0, 0, time.perf_counter(), False
-    n_slots = len(sum(model.layer_plan(model.looping), []))
+    n_slots = len(sum(model.layer_plan(True), []))
     for bi, batch in enumerate(batches):
         if bi % rt.world_size == rt.rank:
             if stopped or time.perf_counter() > deadline:

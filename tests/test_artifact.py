@@ -339,7 +339,6 @@ def test_collect_hessians(tmp_path, batches):
     model = make_model(h)
     rt = tg.Runtime(h)
     hess = tg.collect_hessians(model, h, rt, files)
-    assert model.looping is False  # restored
     state = model.state_dict()
     gptq = {n for n, t in state.items() if tg.quant_plan(n, t.numel(), h)[0] == "gptq"}
     assert set(hess) == gptq
@@ -358,7 +357,6 @@ def test_collect_hessians(tmp_path, batches):
         assert H.diagonal().sum() > 0
     # the tied embedding's Hessian: X^T X / n of the final-normed hidden states, looping on
     loader = tg.DocumentPackingLoader(files, h.micro_tokens, h.train_seq_len, 0, 1, torch.device("cpu"))
-    model.looping = True
     with torch.no_grad():
         xs = [model.hidden(*(lambda b: (b[0], b[2], b[3]))(loader.next_batch())) for _ in range(batches)]
     x = torch.cat([t.reshape(-1, h.model_dim) for t in xs])

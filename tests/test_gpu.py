@@ -80,7 +80,6 @@ def test_compiled_model_matches_eager():
     for compiled in (False, True):
         torch.manual_seed(1)
         model = tg.GPT(h).cuda()
-        model.looping = True
         with torch.no_grad():  # leave the zero-init state so every block contributes
             for p in model.parameters():
                 if p.role == "matrix":
@@ -158,9 +157,9 @@ def test_compiled_step_has_no_graph_break_or_recompile():
         ids = torch.randint(2, 512, (1, 2048), device="cuda")
         ids[0, ::period] = tg.BOS_ID
         cu = tg.packed_cu_seqlens(ids[0].cpu().numpy(), 256)
-        model.looping = looping
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, torch.roll(ids, -1, 1), torch.from_numpy(cu).cuda(), int((cu[1:] - cu[:-1]).max()))
+            loss = model(ids, torch.roll(ids, -1, 1), torch.from_numpy(cu).cuda(), int((cu[1:] - cu[:-1]).max()),
+                         looping)
         loss.backward()
         torch.cuda.synchronize()
 
