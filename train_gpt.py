@@ -7,6 +7,7 @@ Launch: torchrun --standalone --nproc_per_node=N train_gpt.py (N in 1..8), or pl
 from __future__ import annotations
 
 import base64
+import contextlib
 import difflib
 import functools
 import glob
@@ -1389,15 +1390,20 @@ def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
     return seconds
 
 
-def gptq_reserve(model, h: Hyperparameters, rt: Runtime, train_files):
-    """Seconds kept back from training for the final GPTQ: GPTQ_RESERVE_SECONDS, or one Hessian +
-    GPTQ pass timed on the initial weights (same shapes, same cost)."""
+def training_budget(model, h: Hyperparameters, rt: Runtime, train_files):
+    """Training seconds (0 = no cap): MAX_WALLCLOCK_SECONDS less the time kept back for the final
+    GPTQ, GPTQ_RESERVE_SECONDS or one Hessian + GPTQ pass timed on the initial weights (same cost)."""
     reserve = h.gptq_reserve_seconds
     if reserve < 0:
         _, _, t_hess, t_quant = run_gptq(model, h, rt, train_files)
         reserve = rt.all_reduce(torch.tensor(t_hess + t_quant, device=rt.device), "max").item()
         rt.log(f"gptq:measured {reserve:.1f}s for Hessians + quantization; reserving it from the training budget")
-    return reserve
+    budget_s = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
+    if h.max_wallclock_seconds > 0 and budget_s <= 0:  # 0 would read as "no cap"
+        raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: nothing left after the "
+                          f"{reserve:.1f}s GPTQ reserve")
+    rt.log(f"gptq:reserving {reserve:.1f}s, training budget {budget_s:.1f}s")
+    return budget_s
 
 
 H200_BF16_FLOPS = 790e12  # dense bf16 matmul rate measured on an H200 (8192^3 products): the MFU denominator
@@ -1668,21 +1674,28 @@ def lqer_product(qa, a_scale, qb, b_scale, group):
     return (qa.float() * a_scale.float()) @ lqer_b(qb, b_scale, group)
 
 
-def run_gptq(model, h: Hyperparameters, rt: Runtime, train_files):
-    """(Hessians, quantized contents, Hessian seconds, quantization seconds), in true fp32 matmul
-    precision: with TF32 on, X^T X is not positive definite enough for the Cholesky."""
+@contextlib.contextmanager
+def exact_fp32():
+    """True fp32 matmul precision for GPTQ: with TF32 on, X^T X is not positive definite enough
+    for the Cholesky."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def run_gptq(model, h: Hyperparameters, rt: Runtime, train_files):
+    """(Hessians, quantized contents, Hessian seconds, quantization seconds), in exact fp32."""
+    with exact_fp32():
         t0 = time.perf_counter()
         hessians = collect_hessians(model, h, rt, train_files)
         rt.sync()
         t1 = time.perf_counter()
         qstate = quantize_state(model.state_dict(), hessians, h)
         rt.sync()
-        return hessians, qstate, t1 - t0, time.perf_counter() - t1
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    return hessians, qstate, t1 - t0, time.perf_counter() - t1
 
 
 def quantize_state(state, hessians, h: Hyperparameters):
@@ -2381,13 +2394,7 @@ def main():
         compile_s = compile_warmup(model, h, rt, train_files)
         if h.bench_steps > 0:
             return benchmark(model, h, rt, train_files, compile_s)
-        reserve = gptq_reserve(model, h, rt, train_files)
-        budget_s = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
-        if h.max_wallclock_seconds > 0 and budget_s <= 0:  # 0 would read as "no cap"
-            raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: nothing left after the "
-                              f"{reserve:.1f}s GPTQ reserve")
-        rt.log(f"gptq:reserving {reserve:.1f}s, training budget {budget_s:.1f}s")
-        _, train_ms = train_model(model, h, rt, train_files, val, budget_s)
+        _, train_ms = train_model(model, h, rt, train_files, val, training_budget(model, h, rt, train_files))
         qstate = quantize_model(model, h, rt, train_files, train_ms)
         timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, h, rt, val), rt)
         write_artifact(qstate, h, rt)
