@@ -783,20 +783,21 @@ def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-def with_role(p: nn.Parameter, role: str) -> nn.Parameter:
-    """Tag a parameter with its optimizer role (see OPTIMIZER_ROLES); every parameter has one."""
-    p.role = role
+def with_role(p: nn.Parameter, role: str, quant=None) -> nn.Parameter:
+    """Tag a parameter with its optimizer role (see OPTIMIZER_ROLES), which every parameter has,
+    and its quantization (QUANT_PLANS), which every matrix needs: vectors are fp16 untagged."""
+    p.role, p.quant = role, quant
     return p
 
 
 class CastedLinear(nn.Module):
     """y = x W^T with an fp32 master weight cast to the activation dtype (Muon's 'matrix' role)."""
 
-    def __init__(self, in_features, out_features, init="orthogonal"):
+    def __init__(self, in_features, out_features, quant, init="orthogonal"):
         super().__init__()
         w = torch.empty(out_features, in_features)
         nn.init.orthogonal_(w) if init == "orthogonal" else nn.init.zeros_(w)
-        self.weight = with_role(nn.Parameter(w), "matrix")
+        self.weight = with_role(nn.Parameter(w), "matrix", quant)
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
@@ -830,8 +831,8 @@ class CausalSelfAttention(nn.Module):
         d, self.num_heads, self.num_kv_heads = h.model_dim, h.num_heads, h.num_kv_heads
         self.head_dim = d // h.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
-        self.c_q, self.c_k, self.c_v = CastedLinear(d, d), CastedLinear(d, kv_dim), CastedLinear(d, kv_dim)
-        self.proj = CastedLinear(d, d, init="zeros")
+        self.c_q, self.c_k, self.c_v = (CastedLinear(d, n, "attn") for n in (d, kv_dim, kv_dim))
+        self.proj = CastedLinear(d, d, "attn", init="zeros")
         self.q_gain = with_role(nn.Parameter(torch.full((h.num_heads,), h.layer_qk_gain(i))), "scalar")
         self.window = h.layer_window(i)
         # Gemma-style: global layers rotate 16 of 64 dims, local layers all of them.
@@ -842,7 +843,7 @@ class CausalSelfAttention(nn.Module):
         # FA3's static bound: no packed sequence is longer than the longest length any stage cuts at.
         self.fa3_max_seqlen = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len, h.global_ttt_seq_len)
         if self.gate != "none":
-            self.gate_w = with_role(nn.Parameter(torch.zeros(h.num_heads, h.gate_width)), "scalar")
+            self.gate_w = with_role(nn.Parameter(torch.zeros(h.num_heads, h.gate_width)), "scalar", "gate")
 
     def forward(self, u, x_in, cu_seqlens, max_len, lora=None):
         B, T, _ = u.shape
@@ -877,7 +878,7 @@ class MLP(nn.Module):
     def __init__(self, h: Hyperparameters, i: int):
         super().__init__()
         hidden = h.mlp_mult * h.model_dim
-        self.fc, self.proj = CastedLinear(h.model_dim, hidden), CastedLinear(hidden, h.model_dim, init="zeros")
+        self.fc, self.proj = CastedLinear(h.model_dim, hidden, "mlp"), CastedLinear(hidden, h.model_dim, "mlp", "zeros")
         coeffs = torch.tensor(h.layer_xielu(i), dtype=torch.float32)
         if h.xielu_learnable:
             self.act_coeffs = with_role(nn.Parameter(coeffs), "scalar")
@@ -908,7 +909,7 @@ class Block(nn.Module):
         self.attn, self.mlp = CausalSelfAttention(h, i), MLP(h, i)
         self.attn_scale = with_role(nn.Parameter(torch.ones(d)), "scalar")
         self.mlp_scale = with_role(nn.Parameter(torch.ones(d)), "scalar")
-        self.resid_mix = with_role(nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])), "scalar")
+        self.resid_mix = with_role(nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])), "scalar", "fp16")
         self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(i + 1)), persistent=False)
 
     def forward(self, x, x0, cu_seqlens, max_len, lora=None):
@@ -927,7 +928,7 @@ class ParallelBlock(Block):
     def __init__(self, h: Hyperparameters, i: int):
         super().__init__(h, i)
         self.resid_lambdas = with_role(nn.Parameter(torch.full((2,), 1.1)), "scalar")
-        self.post_lambdas = with_role(nn.Parameter(torch.ones(2, 2)), "scalar")
+        self.post_lambdas = with_role(nn.Parameter(torch.ones(2, 2)), "scalar", "fp16")
 
     def forward(self, lanes, x0, cu_seqlens, max_len, lora=None):
         la, lm = (lora[:4], lora[4]) if lora is not None else (None, None)
@@ -1063,15 +1064,15 @@ class GPT(nn.Module):
         d = h.model_dim
         self.tok_emb = nn.Embedding(h.vocab_size, d)
         nn.init.normal_(self.tok_emb.weight, std=0.005)
-        with_role(self.tok_emb.weight, "token")
+        with_role(self.tok_emb.weight, "token", "embed")
         if h.smear_gate:
-            self.smear_w = with_role(nn.Parameter(torch.zeros(1, h.gate_width)), "scalar")
+            self.smear_w = with_role(nn.Parameter(torch.zeros(1, h.gate_width)), "scalar", "gate")
             self.smear_lambda = with_role(nn.Parameter(torch.zeros(1)), "scalar")
         self.blocks = nn.ModuleList(
             (ParallelBlock if i >= h.parallel_start_layer else Block)(h, i) for i in range(h.num_layers))
         n_skip = max(min(len(e), len(dd)) for e, dd in (self.layer_plan(False), self.layer_plan(True)))
-        self.skip_weights = with_role(nn.Parameter(torch.ones(n_skip, d)), "scalar")
-        self.skip_gates = with_role(nn.Parameter(torch.zeros(n_skip, d)), "scalar")
+        self.skip_weights = with_role(nn.Parameter(torch.ones(n_skip, d)), "scalar", "fp16")
+        self.skip_gates = with_role(nn.Parameter(torch.zeros(n_skip, d)), "scalar", "fp16")
         if h.num_loops > 0 and h.parcae:
             self.loop_log_a = with_role(nn.Parameter(torch.full((d,), -0.5)), "scalar")
             self.loop_delta = with_role(nn.Parameter(torch.ones(d)), "scalar")
@@ -1522,17 +1523,28 @@ ARTIFACT_MAGIC = b"PGQ2"
 CODE_WRAPPER_MARKER = b"# pgolf self-extracting wrapper"
 
 
-def quant_plan(name, numel, h: Hyperparameters):
-    """How a state tensor is stored: ('gptq', bits, clip_sigmas), ('int8row',) or ('fp16',)."""
-    if name == "tok_emb.weight":
-        return "gptq", h.embed_bits, h.embed_clip_sigmas
-    if name.endswith((".c_q.weight", ".c_k.weight", ".c_v.weight", "attn.proj.weight")):
-        return "gptq", h.matrix_bits, h.attn_clip_sigmas
-    if name.endswith(("mlp.fc.weight", "mlp.proj.weight")):
-        return "gptq", h.matrix_bits, h.mlp_clip_sigmas
-    if name.endswith(("gate_w", "smear_w")):
-        return ("int8row",)  # gate matrices are too small for GPTQ, too sensitive for int6
-    return ("fp16",)
+# Storage of each quantization tag (given with the optimizer role): GPTQ at the config's bits and
+# clip sigmas, int8 with a scale per row, or fp16.
+QUANT_PLANS = {
+    "embed": ("gptq", "embed_bits", "embed_clip_sigmas"),
+    "attn": ("gptq", "matrix_bits", "attn_clip_sigmas"),
+    "mlp": ("gptq", "matrix_bits", "mlp_clip_sigmas"),
+    "gate": ("int8row",),  # gate matrices are too small for GPTQ, too sensitive for int6
+    "fp16": ("fp16",),
+}
+
+
+def quant_plans(model, h: Hyperparameters):
+    """{state name: ('gptq', bits, clip_sigmas), ('int8row',) or ('fp16',)} by each parameter's tag;
+    vectors are fp16 untagged, and an untagged matrix fails here instead of going to fp16 unseen."""
+    plans = {}
+    for name, p in model.named_parameters():
+        tag = p.quant or ("fp16" if p.dim() < 2 else None)
+        if not tag:
+            raise RuntimeError(f"matrix {name} {tuple(p.shape)} has no quantization tag")
+        kind, *keys = QUANT_PLANS[tag]
+        plans[name] = kind, *(getattr(h, k) for k in keys)
+    return plans
 
 
 @torch.no_grad()
@@ -1693,20 +1705,19 @@ def run_gptq(model, h: Hyperparameters, rt: Runtime, train_files):
         hessians = collect_hessians(model, h, rt, train_files)
         rt.sync()
         t1 = time.perf_counter()
-        qstate = quantize_state(model.state_dict(), hessians, h)
+        qstate = quantize_state(model.state_dict(), quant_plans(model, h), hessians, h)
         rt.sync()
     return hessians, qstate, t1 - t0, time.perf_counter() - t1
 
 
-def quantize_state(state, hessians, h: Hyperparameters):
-    """Quantized artifact contents {name: {kind, arrays...}}; same-shape GPTQ tensors of one
-    role are quantized in one batched call."""
+def quantize_state(state, plans, hessians, h: Hyperparameters):
+    """Quantized artifact contents {name: {kind, arrays...}} by quant_plans; same-shape GPTQ tensors
+    of one module kind (c_q, fc, ...) are quantized in one batched call."""
     out, batches = {}, {}
     for name, t in state.items():
-        plan = quant_plan(name, t.numel(), h)
+        plan = plans[name]
         if plan[0] == "gptq":
-            role = name.split(".")[-2] if name != "tok_emb.weight" else name
-            batches.setdefault((role, tuple(t.shape), plan[1:]), []).append(name)
+            batches.setdefault((name.split(".")[-2], tuple(t.shape), plan[1:]), []).append(name)
         elif plan[0] == "int8row":
             t2 = t.float().reshape(t.size(0), -1)
             scale = fp16_scale(t2.abs().amax(dim=1) / 127)

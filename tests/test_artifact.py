@@ -162,8 +162,31 @@ def test_scale_floor_survives_the_fp16_cast():
     w[0, 1:] = torch.randn(3, 64, generator=gen(5))
     _, scale = tg.gptq_quantize(w, torch.eye(64)[None], 6, 13.0)
     h = tiny_h()
-    q = tg.quantize_state({"smear_w": torch.zeros(1, h.gate_width)}, {}, h)
+    q = tg.quantize_state({"smear_w": torch.zeros(1, h.gate_width)}, tg.quant_plans(tg.GPT(h), h), {}, h)
     assert (scale > 0).all() and (q["smear_w"]["scale"] > 0).all()
+
+
+def test_quant_plans_come_from_the_parameter_tags():
+    """Every parameter's plan comes from the tag given with its optimizer role (the names below are
+    what the plan used to be matched by); an untagged matrix is an error, not fp16 unseen."""
+    h = tiny_h(xielu_learnable=True)
+    model = tg.GPT(h)
+    plans = tg.quant_plans(model, h)
+    assert set(plans) == set(model.state_dict())
+    for n, plan in plans.items():
+        if n == "tok_emb.weight":
+            assert plan == ("gptq", h.embed_bits, h.embed_clip_sigmas)
+        elif n.endswith((".c_q.weight", ".c_k.weight", ".c_v.weight", "attn.proj.weight")):
+            assert plan == ("gptq", h.matrix_bits, h.attn_clip_sigmas), n
+        elif n.endswith(("mlp.fc.weight", "mlp.proj.weight")):
+            assert plan == ("gptq", h.matrix_bits, h.mlp_clip_sigmas), n
+        elif n.endswith(("gate_w", "smear_w")):
+            assert plan == ("int8row",), n
+        else:
+            assert plan == ("fp16",), n
+    model.extra = tg.with_role(torch.nn.Parameter(torch.zeros(3, 4)), "scalar")
+    with pytest.raises(RuntimeError, match=r"matrix extra \(3, 4\) has no quantization tag"):
+        tg.quant_plans(model, h)
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,7 +267,8 @@ def test_quantize_state_applies_lqer_to_the_top_k_errors():
     state = {n: k * torch.randn(*s, generator=g) for n, s, k in zip(names, shapes, gains)}
     state["blocks.0.attn_scale"] = torch.ones(64)
     hess = {n: hessian_of(correlated_inputs(256, 64, g)) for n in names}
-    q = tg.quantize_state(state, hess, h)
+    plans = tg.quant_plans(tg.GPT(h), h)
+    q = tg.quantize_state(state, plans, hess, h)
     errors = {n: (state[n] - dequant(q[n]["codes"], q[n]["scale"])).norm().item() for n in names}
     top = set(sorted(errors, key=errors.get, reverse=True)[:2])
     assert top == {"blocks.1.attn.c_q.weight", "blocks.1.attn.proj.weight"}
@@ -260,7 +284,7 @@ def test_quantize_state_applies_lqer_to_the_top_k_errors():
         else:
             assert torch.equal(deq[n], wq)
     h.lqer_enabled = False
-    assert not any("lqer" in e for e in tg.quantize_state(state, hess, h).values())
+    assert not any("lqer" in e for e in tg.quantize_state(state, plans, hess, h).values())
 
 
 def test_quantize_state_drops_a_correction_that_does_not_help(monkeypatch):
@@ -269,10 +293,11 @@ def test_quantize_state_drops_a_correction_that_does_not_help(monkeypatch):
     h = tiny_h(lqer_rank=2, lqer_top_k=1, lqer_group=32)
     state = {"blocks.0.attn.c_q.weight": torch.randn(64, 64, generator=g)}
     hess = {"blocks.0.attn.c_q.weight": hessian_of(correlated_inputs(256, 64, g))}
-    assert "lqer" in tg.quantize_state(state, hess, h)["blocks.0.attn.c_q.weight"]
+    plans = tg.quant_plans(tg.GPT(h), h)
+    assert "lqer" in tg.quantize_state(state, plans, hess, h)["blocks.0.attn.c_q.weight"]
     fit = tg.lqer_factors
     monkeypatch.setattr(tg, "lqer_factors", lambda err, *a: fit(-err, *a))
-    assert "lqer" not in tg.quantize_state(state, hess, h)["blocks.0.attn.c_q.weight"]
+    assert "lqer" not in tg.quantize_state(state, plans, hess, h)["blocks.0.attn.c_q.weight"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,7 +365,7 @@ def test_collect_hessians(tmp_path, batches):
     rt = tg.Runtime(h)
     hess = tg.collect_hessians(model, h, rt, files)
     state = model.state_dict()
-    gptq = {n for n, t in state.items() if tg.quant_plan(n, t.numel(), h)[0] == "gptq"}
+    gptq = {n for n, plan in tg.quant_plans(model, h).items() if plan[0] == "gptq"}
     assert set(hess) == gptq
     for i in range(h.num_layers):
         p = f"blocks.{i}.attn."
@@ -377,15 +402,15 @@ def quantized(tmp_path_factory):
     model = make_model(h, seed=11)
     state = model.state_dict()
     g = gen(12)
-    hess = {}
+    hess, plans = {}, tg.quant_plans(model, h)
     for n, t in state.items():
-        if tg.quant_plan(n, t.numel(), h)[0] != "gptq":
+        if plans[n][0] != "gptq":
             continue
         key = re.sub(r"c_[qkv]\.weight$", "attn.in", n)
         if key not in hess:
             hess[key] = hessian_of(correlated_inputs(256, t.size(1), g))
         hess[n] = hess[key]
-    return h, state, tg.quantize_state(state, hess, h)
+    return h, state, tg.quantize_state(state, plans, hess, h)
 
 
 def test_quantized_state_covers_every_kind(quantized):
