@@ -320,8 +320,8 @@ class Hyperparameters:
 
 
 class Runtime:
-    """Process group, device, rank-0 logging, and the device decisions (attention backend,
-    compilation, fused MLP kernel, TF32, seed), made here once for main, tools and tests alike."""
+    """Process group, device, rank-0 logging, and every device decision (attention, compile, fused
+    MLP, TF32, seed): made once here for main, tools and tests."""
 
     def __init__(self, h: Hyperparameters, new_log=False):
         self.rank, self.world_size = h.rank, h.world_size
@@ -435,6 +435,13 @@ def packed_cu_seqlens(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return np.append(starts, n).astype(np.int32)
 
 
+def packed_batch(piece: np.ndarray, seq_len, device):
+    """(inputs [1, T], targets [1, T], cu_seqlens, longest sequence) of piece[:-1] -> piece[1:]."""
+    cu = packed_cu_seqlens(piece[:-1], seq_len)
+    x, y, cu_t = (to_device(a, device) for a in (piece[:-1], piece[1:], cu))
+    return x.view(1, -1), y.view(1, -1), cu_t, int(np.diff(cu).max())
+
+
 class DocumentPackingLoader:
     """Streams the train shards in order as one token stream (documents run across shards,
     the stream wraps at the end). Each call consumes world*(local+1) tokens; rank r takes the
@@ -463,12 +470,10 @@ class DocumentPackingLoader:
         return out
 
     def next_batch(self):
-        """(inputs [1, T], targets [1, T], cu_seqlens, longest sequence) for this rank."""
+        """This rank's packed_batch."""
         span = self._take(self.world_size * (self.local + 1))
         piece = span[self.rank * (self.local + 1):(self.rank + 1) * (self.local + 1)].astype(np.int64)
-        cu = packed_cu_seqlens(piece[:-1], self.seq_len)
-        x, y, cu_t = (to_device(a, self.device) for a in (piece[:-1], piece[1:], cu))
-        return x.view(1, -1), y.view(1, -1), cu_t, int(np.diff(cu).max())
+        return packed_batch(piece, self.seq_len, self.device)
 
 
 def to_device(a: np.ndarray, device):
@@ -770,7 +775,7 @@ xielu_linear.register_autograd(_xielu_linear_backward, setup_context=_xielu_line
 
 
 def fused_mlp_enabled(requested, device):
-    """FUSED_MLP=1 takes the Triton kernel above on CUDA; elsewhere the MLP runs unfused."""
+    """FUSED_MLP=1 takes this kernel on CUDA only."""
     return requested and device.type == "cuda" and triton is not None
 
 
@@ -784,8 +789,7 @@ def rms_norm(x):
 
 
 def with_role(p: nn.Parameter, role: str, quant=None) -> nn.Parameter:
-    """Tag a parameter with its optimizer role (see OPTIMIZER_ROLES), which every parameter has,
-    and its quantization (QUANT_PLANS), which every matrix needs: vectors are fp16 untagged."""
+    """Tag a parameter with its optimizer role (OPTIMIZER_ROLES) and, if a matrix, its QUANT_PLANS tag."""
     p.role, p.quant = role, quant
     return p
 
@@ -1113,8 +1117,7 @@ class GPT(nn.Module):
     def hidden(self, ids, cu_seqlens, max_seqlen, lora=None, looping=True):
         """Final-normed hidden states [B, T, d]. lora, if given, maps a virtual layer slot to its
         (q, k, v, o, mlp) adapters; training, eval and TTT all run through here. looping=False
-        skips the loop passes (training before ENABLE_LOOPING_AT); a Python choice here, so the
-        compiled blocks never see it."""
+        (early training) skips the loop passes: a choice made here, outside the compiled blocks."""
         h = self.h
         # The packing changes every batch: its length is a dynamic dim and the longest sequence a
         # host tensor, so neither recompiles the block graphs.
@@ -1162,10 +1165,6 @@ class GPT(nn.Module):
         """Softcapped fp32 logits of the tied head (+ a TTT adapter) for hidden states [B, T, d]."""
         z = add_lora(F.linear(hid, self.tok_emb.weight.to(hid.dtype)), hid, head_lora)
         return softcap_logits(z.float(), self.h.logit_softcap)
-
-    def logits(self, ids, cu_seqlens, max_seqlen, lora=None, head_lora=None):
-        """Softcapped fp32 logits [B, T, V] (eval and tests)."""
-        return self.head_logits(self.hidden(ids, cu_seqlens, max_seqlen, lora), head_lora)
 
     def token_losses(self, ids, targets, cu_seqlens, max_seqlen):
         """Per-token CE [B, T] in fp32 (0 where target is -1)."""
@@ -1392,8 +1391,8 @@ def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
 
 
 def training_budget(model, h: Hyperparameters, rt: Runtime, train_files):
-    """Training seconds (0 = no cap): MAX_WALLCLOCK_SECONDS less the time kept back for the final
-    GPTQ, GPTQ_RESERVE_SECONDS or one Hessian + GPTQ pass timed on the initial weights (same cost)."""
+    """Training seconds (0 = no cap): the cap less the final GPTQ's reserve, GPTQ_RESERVE_SECONDS or
+    one Hessian + GPTQ pass timed on the initial weights (same shapes, same cost)."""
     reserve = h.gptq_reserve_seconds
     if reserve < 0:
         _, _, t_hess, t_quant = run_gptq(model, h, rt, train_files)
@@ -1523,8 +1522,7 @@ ARTIFACT_MAGIC = b"PGQ2"
 CODE_WRAPPER_MARKER = b"# pgolf self-extracting wrapper"
 
 
-# Storage of each quantization tag (given with the optimizer role): GPTQ at the config's bits and
-# clip sigmas, int8 with a scale per row, or fp16.
+# Storage of each quantization tag: GPTQ at the config's (bits, clip sigmas), int8 per row, or fp16.
 QUANT_PLANS = {
     "embed": ("gptq", "embed_bits", "embed_clip_sigmas"),
     "attn": ("gptq", "matrix_bits", "attn_clip_sigmas"),
@@ -1535,8 +1533,8 @@ QUANT_PLANS = {
 
 
 def quant_plans(model, h: Hyperparameters):
-    """{state name: ('gptq', bits, clip_sigmas), ('int8row',) or ('fp16',)} by each parameter's tag;
-    vectors are fp16 untagged, and an untagged matrix fails here instead of going to fp16 unseen."""
+    """{name: ('gptq', bits, clip_sigmas), ('int8row',) or ('fp16',)} by parameter tag; vectors are
+    fp16 untagged, an untagged matrix is an error (not fp16 unseen)."""
     plans = {}
     for name, p in model.named_parameters():
         tag = p.quant or ("fp16" if p.dim() < 2 else None)
@@ -1600,7 +1598,7 @@ def fp16_scale(s):
     return s.half().clamp_min(torch.finfo(torch.float16).tiny)
 
 
-def damped_cholesky(m, upper=False):
+def damped_cholesky(m, upper=False, log=print):
     """Batched Cholesky that adds 10x more diagonal damping (from 1e-6 of the mean diagonal) to
     the matrices that fail; one that still fails at ~1e3x falls back to its diagonal (GPTQ then
     reduces to rounding with error feedback), with a warning, instead of aborting the artifact."""
@@ -1613,12 +1611,12 @@ def damped_cholesky(m, upper=False):
         bad = (info > 0).to(m.dtype)[:, None, None]
         m = m + bad * jitter[:, None, None] * eye
         jitter = jitter * 10
-    print(f"warning: GPTQ Cholesky failed for {int(bad.sum())} matrices; using their diagonal", file=sys.stderr)
+    log(f"warning: GPTQ Cholesky failed for {int(bad.sum())} matrices; using their diagonal")
     m = torch.where(bad > 0, torch.diag_embed(m.diagonal(dim1=-2, dim2=-1)), m)
     return torch.linalg.cholesky(m, upper=upper)
 
 
-def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01):
+def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01, log=print):
     """Full-Hessian GPTQ (PR #1019/#1060) with act-order and SDClip row scales (PR #1394):
     s_r = k*std(W_r)/(2^(bits-1)-1), no clip search. Batched over a leading dim: w [n, r, c],
     hessian [n, c, c] (inputs along c). Returns int8 codes [n, r, c] and fp16 scales [n, r]."""
@@ -1635,7 +1633,7 @@ def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01):
     perm = torch.argsort(diag, dim=-1, descending=True)  # act-order: most informative columns first
     w = torch.gather(w, 2, perm[:, None, :].expand(n, r, c))
     hessian = torch.gather(torch.gather(hessian, 1, perm[:, :, None].expand(n, c, c)), 2, perm[:, None, :].expand(n, c, c))
-    u = damped_cholesky(torch.cholesky_inverse(damped_cholesky(hessian)), upper=True)
+    u = damped_cholesky(torch.cholesky_inverse(damped_cholesky(hessian, log=log)), True, log)
     codes = torch.empty_like(w)
     for b0 in range(0, c, block_size):
         b1 = min(b0 + block_size, c)
@@ -1705,14 +1703,14 @@ def run_gptq(model, h: Hyperparameters, rt: Runtime, train_files):
         hessians = collect_hessians(model, h, rt, train_files)
         rt.sync()
         t1 = time.perf_counter()
-        qstate = quantize_state(model.state_dict(), quant_plans(model, h), hessians, h)
+        qstate = quantize_state(model.state_dict(), quant_plans(model, h), hessians, h, rt.log)
         rt.sync()
     return hessians, qstate, t1 - t0, time.perf_counter() - t1
 
 
-def quantize_state(state, plans, hessians, h: Hyperparameters):
-    """Quantized artifact contents {name: {kind, arrays...}} by quant_plans; same-shape GPTQ tensors
-    of one module kind (c_q, fc, ...) are quantized in one batched call."""
+def quantize_state(state, plans, hessians, h: Hyperparameters, log=print):
+    """Quantized artifact contents {name: {kind, arrays...}}; same-shape GPTQ tensors of one
+    role are quantized in one batched call."""
     out, batches = {}, {}
     for name, t in state.items():
         plan = plans[name]
@@ -1729,7 +1727,7 @@ def quantize_state(state, plans, hessians, h: Hyperparameters):
     for (role, shape, (bits, sigmas)), names in batches.items():
         w = torch.stack([state[nm].float() for nm in names])
         codes, scale = gptq_quantize(w, torch.stack([hessians[nm] for nm in names]), bits, sigmas,
-                                     h.gptq_block_size, h.gptq_damp)
+                                     h.gptq_block_size, h.gptq_damp, log)
         for nm, q, s, wi in zip(names, codes, scale, w):
             out[nm] = dict(kind="gptq", bits=bits, codes=q, scale=s)
             errors[nm] = wi - q.float() * s.float()[:, None]
@@ -2152,10 +2150,8 @@ def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
             for g in opt.param_groups:
                 g["lr"] = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n - 1, 1)))
             piece = stream[ci * chunk + rt.rank * per_rank:ci * chunk + (rt.rank + 1) * per_rank + 1].astype(np.int64)
-            cu = packed_cu_seqlens(piece[:-1], h.global_ttt_seq_len)
-            x, y, cu_t = (to_device(a, rt.device) for a in (piece[:-1], piece[1:], cu))
             with autocast:
-                loss = model(x.view(1, -1), y.view(1, -1), cu_t, int(np.diff(cu).max()))
+                loss = model(*packed_batch(piece, h.global_ttt_seq_len, rt.device))
             loss.backward()
             all_reduce_grads(params, rt)
             torch.nn.utils.clip_grad_norm_(params, h.global_ttt_grad_clip)

@@ -741,7 +741,7 @@ def test_scored_losses_are_log_softmax_of_the_full_vocabulary(tmp_path, monkeypa
     for ws, n, first in windows:
         x = torch.from_numpy(val.tokens[ws:ws + n].astype(np.int64)).view(1, -1)
         with torch.no_grad():
-            logp = torch.log_softmax(model.logits(x, torch.tensor([0, n], dtype=torch.int32), n)[0].double(), -1)
+            logp = torch.log_softmax(model.head_logits(model.hidden(x, torch.tensor([0, n], dtype=torch.int32), n))[0].double(), -1)
         for i in range(first, n):
             assert got[ws + i + 1] == pytest.approx(-logp[i, int(val.tokens[ws + i + 1])].item(), abs=1e-5)
 
