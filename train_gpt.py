@@ -1514,7 +1514,7 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
 
 
 # ---------------------------------------------------------------------------------------
-# Quantization and packing: Hessians on train data, GPTQ + SDClip, LQER, brotli container
+# Quantization and packing: Hessians on train data, GPTQ + SDClip, LQER, rANS + brotli container
 # ---------------------------------------------------------------------------------------
 
 SUBMISSION_CAP_BYTES = 16_000_000
