@@ -1975,6 +1975,87 @@ def counted_code_bytes(path) -> tuple[int, int]:
     return len(raw), len(raw) if raw.startswith(CODE_WRAPPER_MARKER) else len(build_code_wrapper(raw))
 
 
+class ArtifactTooLarge(RuntimeError):
+    pass
+
+
+def quantize_model(model, h: Hyperparameters, rt: Runtime, train_files, train_ms):
+    """Hessians + GPTQ on the EMA weights; their time counts against the training cap."""
+    rt.log(f"gptq:calibration {h.gptq_calibration_tokens} tokens from {len(train_files)} train shards "
+           f"({os.path.join(h.data_path, 'fineweb_train_*.bin')}), then quantizing")
+    hessians, qstate, t_hess, t_quant = run_gptq(model, h, rt, train_files)
+    rt.log(f"GPTQ:collected {len(hessians)} Hessians in {t_hess:.1f}s, quantized in {t_quant:.1f}s; "
+           f"training + GPTQ = {train_ms / 1000 + t_hess + t_quant:.3f}s (cap {h.max_wallclock_seconds:.0f}s)")
+    kinds = {}
+    for name, e in qstate.items():
+        key = f"{e['kind']}{e.get('bits', '')}" + ("+lqer" if "lqer" in e else "")
+        kinds.setdefault(key, []).append(name)
+    rt.log("Quantized weights:")
+    for key, names in sorted(kinds.items()):
+        rt.log(f"  {key}: {len(names)} tensors, {sum(qstate[n].get('codes', qstate[n].get('value')).numel() for n in names)} values")
+    return qstate
+
+
+def check_writable(path):
+    """ARTIFACT_PATH must be writable before training: failing after training and GPTQ loses the model."""
+    existed = os.path.exists(path)
+    try:
+        open(path, "ab").close()
+    except OSError as e:
+        raise ConfigError(f"ARTIFACT_PATH={path!r}: cannot be written ({e.strerror})") from None
+    if not existed:
+        os.remove(path)
+
+
+def write_artifact(qstate, h: Hyperparameters, rt: Runtime):
+    """Rank 0 packs and writes the artifact, logs exact sizes and enforces the 16 MB cap. If
+    ARTIFACT_PATH cannot be written after all, the artifact goes beside the log (or to the temp
+    directory) and the log says where: the trained model is never lost."""
+    if rt.master:
+        t0 = time.perf_counter()
+        blob = pack_artifact(qstate)
+        for path in dict.fromkeys((h.artifact_path, os.path.join(h.log_dir, f"{h.run_id}.pgq"),
+                                   os.path.join(tempfile.gettempdir(), f"{h.run_id}.pgq"))):
+            try:
+                with open(path, "wb") as f:
+                    f.write(blob)
+                break
+            except OSError as e:
+                rt.log(f"error: cannot write the artifact to {path}: {e}")
+        if path != h.artifact_path:
+            rt.log(f"artifact: saved to {path} instead of ARTIFACT_PATH={h.artifact_path}")
+            h.artifact_path = path  # the eval below reads it there (single process; other ranks keep the old path)
+        model_bytes = os.path.getsize(h.artifact_path)
+        raw_code, code = counted_code_bytes(os.path.abspath(sys.argv[0]))
+        total = model_bytes + code
+        rt.log(f"Serialized model quantized+brotli: {model_bytes} bytes ({h.artifact_path}, "
+               f"compressed in {time.perf_counter() - t0:.1f}s)")
+        rt.log(f"Code size (uncompressed): {raw_code} bytes")
+        rt.log(f"Code size (compressed): {code} bytes")
+        rt.log(f"Total submission size quantized+brotli: {total} bytes")
+        over = total > SUBMISSION_CAP_BYTES
+        if over:
+            rt.log(f"!!! OVER THE CAP: {total} bytes > {SUBMISSION_CAP_BYTES} by {total - SUBMISSION_CAP_BYTES} bytes !!!")
+    else:
+        over = False
+    if rt.any_rank(over) and not h.allow_over_cap:
+        raise ArtifactTooLarge(f"submission exceeds {SUBMISSION_CAP_BYTES} bytes (set ALLOW_OVER_CAP=1 for research runs)")
+
+
+def load_artifact_model(h: Hyperparameters, rt: Runtime):
+    """A fresh model built from the artifact file alone: unpack, dequantize, load strictly."""
+    if rt.distributed:
+        dist.barrier()
+    t0 = time.perf_counter()
+    with open(h.artifact_path, "rb") as f:
+        qstate = unpack_artifact(f.read())
+    model = GPT(h)
+    model.load_state_dict(dequantize_state(qstate, model.state_dict(), h.lqer_group), strict=True)
+    model = rt.place(model)
+    rt.log(f"artifact:loaded {h.artifact_path} into a fresh model in {time.perf_counter() - t0:.1f}s")
+    return model
+
+
 # ---------------------------------------------------------------------------------------
 # Evaluation: document-aware windows (plain and sliding) and phased TTT
 # ---------------------------------------------------------------------------------------
@@ -2217,15 +2298,6 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline):
     return summarize(sums, rt)
 
 
-# ---------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------
-
-
-class ArtifactTooLarge(RuntimeError):
-    pass
-
-
 def timed_eval(label, fn, rt: Runtime):
     """Run an eval returning (val_loss, val_bpb, scored targets) and log it in the records' format."""
     rt.log(f"eval: {label} running")
@@ -2236,69 +2308,6 @@ def timed_eval(label, fn, rt: Runtime):
     rt.log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms "
            f"scored_targets:{scored}")
     return val_loss, val_bpb
-
-
-def quantize_model(model, h: Hyperparameters, rt: Runtime, train_files, train_ms):
-    """Hessians + GPTQ on the EMA weights; their time counts against the training cap."""
-    rt.log(f"gptq:calibration {h.gptq_calibration_tokens} tokens from {len(train_files)} train shards "
-           f"({os.path.join(h.data_path, 'fineweb_train_*.bin')}), then quantizing")
-    hessians, qstate, t_hess, t_quant = run_gptq(model, h, rt, train_files)
-    rt.log(f"GPTQ:collected {len(hessians)} Hessians in {t_hess:.1f}s, quantized in {t_quant:.1f}s; "
-           f"training + GPTQ = {train_ms / 1000 + t_hess + t_quant:.3f}s (cap {h.max_wallclock_seconds:.0f}s)")
-    kinds = {}
-    for name, e in qstate.items():
-        key = f"{e['kind']}{e.get('bits', '')}" + ("+lqer" if "lqer" in e else "")
-        kinds.setdefault(key, []).append(name)
-    rt.log("Quantized weights:")
-    for key, names in sorted(kinds.items()):
-        rt.log(f"  {key}: {len(names)} tensors, {sum(qstate[n].get('codes', qstate[n].get('value')).numel() for n in names)} values")
-    return qstate
-
-
-def check_writable(path):
-    """ARTIFACT_PATH must be writable before training: failing after training and GPTQ loses the model."""
-    existed = os.path.exists(path)
-    try:
-        open(path, "ab").close()
-    except OSError as e:
-        raise ConfigError(f"ARTIFACT_PATH={path!r}: cannot be written ({e.strerror})") from None
-    if not existed:
-        os.remove(path)
-
-
-def write_artifact(qstate, h: Hyperparameters, rt: Runtime):
-    """Rank 0 packs and writes the artifact, logs exact sizes and enforces the 16 MB cap. If
-    ARTIFACT_PATH cannot be written after all, the artifact goes beside the log (or to the temp
-    directory) and the log says where: the trained model is never lost."""
-    if rt.master:
-        t0 = time.perf_counter()
-        blob = pack_artifact(qstate)
-        for path in dict.fromkeys((h.artifact_path, os.path.join(h.log_dir, f"{h.run_id}.pgq"),
-                                   os.path.join(tempfile.gettempdir(), f"{h.run_id}.pgq"))):
-            try:
-                with open(path, "wb") as f:
-                    f.write(blob)
-                break
-            except OSError as e:
-                rt.log(f"error: cannot write the artifact to {path}: {e}")
-        if path != h.artifact_path:
-            rt.log(f"artifact: saved to {path} instead of ARTIFACT_PATH={h.artifact_path}")
-            h.artifact_path = path  # the eval below reads it there (single process; other ranks keep the old path)
-        model_bytes = os.path.getsize(h.artifact_path)
-        raw_code, code = counted_code_bytes(os.path.abspath(sys.argv[0]))
-        total = model_bytes + code
-        rt.log(f"Serialized model quantized+brotli: {model_bytes} bytes ({h.artifact_path}, "
-               f"compressed in {time.perf_counter() - t0:.1f}s)")
-        rt.log(f"Code size (uncompressed): {raw_code} bytes")
-        rt.log(f"Code size (compressed): {code} bytes")
-        rt.log(f"Total submission size quantized+brotli: {total} bytes")
-        over = total > SUBMISSION_CAP_BYTES
-        if over:
-            rt.log(f"!!! OVER THE CAP: {total} bytes > {SUBMISSION_CAP_BYTES} by {total - SUBMISSION_CAP_BYTES} bytes !!!")
-    else:
-        over = False
-    if rt.any_rank(over) and not h.allow_over_cap:
-        raise ArtifactTooLarge(f"submission exceeds {SUBMISSION_CAP_BYTES} bytes (set ALLOW_OVER_CAP=1 for research runs)")
 
 
 def evaluate_artifact(h: Hyperparameters, rt: Runtime, val: ValSet):
@@ -2341,18 +2350,9 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, val: ValSet):
         rt.log(f"peak memory allocated (whole run): {torch.cuda.max_memory_allocated() // 2**20} MiB")
 
 
-def load_artifact_model(h: Hyperparameters, rt: Runtime):
-    """A fresh model built from the artifact file alone: unpack, dequantize, load strictly."""
-    if rt.distributed:
-        dist.barrier()
-    t0 = time.perf_counter()
-    with open(h.artifact_path, "rb") as f:
-        qstate = unpack_artifact(f.read())
-    model = GPT(h)
-    model.load_state_dict(dequantize_state(qstate, model.state_dict(), h.lqer_group), strict=True)
-    model = rt.place(model)
-    rt.log(f"artifact:loaded {h.artifact_path} into a fresh model in {time.perf_counter() - t0:.1f}s")
-    return model
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
 
 
 def main():
