@@ -7,6 +7,7 @@ Launch: torchrun --standalone --nproc_per_node=N train_gpt.py (N in 1..8), or pl
 from __future__ import annotations
 
 import base64
+import contextlib
 import difflib
 import functools
 import glob
@@ -326,7 +327,8 @@ class Hyperparameters:
 
 
 class Runtime:
-    """Process group, device and rank-0 logging."""
+    """Process group, device, rank-0 logging, and every device decision (attention, compile, fused
+    MLP, TF32, seed): made once here for main, tools and tests."""
 
     def __init__(self, h: Hyperparameters, new_log=False):
         self.rank, self.world_size = h.rank, h.world_size
@@ -343,6 +345,22 @@ class Runtime:
             raise ConfigError(f"RUN_ID={h.run_id!r}: {self.log_path} exists; pick a new RUN_ID (unset: a fresh one)")
         if self.master:
             os.makedirs(h.log_dir, exist_ok=True)
+        try:
+            self.attn_backend = use_attention_backend(h.attn_backend, self.device)
+        except ConfigError as e:
+            self.log(f"config error: {e}", console=False)  # main prints it
+            raise
+        self.compile = h.compile and self.device.type == "cuda"
+        self.fused_mlp = fused_mlp_enabled(h.fused_mlp, self.device)
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside GPTQ
+        torch.manual_seed(h.seed)
+
+    def place(self, model):
+        """The model on this device, its blocks compiled if COMPILE=1 on CUDA."""
+        model = model.to(self.device)
+        if self.compile:
+            model.compile_regions()
+        return model
 
     def log(self, msg, console=True):
         if not self.master:
@@ -424,6 +442,13 @@ def packed_cu_seqlens(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return np.append(starts, n).astype(np.int32)
 
 
+def packed_batch(piece: np.ndarray, seq_len, device):
+    """(inputs [1, T], targets [1, T], cu_seqlens, longest sequence) of piece[:-1] -> piece[1:]."""
+    cu = packed_cu_seqlens(piece[:-1], seq_len)
+    x, y, cu_t = (to_device(a, device) for a in (piece[:-1], piece[1:], cu))
+    return x.view(1, -1), y.view(1, -1), cu_t, int(np.diff(cu).max())
+
+
 class DocumentPackingLoader:
     """Streams the train shards in order as one token stream (documents run across shards,
     the stream wraps at the end). Each call consumes world*(local+1) tokens; rank r takes the
@@ -461,12 +486,10 @@ class DocumentPackingLoader:
         self.taken = taken
 
     def next_batch(self):
-        """(inputs [1, T], targets [1, T], cu_seqlens, longest sequence) for this rank."""
+        """This rank's packed_batch."""
         span = self._take(self.world_size * (self.local + 1))
         piece = span[self.rank * (self.local + 1):(self.rank + 1) * (self.local + 1)].astype(np.int64)
-        cu = packed_cu_seqlens(piece[:-1], self.seq_len)
-        x, y, cu_t = (to_device(a, self.device) for a in (piece[:-1], piece[1:], cu))
-        return x.view(1, -1), y.view(1, -1), cu_t, int(np.diff(cu).max())
+        return packed_batch(piece, self.seq_len, self.device)
 
 
 def to_device(a: np.ndarray, device):
@@ -569,9 +592,10 @@ def check_tokenizer_matches(sp, tokens: np.ndarray, h: Hyperparameters, n_docs=6
 # ---------------------------------------------------------------------------------------
 
 
-def pick_attention_backend(requested, device):
-    """FA3 where importable (the competition image), else torch's varlen flash attention
-    (torch >= 2.10, CUDA), else SDPA with an explicit mask (CPU and tests)."""
+def use_attention_backend(requested, device):
+    """Set (and return) the attention backend: FA3 where importable (the competition image), else
+    torch's varlen flash attention (torch >= 2.10, CUDA), else SDPA with an explicit mask (CPU)."""
+    global ATTENTION_BACKEND
     available = ["sdpa"]
     if device.type == "cuda":
         try:
@@ -584,14 +608,13 @@ def pick_attention_backend(requested, device):
             available.insert(0, "fa3")
         except ImportError:
             pass
-    if requested == "auto":
-        return available[0]
-    if requested not in available:
+    if requested not in available + ["auto"]:
         raise ConfigError(f"ATTN_BACKEND={requested!r}: not available here (available: {', '.join(available)})")
-    return requested
+    ATTENTION_BACKEND = available[0] if requested == "auto" else requested
+    return ATTENTION_BACKEND
 
 
-ATTENTION_BACKEND = "sdpa"
+ATTENTION_BACKEND = "sdpa"  # written only by use_attention_backend
 
 
 def _attention_sdpa(q, k, v, cu_seqlens, window):
@@ -767,6 +790,11 @@ def _xielu_linear_backward(ctx, grad_pre, grad_post):
 xielu_linear.register_autograd(_xielu_linear_backward, setup_context=_xielu_linear_setup)
 
 
+def fused_mlp_enabled(requested, device):
+    """FUSED_MLP=1 takes this kernel on CUDA only."""
+    return requested and device.type == "cuda" and triton is not None
+
+
 def bf16_autocast(device):
     """bf16 autocast on CUDA; CPU runs (tests, the embedded job) stay in fp32."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -776,20 +804,20 @@ def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-def with_role(p: nn.Parameter, role: str) -> nn.Parameter:
-    """Tag a parameter with its optimizer role (see OPTIMIZER_ROLES); every parameter has one."""
-    p.role = role
+def with_role(p: nn.Parameter, role: str, quant=None) -> nn.Parameter:
+    """Tag a parameter with its optimizer role (OPTIMIZER_ROLES) and, if a matrix, its QUANT_PLANS tag."""
+    p.role, p.quant = role, quant
     return p
 
 
 class CastedLinear(nn.Module):
     """y = x W^T with an fp32 master weight cast to the activation dtype (Muon's 'matrix' role)."""
 
-    def __init__(self, in_features, out_features, init="orthogonal"):
+    def __init__(self, in_features, out_features, quant, init="orthogonal"):
         super().__init__()
         w = torch.empty(out_features, in_features)
         nn.init.orthogonal_(w) if init == "orthogonal" else nn.init.zeros_(w)
-        self.weight = with_role(nn.Parameter(w), "matrix")
+        self.weight = with_role(nn.Parameter(w), "matrix", quant)
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
@@ -823,8 +851,8 @@ class CausalSelfAttention(nn.Module):
         d, self.num_heads, self.num_kv_heads = h.model_dim, h.num_heads, h.num_kv_heads
         self.head_dim = d // h.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
-        self.c_q, self.c_k, self.c_v = CastedLinear(d, d), CastedLinear(d, kv_dim), CastedLinear(d, kv_dim)
-        self.proj = CastedLinear(d, d, init="zeros")
+        self.c_q, self.c_k, self.c_v = (CastedLinear(d, n, "attn") for n in (d, kv_dim, kv_dim))
+        self.proj = CastedLinear(d, d, "attn", init="zeros")
         self.q_gain = with_role(nn.Parameter(torch.full((h.num_heads,), h.layer_qk_gain(i))), "scalar")
         self.window = h.layer_window(i)
         # Gemma-style: global layers rotate 16 of 64 dims, local layers all of them.
@@ -835,7 +863,7 @@ class CausalSelfAttention(nn.Module):
         # FA3's static bound: no packed sequence is longer than the longest length any stage cuts at.
         self.fa3_max_seqlen = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len, h.global_ttt_seq_len)
         if self.gate != "none":
-            self.gate_w = with_role(nn.Parameter(torch.zeros(h.num_heads, h.gate_width)), "scalar")
+            self.gate_w = with_role(nn.Parameter(torch.zeros(h.num_heads, h.gate_width)), "scalar", "gate")
 
     def forward(self, u, x_in, cu_seqlens, max_len, lora=None):
         B, T, _ = u.shape
@@ -870,7 +898,7 @@ class MLP(nn.Module):
     def __init__(self, h: Hyperparameters, i: int):
         super().__init__()
         hidden = h.mlp_mult * h.model_dim
-        self.fc, self.proj = CastedLinear(h.model_dim, hidden), CastedLinear(hidden, h.model_dim, init="zeros")
+        self.fc, self.proj = CastedLinear(h.model_dim, hidden, "mlp"), CastedLinear(hidden, h.model_dim, "mlp", "zeros")
         coeffs = torch.tensor(h.layer_xielu(i), dtype=torch.float32)
         if h.xielu_learnable:
             self.act_coeffs = with_role(nn.Parameter(coeffs), "scalar")
@@ -879,7 +907,7 @@ class MLP(nn.Module):
         self.fused = h.fused_mlp
 
     def forward(self, u, lora=None):
-        if self.fused and u.is_cuda and triton is not None:
+        if fused_mlp_enabled(self.fused, u.device):
             B, T, d = u.shape
             dtype = torch.bfloat16
             _, post = xielu_linear(u.reshape(B * T, d).to(dtype), self.fc.weight.to(dtype), self.act_coeffs)
@@ -901,7 +929,7 @@ class Block(nn.Module):
         self.attn, self.mlp = CausalSelfAttention(h, i), MLP(h, i)
         self.attn_scale = with_role(nn.Parameter(torch.ones(d)), "scalar")
         self.mlp_scale = with_role(nn.Parameter(torch.ones(d)), "scalar")
-        self.resid_mix = with_role(nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])), "scalar")
+        self.resid_mix = with_role(nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])), "scalar", "fp16")
         self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(i + 1)), persistent=False)
 
     def forward(self, x, x0, cu_seqlens, max_len, lora=None):
@@ -920,7 +948,7 @@ class ParallelBlock(Block):
     def __init__(self, h: Hyperparameters, i: int):
         super().__init__(h, i)
         self.resid_lambdas = with_role(nn.Parameter(torch.full((2,), 1.1)), "scalar")
-        self.post_lambdas = with_role(nn.Parameter(torch.ones(2, 2)), "scalar")
+        self.post_lambdas = with_role(nn.Parameter(torch.ones(2, 2)), "scalar", "fp16")
 
     def forward(self, lanes, x0, cu_seqlens, max_len, lora=None):
         la, lm = (lora[:4], lora[4]) if lora is not None else (None, None)
@@ -1056,20 +1084,19 @@ class GPT(nn.Module):
         d = h.model_dim
         self.tok_emb = nn.Embedding(h.vocab_size, d)
         nn.init.normal_(self.tok_emb.weight, std=0.005)
-        with_role(self.tok_emb.weight, "token")
+        with_role(self.tok_emb.weight, "token", "embed")
         if h.smear_gate:
-            self.smear_w = with_role(nn.Parameter(torch.zeros(1, h.gate_width)), "scalar")
+            self.smear_w = with_role(nn.Parameter(torch.zeros(1, h.gate_width)), "scalar", "gate")
             self.smear_lambda = with_role(nn.Parameter(torch.zeros(1)), "scalar")
         self.blocks = nn.ModuleList(
             (ParallelBlock if i >= h.parallel_start_layer else Block)(h, i) for i in range(h.num_layers))
         n_skip = max(min(len(e), len(dd)) for e, dd in (self.layer_plan(False), self.layer_plan(True)))
-        self.skip_weights = with_role(nn.Parameter(torch.ones(n_skip, d)), "scalar")
-        self.skip_gates = with_role(nn.Parameter(torch.zeros(n_skip, d)), "scalar")
+        self.skip_weights = with_role(nn.Parameter(torch.ones(n_skip, d)), "scalar", "fp16")
+        self.skip_gates = with_role(nn.Parameter(torch.zeros(n_skip, d)), "scalar", "fp16")
         if h.num_loops > 0 and h.parcae:
             self.loop_log_a = with_role(nn.Parameter(torch.full((d,), -0.5)), "scalar")
             self.loop_delta = with_role(nn.Parameter(torch.ones(d)), "scalar")
             self.loop_b = with_role(nn.Parameter(torch.full((d,), 0.1)), "scalar")
-        self.looping = False
         self.merge_skip, self.parcae_inject, self.loss_fn = merge_skip, parcae_inject, softcap_cross_entropy
 
     def layer_plan(self, looping):
@@ -1103,9 +1130,10 @@ class GPT(nn.Module):
             e = e + self.smear_lambda * gate * prev * keep.view(*ids.shape, 1)
         return e
 
-    def hidden(self, ids, cu_seqlens, max_seqlen, lora=None):
+    def hidden(self, ids, cu_seqlens, max_seqlen, lora=None, looping=True):
         """Final-normed hidden states [B, T, d]. lora, if given, maps a virtual layer slot to its
-        (q, k, v, o, mlp) adapters; training, eval and TTT all run through here."""
+        (q, k, v, o, mlp) adapters; training, eval and TTT all run through here. looping=False
+        (early training) skips the loop passes: a choice made here, outside the compiled blocks."""
         h = self.h
         # The packing changes every batch: its length is a dynamic dim and the longest sequence a
         # host tensor, so neither recompiles the block graphs.
@@ -1113,11 +1141,11 @@ class GPT(nn.Module):
         pack = cu_seqlens, torch.tensor([max_seqlen], dtype=torch.int32)
         x0 = rms_norm(self.embed(ids, cu_seqlens))
         x = x0.clone()  # distinct from x0, else the first block compiles its own aliased graph
-        enc, dec = self.layer_plan(self.looping)
+        enc, dec = self.layer_plan(looping)
         skips, lanes, loop_entries = [], None, 0
         for slot, i in enumerate(enc + dec):
             adapters = lora[slot] if lora is not None else None
-            if self.looping and h.num_loops > 0 and i == h.loop_start:
+            if looping and i == h.loop_start:
                 loop_entries += 1
                 if loop_entries >= 2:
                     if loop_entries <= h.loop_trunc_bwd + 1:
@@ -1144,19 +1172,15 @@ class GPT(nn.Module):
             x = 0.5 * (lanes[0] + lanes[1])
         return rms_norm(x)
 
-    def forward(self, ids, targets, cu_seqlens, max_seqlen):
+    def forward(self, ids, targets, cu_seqlens, max_seqlen, looping=True):
         """Mean training loss over the packed row."""
-        return self.loss_fn(self.hidden(ids, cu_seqlens, max_seqlen), self.tok_emb.weight, targets,
+        return self.loss_fn(self.hidden(ids, cu_seqlens, max_seqlen, looping=looping), self.tok_emb.weight, targets,
                             self.h.logit_softcap)
 
     def head_logits(self, hid, head_lora=None):
         """Softcapped fp32 logits of the tied head (+ a TTT adapter) for hidden states [B, T, d]."""
         z = add_lora(F.linear(hid, self.tok_emb.weight.to(hid.dtype)), hid, head_lora)
         return softcap_logits(z.float(), self.h.logit_softcap)
-
-    def logits(self, ids, cu_seqlens, max_seqlen, lora=None, head_lora=None):
-        """Softcapped fp32 logits [B, T, V] (eval and tests)."""
-        return self.head_logits(self.hidden(ids, cu_seqlens, max_seqlen, lora), head_lora)
 
     def token_losses(self, ids, targets, cu_seqlens, max_seqlen):
         """Per-token CE [B, T] in fp32 (0 where target is -1)."""
@@ -1313,7 +1337,7 @@ class Trainer:
         self.optimizers = build_optimizers(model, h, rt.rank, rt.world_size)
         self.autocast = bf16_autocast(rt.device)
 
-    def step(self, loader, step, frac):
+    def step(self, loader, step, frac, looping):
         h = self.h
         mult = lr_multiplier(frac, h)
         muon = self.optimizers[0]
@@ -1326,7 +1350,7 @@ class Trainer:
         for _ in range(h.grad_accum_steps):
             x, y, cu, max_len = loader.next_batch()
             with self.autocast:
-                loss = self.model(x, y, cu, max_len)
+                loss = self.model(x, y, cu, max_len, looping)
             (loss / h.grad_accum_steps).backward()
             loss_sum += loss.detach()
         all_reduce_grads(self.params, self.rt)
@@ -1373,26 +1397,29 @@ def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
     loop_phases = [False, True] if h.num_loops > 0 else [False]
     loss = torch.zeros(())
     for i in range(h.warmup_steps):
-        model.looping = loop_phases[i * len(loop_phases) // h.warmup_steps]
-        loss = trainer.step(loader, i, 0.0)
+        loss = trainer.step(loader, i, 0.0, loop_phases[i * len(loop_phases) // h.warmup_steps])
     rt.sync()
     seconds = time.perf_counter() - t0
     rt.log(f"compile_warmup: {h.warmup_steps} steps ({len(loop_phases)} loop phases) in {seconds:.1f}s, "
            f"last loss {float(loss):.4f}")
     model.load_state_dict(initial_state)
-    model.looping = False
     return seconds
 
 
-def gptq_reserve(model, h: Hyperparameters, rt: Runtime, train_files):
-    """Seconds kept back from training for the final GPTQ: GPTQ_RESERVE_SECONDS, or one Hessian +
-    GPTQ pass timed on the initial weights (same shapes, same cost)."""
+def training_budget(model, h: Hyperparameters, rt: Runtime, train_files):
+    """Training seconds (0 = no cap): the cap less the final GPTQ's reserve, GPTQ_RESERVE_SECONDS or
+    one Hessian + GPTQ pass timed on the initial weights (same shapes, same cost)."""
     reserve = h.gptq_reserve_seconds
     if reserve < 0:
         _, _, t_hess, t_quant = run_gptq(model, h, rt, train_files)
         reserve = rt.all_reduce(torch.tensor(t_hess + t_quant, device=rt.device), "max").item()
         rt.log(f"gptq:measured {reserve:.3f}s for Hessians + quantization; reserving it from the training budget")
-    return reserve
+    budget_s = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
+    if h.max_wallclock_seconds > 0 and budget_s <= 0:  # 0 would read as "no cap"
+        raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: nothing left after the "
+                          f"{reserve:.1f}s GPTQ reserve")
+    rt.log(f"gptq:reserving {reserve:.3f}s, training budget {budget_s:.3f}s")
+    return budget_s
 
 
 H200_BF16_FLOPS = 790e12  # dense bf16 matmul rate measured on an H200 (8192^3 products): the MFU denominator
@@ -1431,12 +1458,11 @@ def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s):
     trainer, loader = Trainer(model, h, rt), new_train_loader(h, rt, train_files)
     flops = flops_per_token(model, h, train_files)
     for looping in [False, True] if h.num_loops > 0 else [False]:
-        model.looping = looping
-        trainer.step(loader, 0, 0.0)
+        trainer.step(loader, 0, 0.0, looping)
         rt.sync()
         t0 = time.perf_counter()
         for i in range(h.bench_steps):
-            trainer.step(loader, i, 0.0)
+            trainer.step(loader, i, 0.0, looping)
         rt.sync()
         seconds = float(rt.all_reduce(torch.tensor(time.perf_counter() - t0, device=rt.device), "max"))
         tok_s = h.bench_steps * h.train_batch_tokens / seconds
@@ -1446,7 +1472,7 @@ def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s):
                f"TFLOP/s/gpu:{achieved / 1e12:.1f} mfu:{100 * achieved / H200_BF16_FLOPS:.1f}%")
     peak = torch.cuda.max_memory_allocated() // 2**20 if rt.device.type == "cuda" else 0
     rt.log(f"bench: compile_warmup_s:{compile_s:.1f} peak_mem_mib:{peak} world_size:{rt.world_size} "
-           f"micro_tokens:{h.micro_tokens} attention_backend:{ATTENTION_BACKEND}")
+           f"micro_tokens:{h.micro_tokens} attention_backend:{rt.attn_backend}")
 
 
 CHECKPOINT_MAGIC = b"PGCK"
@@ -1460,7 +1486,7 @@ def checkpoint_due(h: Hyperparameters, step, train_ms, saved_ms):
     return bool(every) and step % int(every) == 0
 
 
-def save_checkpoint(h: Hyperparameters, rt: Runtime, step, train_ms, model, trainer, loader, ema):
+def save_checkpoint(h: Hyperparameters, rt: Runtime, step, train_ms, looping, model, trainer, loader, ema):
     """Rank 0 writes all the next step depends on to LOG_DIR/RUN_ID.ckpt: a temp file, then
     os.replace, so a crash mid-write leaves the previous checkpoint; a length + sha256 footer
     lets RESUME refuse a truncated or corrupt file. Gradients are all-reduced, so every rank
@@ -1468,7 +1494,7 @@ def save_checkpoint(h: Hyperparameters, rt: Runtime, step, train_ms, model, trai
     if not rt.master:
         return
     t0, path = time.perf_counter(), os.path.join(h.log_dir, f"{h.run_id}.ckpt")
-    state = dict(step=step, train_ms=train_ms, looping=model.looping, stream_pos=loader.taken,
+    state = dict(step=step, train_ms=train_ms, looping=looping, stream_pos=loader.taken,
                  model=model.state_dict(), optimizers=[o.state_dict() for o in trainer.optimizers],
                  ema_shadow=ema.shadow, ema_updates=ema.updates, rng_cpu=torch.get_rng_state(),
                  rng_cuda=torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
@@ -1499,12 +1525,12 @@ def load_checkpoint(path):
 
 
 def restore_checkpoint(ck, h: Hyperparameters, rt: Runtime, model, trainer, loader, ema):
-    """Every rank takes the checkpoint's states; returns (step, train_ms) to continue from."""
+    """Every rank takes the checkpoint's states; returns (step, train_ms, looping) to continue from."""
     model.load_state_dict(ck["model"])
     for opt, state in zip(trainer.optimizers, ck["optimizers"]):
         opt.load_state_dict(state)
     torch._foreach_copy_(ema.shadow, [t.to(rt.device) for t in ck["ema_shadow"]])
-    ema.updates, model.looping = ck["ema_updates"], ck["looping"]
+    ema.updates = ck["ema_updates"]
     loader.seek(ck["stream_pos"])
     torch.set_rng_state(ck["rng_cpu"])
     if ck["rng_cuda"] is not None and rt.device.type == "cuda":
@@ -1514,7 +1540,7 @@ def restore_checkpoint(ck, h: Hyperparameters, rt: Runtime, model, trainer, load
                and k not in ("run_id", "resume", "artifact_path")]
     rt.log(f"resume: {h.resume} (run {old['run_id']}) at step {ck['step']}, train_time {ck['train_ms']:.0f}ms; "
            f"settings changed since: {' '.join(changed) or 'none'}")
-    return ck["step"], ck["train_ms"]
+    return ck["step"], ck["train_ms"], ck["looping"]
 
 
 def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet, budget_s, ckpt=None):
@@ -1525,20 +1551,20 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
     rt.log(f"flops_per_token: {flops[False]:.4g} ({flops[True]:.4g} looping); mfu against {H200_BF16_FLOPS / 1e12:.0f} "
            f"TFLOP/s per GPU")
     budget_ms = 1000.0 * budget_s
-    train_ms, step, t_start = 0.0, 0, time.perf_counter()
+    train_ms, step, t_start, looping = 0.0, 0, time.perf_counter(), False
     if ckpt is not None:
-        step, train_ms = restore_checkpoint(ckpt, h, rt, model, trainer, loader, ema)
+        step, train_ms, looping = restore_checkpoint(ckpt, h, rt, model, trainer, loader, ema)
         t_start -= train_ms / 1000.0
     logged, saved_ms = (step, train_ms), train_ms  # (step, train_ms) of the last log line: MFU over the interval since
     while step < h.iterations:
         frac = step / h.iterations
         if budget_ms > 0:
             frac = max(frac, train_ms / budget_ms)
-        if h.num_loops > 0 and not model.looping and frac >= h.enable_looping_at:
-            model.looping = True
+        if h.num_loops > 0 and not looping and frac >= h.enable_looping_at:
+            looping = True
             enc, dec = model.layer_plan(True)
             rt.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{enc} decoder:{dec}")
-        loss = trainer.step(loader, step, frac)
+        loss = trainer.step(loader, step, frac, looping)
         ema.update()
         step += 1
         rt.sync()
@@ -1550,7 +1576,7 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
         if step <= 5 or step % h.train_log_every == 0:
             tok_s = step * h.train_batch_tokens / (train_ms / 1000.0)
             recent = (step - logged[0]) * h.train_batch_tokens / max(train_ms - logged[1], 1e-6) * 1000.0
-            mfu = recent / rt.world_size * flops[model.looping] / H200_BF16_FLOPS
+            mfu = recent / rt.world_size * flops[looping] / H200_BF16_FLOPS
             left_ms = budget_ms - train_ms if budget_ms > 0 else float("inf")
             eta_s = min(left_ms, (h.iterations - step) * train_ms / step) / 1000.0
             rt.log(f"{step}/{h.iterations} train_loss: {loss_value:.4f} train_time: {train_ms / 60000:.1f}m "
@@ -1563,7 +1589,7 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
             t_start += time.perf_counter() - t_val  # validation time is not training time
         stop = budget_ms > 0 and train_ms + (train_ms - previous_ms) > budget_ms
         if checkpoint_due(h, step, train_ms, saved_ms) or h.checkpoint_every and (stop or step == h.iterations):
-            save_checkpoint(h, rt, step, train_ms, model, trainer, loader, ema)  # its time counts as training
+            save_checkpoint(h, rt, step, train_ms, looping, model, trainer, loader, ema)  # its time counts as training
             saved_ms = train_ms
         if stop:
             rt.log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{h.iterations}")
@@ -1579,7 +1605,7 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
 
 
 # ---------------------------------------------------------------------------------------
-# Quantization and packing: Hessians on train data, GPTQ + SDClip, LQER, brotli container
+# Quantization and packing: Hessians on train data, GPTQ + SDClip, LQER, rANS + brotli container
 # ---------------------------------------------------------------------------------------
 
 SUBMISSION_CAP_BYTES = 16_000_000
@@ -1587,17 +1613,27 @@ ARTIFACT_MAGIC = b"PGQ2"
 CODE_WRAPPER_MARKER = b"# pgolf self-extracting wrapper"
 
 
-def quant_plan(name, numel, h: Hyperparameters):
-    """How a state tensor is stored: ('gptq', bits, clip_sigmas), ('int8row',) or ('fp16',)."""
-    if name == "tok_emb.weight":
-        return "gptq", h.embed_bits, h.embed_clip_sigmas
-    if name.endswith((".c_q.weight", ".c_k.weight", ".c_v.weight", "attn.proj.weight")):
-        return "gptq", h.matrix_bits, h.attn_clip_sigmas
-    if name.endswith(("mlp.fc.weight", "mlp.proj.weight")):
-        return "gptq", h.matrix_bits, h.mlp_clip_sigmas
-    if name.endswith(("gate_w", "smear_w")):
-        return ("int8row",)  # gate matrices are too small for GPTQ, too sensitive for int6
-    return ("fp16",)
+# Storage of each quantization tag: GPTQ at the config's (bits, clip sigmas), int8 per row, or fp16.
+QUANT_PLANS = {
+    "embed": ("gptq", "embed_bits", "embed_clip_sigmas"),
+    "attn": ("gptq", "matrix_bits", "attn_clip_sigmas"),
+    "mlp": ("gptq", "matrix_bits", "mlp_clip_sigmas"),
+    "gate": ("int8row",),  # gate matrices are too small for GPTQ, too sensitive for int6
+    "fp16": ("fp16",),
+}
+
+
+def quant_plans(model, h: Hyperparameters):
+    """{name: ('gptq', bits, clip_sigmas), ('int8row',) or ('fp16',)} by parameter tag; vectors are
+    fp16 untagged, an untagged matrix is an error (not fp16 unseen)."""
+    plans = {}
+    for name, p in model.named_parameters():
+        tag = p.quant or ("fp16" if p.dim() < 2 else None)
+        if not tag:
+            raise RuntimeError(f"matrix {name} {tuple(p.shape)} has no quantization tag")
+        kind, *keys = QUANT_PLANS[tag]
+        plans[name] = kind, *(getattr(h, k) for k in keys)
+    return plans
 
 
 @torch.no_grad()
@@ -1621,7 +1657,6 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
                   block.attn.proj.register_forward_pre_hook(lambda m, a, k=p + "attn.proj.weight": accumulate(k, a[0])),
                   block.mlp.register_forward_pre_hook(lambda m, a, k=p + "mlp.fc.weight": accumulate(k, a[0])),
                   block.mlp.proj.register_forward_pre_hook(lambda m, a, k=p + "mlp.proj.weight": accumulate(k, a[0]))]
-    was_looping, model.looping = model.looping, h.num_loops > 0
     local = min(h.micro_tokens, h.gptq_calibration_tokens // rt.world_size)
     loader = DocumentPackingLoader(train_files, local, h.train_seq_len, rt.rank, rt.world_size, rt.device, h.vocab_size)
     autocast = bf16_autocast(rt.device)
@@ -1633,7 +1668,6 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
     finally:
         for hook in hooks:
             hook.remove()
-        model.looping = was_looping
     hessians = {}
     for key, s in sums.items():
         rt.all_reduce(s)
@@ -1655,7 +1689,7 @@ def fp16_scale(s):
     return s.half().clamp_min(torch.finfo(torch.float16).tiny)
 
 
-def damped_cholesky(m, upper=False):
+def damped_cholesky(m, upper=False, log=print):
     """Batched Cholesky that adds 10x more diagonal damping (from 1e-6 of the mean diagonal) to
     the matrices that fail; one that still fails at ~1e3x falls back to its diagonal (GPTQ then
     reduces to rounding with error feedback), with a warning, instead of aborting the artifact."""
@@ -1668,12 +1702,12 @@ def damped_cholesky(m, upper=False):
         bad = (info > 0).to(m.dtype)[:, None, None]
         m = m + bad * jitter[:, None, None] * eye
         jitter = jitter * 10
-    print(f"warning: GPTQ Cholesky failed for {int(bad.sum())} matrices; using their diagonal", file=sys.stderr)
+    log(f"warning: GPTQ Cholesky failed for {int(bad.sum())} matrices; using their diagonal")
     m = torch.where(bad > 0, torch.diag_embed(m.diagonal(dim1=-2, dim2=-1)), m)
     return torch.linalg.cholesky(m, upper=upper)
 
 
-def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01):
+def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01, log=print):
     """Full-Hessian GPTQ (PR #1019/#1060) with act-order and SDClip row scales (PR #1394):
     s_r = k*std(W_r)/(2^(bits-1)-1), no clip search. Batched over a leading dim: w [n, r, c],
     hessian [n, c, c] (inputs along c). Returns int8 codes [n, r, c] and fp16 scales [n, r]."""
@@ -1690,7 +1724,7 @@ def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01):
     perm = torch.argsort(diag, dim=-1, descending=True)  # act-order: most informative columns first
     w = torch.gather(w, 2, perm[:, None, :].expand(n, r, c))
     hessian = torch.gather(torch.gather(hessian, 1, perm[:, :, None].expand(n, c, c)), 2, perm[:, None, :].expand(n, c, c))
-    u = damped_cholesky(torch.cholesky_inverse(damped_cholesky(hessian)), upper=True)
+    u = damped_cholesky(torch.cholesky_inverse(damped_cholesky(hessian, log=log)), True, log)
     codes = torch.empty_like(w)
     for b0 in range(0, c, block_size):
         b1 = min(b0 + block_size, c)
@@ -1741,32 +1775,38 @@ def lqer_product(qa, a_scale, qb, b_scale, group):
     return (qa.float() * a_scale.float()) @ lqer_b(qb, b_scale, group)
 
 
-def run_gptq(model, h: Hyperparameters, rt: Runtime, train_files):
-    """(Hessians, quantized contents, Hessian seconds, quantization seconds), in true fp32 matmul
-    precision: with TF32 on, X^T X is not positive definite enough for the Cholesky."""
+@contextlib.contextmanager
+def exact_fp32():
+    """True fp32 matmul precision for GPTQ: with TF32 on, X^T X is not positive definite enough
+    for the Cholesky."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        t0 = time.perf_counter()
-        hessians = collect_hessians(model, h, rt, train_files)
-        rt.sync()
-        t1 = time.perf_counter()
-        qstate = quantize_state(model.state_dict(), hessians, h)
-        rt.sync()
-        return hessians, qstate, t1 - t0, time.perf_counter() - t1
+        yield
     finally:
         torch.set_float32_matmul_precision(previous)
 
 
-def quantize_state(state, hessians, h: Hyperparameters):
+def run_gptq(model, h: Hyperparameters, rt: Runtime, train_files):
+    """(Hessians, quantized contents, Hessian seconds, quantization seconds), in exact fp32."""
+    with exact_fp32():
+        t0 = time.perf_counter()
+        hessians = collect_hessians(model, h, rt, train_files)
+        rt.sync()
+        t1 = time.perf_counter()
+        qstate = quantize_state(model.state_dict(), quant_plans(model, h), hessians, h, rt.log)
+        rt.sync()
+    return hessians, qstate, t1 - t0, time.perf_counter() - t1
+
+
+def quantize_state(state, plans, hessians, h: Hyperparameters, log=print):
     """Quantized artifact contents {name: {kind, arrays...}}; same-shape GPTQ tensors of one
     role are quantized in one batched call."""
     out, batches = {}, {}
     for name, t in state.items():
-        plan = quant_plan(name, t.numel(), h)
+        plan = plans[name]
         if plan[0] == "gptq":
-            role = name.split(".")[-2] if name != "tok_emb.weight" else name
-            batches.setdefault((role, tuple(t.shape), plan[1:]), []).append(name)
+            batches.setdefault((name.split(".")[-2], tuple(t.shape), plan[1:]), []).append(name)
         elif plan[0] == "int8row":
             t2 = t.float().reshape(t.size(0), -1)
             scale = fp16_scale(t2.abs().amax(dim=1) / 127)
@@ -1778,7 +1818,7 @@ def quantize_state(state, hessians, h: Hyperparameters):
     for (role, shape, (bits, sigmas)), names in batches.items():
         w = torch.stack([state[nm].float() for nm in names])
         codes, scale = gptq_quantize(w, torch.stack([hessians[nm] for nm in names]), bits, sigmas,
-                                     h.gptq_block_size, h.gptq_damp)
+                                     h.gptq_block_size, h.gptq_damp, log)
         for nm, q, s, wi in zip(names, codes, scale, w):
             out[nm] = dict(kind="gptq", bits=bits, codes=q, scale=s)
             errors[nm] = wi - q.float() * s.float()[:, None]
@@ -2026,6 +2066,87 @@ def counted_code_bytes(path) -> tuple[int, int]:
     return len(raw), len(raw) if raw.startswith(CODE_WRAPPER_MARKER) else len(build_code_wrapper(raw))
 
 
+class ArtifactTooLarge(RuntimeError):
+    pass
+
+
+def quantize_model(model, h: Hyperparameters, rt: Runtime, train_files, train_ms):
+    """Hessians + GPTQ on the EMA weights; their time counts against the training cap."""
+    rt.log(f"gptq:calibration {h.gptq_calibration_tokens} tokens from {len(train_files)} train shards "
+           f"({os.path.join(h.data_path, 'fineweb_train_*.bin')}), then quantizing")
+    hessians, qstate, t_hess, t_quant = run_gptq(model, h, rt, train_files)
+    rt.log(f"GPTQ:collected {len(hessians)} Hessians in {t_hess:.1f}s, quantized in {t_quant:.1f}s; "
+           f"training + GPTQ = {train_ms / 1000 + t_hess + t_quant:.3f}s (cap {h.max_wallclock_seconds:.0f}s)")
+    kinds = {}
+    for name, e in qstate.items():
+        key = f"{e['kind']}{e.get('bits', '')}" + ("+lqer" if "lqer" in e else "")
+        kinds.setdefault(key, []).append(name)
+    rt.log("Quantized weights:")
+    for key, names in sorted(kinds.items()):
+        rt.log(f"  {key}: {len(names)} tensors, {sum(qstate[n].get('codes', qstate[n].get('value')).numel() for n in names)} values")
+    return qstate
+
+
+def check_writable(path):
+    """ARTIFACT_PATH must be writable before training: failing after training and GPTQ loses the model."""
+    existed = os.path.exists(path)
+    try:
+        open(path, "ab").close()
+    except OSError as e:
+        raise ConfigError(f"ARTIFACT_PATH={path!r}: cannot be written ({e.strerror})") from None
+    if not existed:
+        os.remove(path)
+
+
+def write_artifact(qstate, h: Hyperparameters, rt: Runtime):
+    """Rank 0 packs and writes the artifact, logs exact sizes and enforces the 16 MB cap. If
+    ARTIFACT_PATH cannot be written after all, the artifact goes beside the log (or to the temp
+    directory) and the log says where: the trained model is never lost."""
+    if rt.master:
+        t0 = time.perf_counter()
+        blob = pack_artifact(qstate)
+        for path in dict.fromkeys((h.artifact_path, os.path.join(h.log_dir, f"{h.run_id}.pgq"),
+                                   os.path.join(tempfile.gettempdir(), f"{h.run_id}.pgq"))):
+            try:
+                with open(path, "wb") as f:
+                    f.write(blob)
+                break
+            except OSError as e:
+                rt.log(f"error: cannot write the artifact to {path}: {e}")
+        if path != h.artifact_path:
+            rt.log(f"artifact: saved to {path} instead of ARTIFACT_PATH={h.artifact_path}")
+            h.artifact_path = path  # the eval below reads it there (single process; other ranks keep the old path)
+        model_bytes = os.path.getsize(h.artifact_path)
+        raw_code, code = counted_code_bytes(os.path.abspath(sys.argv[0]))
+        total = model_bytes + code
+        rt.log(f"Serialized model quantized+brotli: {model_bytes} bytes ({h.artifact_path}, "
+               f"compressed in {time.perf_counter() - t0:.1f}s)")
+        rt.log(f"Code size (uncompressed): {raw_code} bytes")
+        rt.log(f"Code size (compressed): {code} bytes")
+        rt.log(f"Total submission size quantized+brotli: {total} bytes")
+        over = total > SUBMISSION_CAP_BYTES
+        if over:
+            rt.log(f"!!! OVER THE CAP: {total} bytes > {SUBMISSION_CAP_BYTES} by {total - SUBMISSION_CAP_BYTES} bytes !!!")
+    else:
+        over = False
+    if rt.any_rank(over) and not h.allow_over_cap:
+        raise ArtifactTooLarge(f"submission exceeds {SUBMISSION_CAP_BYTES} bytes (set ALLOW_OVER_CAP=1 for research runs)")
+
+
+def load_artifact_model(h: Hyperparameters, rt: Runtime):
+    """A fresh model built from the artifact file alone: unpack, dequantize, load strictly."""
+    if rt.distributed:
+        dist.barrier()
+    t0 = time.perf_counter()
+    with open(h.artifact_path, "rb") as f:
+        qstate = unpack_artifact(f.read())
+    model = GPT(h)
+    model.load_state_dict(dequantize_state(qstate, model.state_dict(), h.lqer_group), strict=True)
+    model = rt.place(model)
+    rt.log(f"artifact:loaded {h.artifact_path} into a fresh model in {time.perf_counter() - t0:.1f}s")
+    return model
+
+
 # ---------------------------------------------------------------------------------------
 # Evaluation: document-aware windows (plain and sliding) and phased TTT
 # ---------------------------------------------------------------------------------------
@@ -2113,7 +2234,6 @@ def build_row(val: ValSet, row, row_tokens):
 def eval_windows(model, h: Hyperparameters, rt: Runtime, val: ValSet, windows, split_ranks=True):
     """Sum of (loss nats, scored targets, bytes) over the windows; rows are split over ranks
     unless this rank owns the windows. Not reduced over ranks."""
-    was_looping, model.looping = model.looping, h.num_loops > 0
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     rows = pack_rows(windows, h.val_batch_tokens)
     autocast = bf16_autocast(rt.device)
@@ -2128,7 +2248,6 @@ def eval_windows(model, h: Hyperparameters, rt: Runtime, val: ValSet, windows, s
             losses = model.token_losses(x.view(1, -1), y.view(1, -1), cu, max_len).view(-1)
         valid = y >= 0
         sums += torch.stack([losses[valid].double().sum(), valid.sum().double(), b.sum().double()])
-    model.looping = was_looping
     return sums
 
 
@@ -2231,10 +2350,8 @@ def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
             for g in opt.param_groups:
                 g["lr"] = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n - 1, 1)))
             piece = stream[ci * chunk + rt.rank * per_rank:ci * chunk + (rt.rank + 1) * per_rank + 1].astype(np.int64)
-            cu = packed_cu_seqlens(piece[:-1], h.global_ttt_seq_len)
-            x, y, cu_t = (to_device(a, rt.device) for a in (piece[:-1], piece[1:], cu))
             with autocast:
-                loss = model(x.view(1, -1), y.view(1, -1), cu_t, int(np.diff(cu).max()))
+                loss = model(*packed_batch(piece, h.global_ttt_seq_len, rt.device))
             loss.backward()
             all_reduce_grads(params, rt)
             torch.nn.utils.clip_grad_norm_(params, h.global_ttt_grad_clip)
@@ -2253,7 +2370,6 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     if it and then disjoint windows (the cheapest legal scoring) over this rank's unscored documents
     are predicted to end by the deadline, at token_s seconds per window token (measured by the
     disjoint eval); the leftovers get sliding windows if those are predicted to fit."""
-    model.looping = h.num_loops > 0
     for p in model.parameters():
         p.requires_grad_(False)
     spans = document_spans(val.tokens)
@@ -2275,7 +2391,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     sgd_token_s, calibrated = None, False
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     bank, phase, done, t0, stopped = None, 0, 0, time.perf_counter(), False
-    n_slots = len(sum(model.layer_plan(model.looping), []))
+    n_slots = len(sum(model.layer_plan(True), []))
     progress = Progress(rt, "ttt batches", len(batches))
     for bi, batch in enumerate(batches):
         progress.update(bi)
@@ -2325,15 +2441,6 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     return summarize(sums, rt)
 
 
-# ---------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------
-
-
-class ArtifactTooLarge(RuntimeError):
-    pass
-
-
 def timed_eval(label, fn, rt: Runtime):
     """Run an eval returning (val_loss, val_bpb, scored targets) and log it in the records' format."""
     rt.log(f"eval: {label} running")
@@ -2346,70 +2453,7 @@ def timed_eval(label, fn, rt: Runtime):
     return val_loss, val_bpb
 
 
-def quantize_model(model, h: Hyperparameters, rt: Runtime, train_files, train_ms):
-    """Hessians + GPTQ on the EMA weights; their time counts against the training cap."""
-    rt.log(f"gptq:calibration {h.gptq_calibration_tokens} tokens from {len(train_files)} train shards "
-           f"({os.path.join(h.data_path, 'fineweb_train_*.bin')}), then quantizing")
-    hessians, qstate, t_hess, t_quant = run_gptq(model, h, rt, train_files)
-    rt.log(f"GPTQ:collected {len(hessians)} Hessians in {t_hess:.1f}s, quantized in {t_quant:.1f}s; "
-           f"training + GPTQ = {train_ms / 1000 + t_hess + t_quant:.3f}s (cap {h.max_wallclock_seconds:.0f}s)")
-    kinds = {}
-    for name, e in qstate.items():
-        key = f"{e['kind']}{e.get('bits', '')}" + ("+lqer" if "lqer" in e else "")
-        kinds.setdefault(key, []).append(name)
-    rt.log("Quantized weights:")
-    for key, names in sorted(kinds.items()):
-        rt.log(f"  {key}: {len(names)} tensors, {sum(qstate[n].get('codes', qstate[n].get('value')).numel() for n in names)} values")
-    return qstate
-
-
-def check_writable(path):
-    """ARTIFACT_PATH must be writable before training: failing after training and GPTQ loses the model."""
-    existed = os.path.exists(path)
-    try:
-        open(path, "ab").close()
-    except OSError as e:
-        raise ConfigError(f"ARTIFACT_PATH={path!r}: cannot be written ({e.strerror})") from None
-    if not existed:
-        os.remove(path)
-
-
-def write_artifact(qstate, h: Hyperparameters, rt: Runtime):
-    """Rank 0 packs and writes the artifact, logs exact sizes and enforces the 16 MB cap. If
-    ARTIFACT_PATH cannot be written after all, the artifact goes beside the log (or to the temp
-    directory) and the log says where: the trained model is never lost."""
-    if rt.master:
-        t0 = time.perf_counter()
-        blob = pack_artifact(qstate)
-        for path in dict.fromkeys((h.artifact_path, os.path.join(h.log_dir, f"{h.run_id}.pgq"),
-                                   os.path.join(tempfile.gettempdir(), f"{h.run_id}.pgq"))):
-            try:
-                with open(path, "wb") as f:
-                    f.write(blob)
-                break
-            except OSError as e:
-                rt.log(f"error: cannot write the artifact to {path}: {e}")
-        if path != h.artifact_path:
-            rt.log(f"artifact: saved to {path} instead of ARTIFACT_PATH={h.artifact_path}")
-            h.artifact_path = path  # the eval below reads it there (single process; other ranks keep the old path)
-        model_bytes = os.path.getsize(h.artifact_path)
-        raw_code, code = counted_code_bytes(os.path.abspath(sys.argv[0]))
-        total = model_bytes + code
-        rt.log(f"Serialized model quantized+brotli: {model_bytes} bytes ({h.artifact_path}, "
-               f"compressed in {time.perf_counter() - t0:.1f}s)")
-        rt.log(f"Code size (uncompressed): {raw_code} bytes")
-        rt.log(f"Code size (compressed): {code} bytes")
-        rt.log(f"Total submission size quantized+brotli: {total} bytes")
-        over = total > SUBMISSION_CAP_BYTES
-        if over:
-            rt.log(f"!!! OVER THE CAP: {total} bytes > {SUBMISSION_CAP_BYTES} by {total - SUBMISSION_CAP_BYTES} bytes !!!")
-    else:
-        over = False
-    if rt.any_rank(over) and not h.allow_over_cap:
-        raise ArtifactTooLarge(f"submission exceeds {SUBMISSION_CAP_BYTES} bytes (set ALLOW_OVER_CAP=1 for research runs)")
-
-
-def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet):
+def evaluate_artifact(h: Hyperparameters, rt: Runtime, val: ValSet):
     """The scored evaluation, timed from reading the artifact: the quantized model (diagnostic),
     then the score. Without TTT the score is the sliding-window eval. With TTT, phased TTT gets
     EVAL_BUDGET_SECONDS and the sliding-window diagnostic runs after it, on a fresh copy (TTT
@@ -2417,7 +2461,7 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet)
     would otherwise take ~100 s from TTT."""
     rt.sync()
     t0 = time.perf_counter()
-    model = load_artifact_model(h, rt, use_compile)
+    model = load_artifact_model(h, rt)
     t1 = time.perf_counter()
     timed_eval("diagnostic quantized", lambda: eval_val(model, h, rt, val), rt)
     disjoint_s = time.perf_counter() - t1
@@ -2445,30 +2489,18 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, use_compile, val: ValSet)
                        f"EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f}")
             else:
                 del model  # the TTT-adapted weights
-                sliding(load_artifact_model(h, rt, use_compile))
+                sliding(load_artifact_model(h, rt))
     rt.log(f"total_eval_time:{time.perf_counter() - t0:.1f}s")
     if rt.device.type == "cuda":
         rt.log(f"peak memory allocated (whole run): {torch.cuda.max_memory_allocated() // 2**20} MiB")
 
 
-def load_artifact_model(h: Hyperparameters, rt: Runtime, use_compile):
-    """A fresh model built from the artifact file alone: unpack, dequantize, load strictly."""
-    if rt.distributed:
-        dist.barrier()
-    t0 = time.perf_counter()
-    with open(h.artifact_path, "rb") as f:
-        qstate = unpack_artifact(f.read())
-    model = GPT(h)
-    model.load_state_dict(dequantize_state(qstate, model.state_dict(), h.lqer_group), strict=True)
-    model = model.to(rt.device)
-    if use_compile:
-        model.compile_regions()
-    rt.log(f"artifact:loaded {h.artifact_path} into a fresh model in {time.perf_counter() - t0:.1f}s")
-    return model
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
 
 
 def main():
-    global ATTENTION_BACKEND
     try:
         h = Hyperparameters.from_env()
         rt = Runtime(h, new_log=True)
@@ -2484,8 +2516,6 @@ def main():
         sys.exit(code)
 
     try:
-        ATTENTION_BACKEND = pick_attention_backend(h.attn_backend, rt.device)
-        use_compile = h.compile and rt.device.type == "cuda"
         rt.log("hyperparameters:", console=False)
         for f in fields(h):
             rt.log(f"  {f.name}: {getattr(h, f.name)}", console=False)
@@ -2496,8 +2526,6 @@ def main():
                   f"from the defaults (all in the log): {' '.join(changed)}", flush=True)
         with open(__file__, encoding="utf-8") as src:
             rt.log(src.read(), console=False)
-        torch.manual_seed(h.seed)
-        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside GPTQ
         if rt.master:
             check_writable(h.artifact_path)
         ckpt = load_checkpoint(h.resume) if h.resume else None  # refused here, not after compiling
@@ -2509,31 +2537,22 @@ def main():
         check_shards(train_files, h.vocab_size)
         rt.log(f"shards_checked: {len(train_files)} train shards (header, size, token ids) in {time.perf_counter() - t0:.1f}s")
         rt.log(f"device: {rt.device} world_size: {rt.world_size} grad_accum_steps: {h.grad_accum_steps} "
-               f"attention_backend: {ATTENTION_BACKEND} compile: {use_compile} "
-               f"fused_mlp: {h.fused_mlp and rt.device.type == 'cuda' and triton is not None}")
+               f"attention_backend: {rt.attn_backend} compile: {rt.compile} fused_mlp: {rt.fused_mlp}")
         gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
         rt.log(f"runtime: torch {torch.__version__} cuda {torch.version.cuda} gpu {gpu} x {rt.world_size}")
         rt.log(f"train_shards: {len(train_files)} val_tokens: {len(val.tokens)} val_bytes: {val.target_bytes.sum()} "
                f"({'CaseOps sidecar' if h.caseops_enabled else 'LUT accounting'})")
-        model = GPT(h).to(rt.device)  # built on the CPU first: identical init on every rank
+        model = rt.place(GPT(h))  # built on the CPU first: identical init on every rank
         rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-        if use_compile:
-            model.compile_regions()
         compile_s = compile_warmup(model, h, rt, train_files)
         if h.bench_steps > 0:
             return benchmark(model, h, rt, train_files, compile_s)
-        reserve = gptq_reserve(model, h, rt, train_files)
-        budget_s = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
-        if h.max_wallclock_seconds > 0 and budget_s <= 0:  # 0 would read as "no cap"
-            raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: nothing left after the "
-                              f"{reserve:.1f}s GPTQ reserve")
-        rt.log(f"gptq:reserving {reserve:.3f}s, training budget {budget_s:.3f}s")
-        _, train_ms = train_model(model, h, rt, train_files, val, budget_s, ckpt)
+        _, train_ms = train_model(model, h, rt, train_files, val, training_budget(model, h, rt, train_files), ckpt)
         qstate = quantize_model(model, h, rt, train_files, train_ms)
         timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, h, rt, val), rt)
         write_artifact(qstate, h, rt)
         del model, qstate
-        evaluate_artifact(h, rt, use_compile, val)
+        evaluate_artifact(h, rt, val)
     except ConfigError as e:
         fail(f"config error: {e}", 2)
     except (DataError, FileNotFoundError) as e:

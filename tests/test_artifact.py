@@ -162,8 +162,31 @@ def test_scale_floor_survives_the_fp16_cast():
     w[0, 1:] = torch.randn(3, 64, generator=gen(5))
     _, scale = tg.gptq_quantize(w, torch.eye(64)[None], 6, 13.0)
     h = tiny_h()
-    q = tg.quantize_state({"smear_w": torch.zeros(1, h.gate_width)}, {}, h)
+    q = tg.quantize_state({"smear_w": torch.zeros(1, h.gate_width)}, tg.quant_plans(tg.GPT(h), h), {}, h)
     assert (scale > 0).all() and (q["smear_w"]["scale"] > 0).all()
+
+
+def test_quant_plans_come_from_the_parameter_tags():
+    """Every parameter's plan comes from the tag given with its optimizer role (the names below are
+    what the plan used to be matched by); an untagged matrix is an error, not fp16 unseen."""
+    h = tiny_h(xielu_learnable=True)
+    model = tg.GPT(h)
+    plans = tg.quant_plans(model, h)
+    assert set(plans) == set(model.state_dict())
+    for n, plan in plans.items():
+        if n == "tok_emb.weight":
+            assert plan == ("gptq", h.embed_bits, h.embed_clip_sigmas)
+        elif n.endswith((".c_q.weight", ".c_k.weight", ".c_v.weight", "attn.proj.weight")):
+            assert plan == ("gptq", h.matrix_bits, h.attn_clip_sigmas), n
+        elif n.endswith(("mlp.fc.weight", "mlp.proj.weight")):
+            assert plan == ("gptq", h.matrix_bits, h.mlp_clip_sigmas), n
+        elif n.endswith(("gate_w", "smear_w")):
+            assert plan == ("int8row",), n
+        else:
+            assert plan == ("fp16",), n
+    model.extra = tg.with_role(torch.nn.Parameter(torch.zeros(3, 4)), "scalar")
+    with pytest.raises(RuntimeError, match=r"matrix extra \(3, 4\) has no quantization tag"):
+        tg.quant_plans(model, h)
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,7 +267,8 @@ def test_quantize_state_applies_lqer_to_the_top_k_errors():
     state = {n: k * torch.randn(*s, generator=g) for n, s, k in zip(names, shapes, gains)}
     state["blocks.0.attn_scale"] = torch.ones(64)
     hess = {n: hessian_of(correlated_inputs(256, 64, g)) for n in names}
-    q = tg.quantize_state(state, hess, h)
+    plans = tg.quant_plans(tg.GPT(h), h)
+    q = tg.quantize_state(state, plans, hess, h)
     errors = {n: (state[n] - dequant(q[n]["codes"], q[n]["scale"])).norm().item() for n in names}
     top = set(sorted(errors, key=errors.get, reverse=True)[:2])
     assert top == {"blocks.1.attn.c_q.weight", "blocks.1.attn.proj.weight"}
@@ -260,7 +284,7 @@ def test_quantize_state_applies_lqer_to_the_top_k_errors():
         else:
             assert torch.equal(deq[n], wq)
     h.lqer_enabled = False
-    assert not any("lqer" in e for e in tg.quantize_state(state, hess, h).values())
+    assert not any("lqer" in e for e in tg.quantize_state(state, plans, hess, h).values())
 
 
 def test_quantize_state_drops_a_correction_that_does_not_help(monkeypatch):
@@ -269,10 +293,11 @@ def test_quantize_state_drops_a_correction_that_does_not_help(monkeypatch):
     h = tiny_h(lqer_rank=2, lqer_top_k=1, lqer_group=32)
     state = {"blocks.0.attn.c_q.weight": torch.randn(64, 64, generator=g)}
     hess = {"blocks.0.attn.c_q.weight": hessian_of(correlated_inputs(256, 64, g))}
-    assert "lqer" in tg.quantize_state(state, hess, h)["blocks.0.attn.c_q.weight"]
+    plans = tg.quant_plans(tg.GPT(h), h)
+    assert "lqer" in tg.quantize_state(state, plans, hess, h)["blocks.0.attn.c_q.weight"]
     fit = tg.lqer_factors
     monkeypatch.setattr(tg, "lqer_factors", lambda err, *a: fit(-err, *a))
-    assert "lqer" not in tg.quantize_state(state, hess, h)["blocks.0.attn.c_q.weight"]
+    assert "lqer" not in tg.quantize_state(state, plans, hess, h)["blocks.0.attn.c_q.weight"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -303,13 +328,14 @@ def test_damped_cholesky_damps_only_the_failing_member(upper):
     assert 0 < jitter < 0.01 * bad.diagonal().mean()
 
 
-def test_damped_cholesky_falls_back_to_the_diagonal(capfd):
+def test_damped_cholesky_falls_back_to_the_diagonal():
     good = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
     hopeless = torch.tensor([[1.0, 1e5], [1e5, 1.0]])
-    f = tg.damped_cholesky(torch.stack([good, hopeless]))
+    logged = []
+    f = tg.damped_cholesky(torch.stack([good, hopeless]), log=logged.append)  # run_gptq passes rt.log
     assert torch.equal(f[0], torch.linalg.cholesky(good))
     assert f[1, 1, 0] == 0 and (f[1].diagonal() > 0).all() and torch.isfinite(f).all()
-    assert "GPTQ Cholesky failed for 1 matrices" in capfd.readouterr().err
+    assert logged == ["warning: GPTQ Cholesky failed for 1 matrices; using their diagonal"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,9 +365,8 @@ def test_collect_hessians(tmp_path, batches):
     model = make_model(h)
     rt = tg.Runtime(h)
     hess = tg.collect_hessians(model, h, rt, files)
-    assert model.looping is False  # restored
     state = model.state_dict()
-    gptq = {n for n, t in state.items() if tg.quant_plan(n, t.numel(), h)[0] == "gptq"}
+    gptq = {n for n, plan in tg.quant_plans(model, h).items() if plan[0] == "gptq"}
     assert set(hess) == gptq
     for i in range(h.num_layers):
         p = f"blocks.{i}.attn."
@@ -358,7 +383,6 @@ def test_collect_hessians(tmp_path, batches):
         assert H.diagonal().sum() > 0
     # the tied embedding's Hessian: X^T X / n of the final-normed hidden states, looping on
     loader = tg.DocumentPackingLoader(files, h.micro_tokens, h.train_seq_len, 0, 1, torch.device("cpu"))
-    model.looping = True
     with torch.no_grad():
         xs = [model.hidden(*(lambda b: (b[0], b[2], b[3]))(loader.next_batch())) for _ in range(batches)]
     x = torch.cat([t.reshape(-1, h.model_dim) for t in xs])
@@ -379,15 +403,15 @@ def quantized(tmp_path_factory):
     model = make_model(h, seed=11)
     state = model.state_dict()
     g = gen(12)
-    hess = {}
+    hess, plans = {}, tg.quant_plans(model, h)
     for n, t in state.items():
-        if tg.quant_plan(n, t.numel(), h)[0] != "gptq":
+        if plans[n][0] != "gptq":
             continue
         key = re.sub(r"c_[qkv]\.weight$", "attn.in", n)
         if key not in hess:
             hess[key] = hessian_of(correlated_inputs(256, t.size(1), g))
         hess[n] = hess[key]
-    return h, state, tg.quantize_state(state, hess, h)
+    return h, state, tg.quantize_state(state, plans, hess, h)
 
 
 def test_quantized_state_covers_every_kind(quantized):
@@ -449,7 +473,7 @@ def test_load_artifact_model_reads_the_file(quantized, tmp_path):
     h0, state, q = quantized
     h = tiny_h(lqer_top_k=3, artifact_path=str(tmp_path / "m.pgq"), log_dir=str(tmp_path / "logs"), run_id="load")
     (tmp_path / "m.pgq").write_bytes(tg.pack_artifact(q))
-    model = tg.load_artifact_model(h, tg.Runtime(h), use_compile=False)
+    model = tg.load_artifact_model(h, tg.Runtime(h))
     deq = tg.dequantize_state(q, state, h.lqer_group)
     assert set(model.state_dict()) == set(deq)
     assert all(torch.equal(model.state_dict()[n], deq[n]) for n in deq)

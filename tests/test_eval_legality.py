@@ -54,8 +54,8 @@ TOL = 1e-6  # "unchanged" (the runs are deterministic; broken variants move scor
 
 
 @pytest.fixture(autouse=True)
-def _cpu_env(monkeypatch):
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+def _cpu_env():
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic, and much faster for these tiny shapes
     yield
@@ -157,10 +157,10 @@ class Recorder:
             self._record_row(row, y, out.detach().view(-1), ctx["logits"])
             return out
 
-        def rec_hidden(ids, cu, max_seqlen, lora=None):
+        def rec_hidden(ids, cu, max_seqlen, lora=None, looping=True):
             if self._ttt is not None:
                 self.ttt_rows.append((ids.detach().clone(), cu.clone()))
-            return base_hidden(ids, cu, max_seqlen, lora)
+            return base_hidden(ids, cu, max_seqlen, lora, looping)
 
         def rec_eval_windows(model_, h_, rt, val_, windows, split_ranks=True):
             n0 = len(self.log)
@@ -508,10 +508,9 @@ def ttt_direct(monkeypatch, h, val, batch, variant=None, seed=7, lr=None, ce_var
     model = make_model(h)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.looping = h.num_loops > 0
     rec = Recorder(monkeypatch, model, val, h, ttt_variant=variant, ce_variant=ce_variant)
     torch.manual_seed(seed)
-    bank = tg.LoRABank(len(batch), len(sum(model.layer_plan(model.looping), [])), h)
+    bank = tg.LoRABank(len(batch), len(sum(model.layer_plan(True), [])), h)
     if same_init:  # every document starts from the adapters of the first
         with torch.no_grad():
             for a in bank.a:
@@ -701,7 +700,6 @@ def test_phased_ttt_rescales_the_eval_rate_by_the_first_batch(tmp_path, monkeypa
 def test_head_logits_are_a_full_vocabulary_distribution(tmp_path):
     h = make_h(tmp_path)
     model = make_model(h)
-    model.looping = True
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(4, V, (2, 24), generator=g)
     ids[:, 0] = tg.BOS_ID
@@ -794,12 +792,11 @@ def test_scored_losses_are_log_softmax_of_the_full_vocabulary(tmp_path, monkeypa
     model = make_model(h)
     rec, _ = run_eval(monkeypatch, h, val, stride=h.eval_stride, model=model)
     got = rec.scores()
-    model.looping = True
     windows = [w for row, _, _ in rec.eval_rows for w in row]
     for ws, n, first in windows:
         x = torch.from_numpy(val.tokens[ws:ws + n].astype(np.int64)).view(1, -1)
         with torch.no_grad():
-            logp = torch.log_softmax(model.logits(x, torch.tensor([0, n], dtype=torch.int32), n)[0].double(), -1)
+            logp = torch.log_softmax(model.head_logits(model.hidden(x, torch.tensor([0, n], dtype=torch.int32), n))[0].double(), -1)
         for i in range(first, n):
             assert got[ws + i + 1] == pytest.approx(-logp[i, int(val.tokens[ws + i + 1])].item(), abs=1e-5)
 
@@ -823,7 +820,6 @@ def test_fresh_or_reset_lora_bank_is_the_eval_forward(tmp_path, monkeypatch, var
     the eval forward, and a TTT row is the eval forward of that sequence packed in a row."""
     h = make_h(tmp_path)
     model = make_model(h)
-    model.looping = True
     n_slots = len(sum(model.layer_plan(True), []))
     g = torch.Generator().manual_seed(4)
     T = 64

@@ -50,7 +50,7 @@ def random_packed(n_seq, max_len, heads=8, kv_heads=4, d=64, seed=0):
 def test_compiled_model_matches_eager():
     """Regional compilation must not change the function: compare loss and grads."""
     h = tg.Hyperparameters(vocab_size=512, train_seq_len=256)
-    tg.ATTENTION_BACKEND = tg.pick_attention_backend("auto", torch.device("cuda"))
+    tg.use_attention_backend("auto", torch.device("cuda"))
     torch.manual_seed(0)
     ids = torch.randint(2, 512, (1, 2048), device="cuda")
     ids[0, ::300] = tg.BOS_ID
@@ -60,7 +60,6 @@ def test_compiled_model_matches_eager():
     for compiled in (False, True):
         torch.manual_seed(1)
         model = tg.GPT(h).cuda()
-        model.looping = True
         with torch.no_grad():  # leave the zero-init state so every block contributes
             for p in model.parameters():
                 if p.role == "matrix":
@@ -110,7 +109,7 @@ def test_attention_backend_matches_sdpa_without_graph_break(backend, heads, kv_h
     """Each backend under torch.compile(fullgraph=True) (a graph break would raise) matches SDPA on
     long and short packed sequences, forward and backward."""
     try:
-        tg.ATTENTION_BACKEND = tg.pick_attention_backend(backend, torch.device("cuda"))
+        tg.use_attention_backend(backend, torch.device("cuda"))
     except tg.ConfigError:
         pytest.skip(f"{backend} not available")
     q, k, v, cu, max_len = random_packed(13, 1500, heads, kv_heads, seed=heads + kv_heads)
@@ -121,7 +120,7 @@ def test_attention_backend_matches_sdpa_without_graph_break(backend, heads, kv_h
     qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = tg._attention_sdpa(qr, kr, vr, cu, window)
     grads_ref = torch.autograd.grad(ref, (qr, kr, vr), g.float())
-    tg.ATTENTION_BACKEND = "sdpa"
+    tg.use_attention_backend("sdpa", torch.device("cuda"))
     assert rel_err(out, ref) < 1e-2
     for a, b in zip(grads, grads_ref):
         assert rel_err(a, b) < 2e-2
@@ -133,7 +132,7 @@ def test_compiled_step_has_no_graph_break_or_recompile():
     import torch._dynamo.utils as dyn
 
     h = tg.Hyperparameters(vocab_size=512, train_seq_len=256)
-    tg.ATTENTION_BACKEND = tg.pick_attention_backend("varlen", torch.device("cuda"))
+    tg.use_attention_backend("varlen", torch.device("cuda"))
     torch.manual_seed(0)
     model = tg.GPT(h).cuda()
     model.compile_regions()
@@ -142,9 +141,9 @@ def test_compiled_step_has_no_graph_break_or_recompile():
         ids = torch.randint(2, 512, (1, 2048), device="cuda")
         ids[0, ::period] = tg.BOS_ID
         cu = tg.packed_cu_seqlens(ids[0].cpu().numpy(), 256)
-        model.looping = looping
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, torch.roll(ids, -1, 1), torch.from_numpy(cu).cuda(), int((cu[1:] - cu[:-1]).max()))
+            loss = model(ids, torch.roll(ids, -1, 1), torch.from_numpy(cu).cuda(), int((cu[1:] - cu[:-1]).max()),
+                         looping)
         loss.backward()
         torch.cuda.synchronize()
 
@@ -154,6 +153,6 @@ def test_compiled_step_has_no_graph_break_or_recompile():
     graphs = dyn.counters["stats"]["unique_graphs"]
     for period, looping in ((97, False), (1000, True), (41, True)):
         step(period, looping)
-    tg.ATTENTION_BACKEND = "sdpa"
+    tg.use_attention_backend("sdpa", torch.device("cuda"))
     assert not dyn.counters["graph_break"], dict(dyn.counters["graph_break"])
     assert dyn.counters["stats"]["unique_graphs"] == graphs

@@ -60,7 +60,7 @@ def test_long_eval_stages_print_progress_with_an_eta(tmp_path, monkeypatch, caps
     import train_gpt as tg
     from helpers_train import make_model, tiny_h
 
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+    tg.use_attention_backend("sdpa", tg.torch.device("cpu"))
     monkeypatch.setattr(tg, "PROGRESS_EVERY_S", 0.0)
     h = tiny_h(eval_seq_len=64, val_batch_tokens=64, log_dir=str(tmp_path), run_id="progress", ttt_batch_size=2,
                ttt_chunk_size=16, ttt_eval_seq_len=32, ttt_lora_rank=2, phased_ttt_prefix_docs=2,

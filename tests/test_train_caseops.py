@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+import torch
 
 import train_gpt as tg
 from helpers_train import REPO, english_docs, make_model, run_script, script_env, tiny_h, write_shard
@@ -158,11 +159,11 @@ def hand_made(tmp_path_factory):
     return path, tokens, sidecar
 
 
-def test_eval_val_bpb_uses_the_sidecar_bytes(hand_made, tmp_path, monkeypatch):
+def test_eval_val_bpb_uses_the_sidecar_bytes(hand_made, tmp_path):
     """Same model and windows: identical loss and target count; bpb = loss_sum / (ln2 *
     sum(sidecar[1:])), i.e. the LUT run's bpb scaled by lut_bytes / sidecar_bytes; for disjoint
     and sliding windows and any packing."""
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
     path, tokens, sidecar = hand_made
     luts = random_luts(128, seed=4)
     h_lut = caseops_h(path, enabled=False, eval_seq_len=64, val_batch_tokens=128, log_dir=str(tmp_path), run_id="co")
@@ -185,10 +186,10 @@ def test_eval_val_bpb_uses_the_sidecar_bytes(hand_made, tmp_path, monkeypatch):
         assert bpb_s == pytest.approx(bpb_l * lut_bytes / side_bytes, rel=1e-12)
 
 
-def test_phased_ttt_bytes_are_the_sidecar_bytes(hand_made, tmp_path, monkeypatch):
+def test_phased_ttt_bytes_are_the_sidecar_bytes(hand_made, tmp_path):
     """TTT scores per-document chunks (and the long document by sliding windows): its byte total
     is still sum(sidecar[1:]) and every target is scored once."""
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
     path, tokens, sidecar = hand_made
     h = caseops_h(path, eval_seq_len=64, val_batch_tokens=128, eval_stride=16, log_dir=str(tmp_path), run_id="ttt",
                   ttt_chunk_size=16, ttt_eval_seq_len=32, ttt_max_doc_tokens=100, ttt_lora_rank=4, ttt_batch_size=2,
@@ -249,8 +250,8 @@ def test_real_sidecar_sums_to_the_original_utf8_bytes_of_each_document(caseops_d
     assert int(val.target_bytes.sum()) == sum(len(d.encode("utf-8")) for d in val_docs) != int(lut_bytes.sum())
 
 
-def test_eval_val_on_real_caseops_shards_counts_the_original_bytes(caseops_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+def test_eval_val_on_real_caseops_shards_counts_the_original_bytes(caseops_data, tmp_path):
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
     data, model, val_docs = caseops_data
     vocab = spm.SentencePieceProcessor(model_file=str(model)).vocab_size()
     h = caseops_h(data, tokenizer_path=str(model), vocab_size=vocab, eval_seq_len=64, val_batch_tokens=512,

@@ -113,8 +113,7 @@ def reference_bytes(prev, tgt, luts):
 
 def reference_eval(model, tokens, luts):
     """Documents shorter than EVAL_SEQ_LEN: each document's targets (including the next BOS)
-    scored with the document alone as context, looping on."""
-    model.looping = True
+    scored with the document alone as context, looping on (the default)."""
     starts = list(np.flatnonzero(tokens == tg.BOS_ID)) + [len(tokens) - 1]
     loss, n_bytes = 0.0, 0
     t = torch.from_numpy(tokens.astype(np.int64))
@@ -126,8 +125,8 @@ def reference_eval(model, tokens, luts):
     return loss / (len(tokens) - 1), loss / (math.log(2) * n_bytes)
 
 
-def test_eval_val_scores_every_target_once_for_any_packing(tmp_path, monkeypatch):
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+def test_eval_val_scores_every_target_once_for_any_packing(tmp_path):
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
     h = tiny_h(eval_seq_len=64, val_batch_tokens=64, log_dir=str(tmp_path), run_id="ev")
     rt = tg.Runtime(h)
     model = make_model(h, seed=3)
@@ -138,11 +137,9 @@ def test_eval_val_scores_every_target_once_for_any_packing(tmp_path, monkeypatch
     luts[2][:4] = True
     ref_loss, ref_bpb = reference_eval(model, tokens, luts)
     val = tg.ValSet(tokens, tg.stream_target_bytes(tokens, luts))
-    model.looping = False
     for vbt in (64, 128, 512):
         h.val_batch_tokens = vbt
         out = tg.eval_val(model, h, rt, val)
-        assert model.looping is False  # restored
         assert out[0] == pytest.approx(ref_loss, rel=1e-5) and out[1] == pytest.approx(ref_bpb, rel=1e-5), vbt
         assert len(out) == 3 and out[2] == len(tokens) - 1
 

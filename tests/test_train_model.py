@@ -16,14 +16,14 @@ from helpers_train import make_model, single_doc_cu, tiny_h
 
 
 @pytest.fixture(autouse=True)
-def _sdpa_backend(monkeypatch):
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+def _sdpa_backend():
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
 
 
-def logits(model, ids, cu=None):
+def logits(model, ids, cu=None, looping=True):
     cu = single_doc_cu(ids.size(1)) if cu is None else cu
     with torch.no_grad():
-        return model.logits(ids, cu, int(cu.diff().max()))
+        return model.head_logits(model.hidden(ids, cu, int(cu.diff().max()), looping=looping))
 
 
 def changed_positions(a, b):
@@ -44,15 +44,14 @@ def test_future_tokens_never_change_past_logits(looping, attn_gate, mlp_act):
     # skips and a Parcae loop over layers 1..2; T=48 exceeds both windows.
     h = tiny_h(attn_gate=attn_gate, mlp_act=mlp_act)
     model = make_model(h, seed=3)
-    model.looping = looping
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(4, h.vocab_size, (1, 48), generator=g)
-    base = logits(model, ids)
+    base = logits(model, ids, looping=looping)
     for t in (0, 17, 30, 46):
         other = ids.clone()
         other[0, t + 1:] = torch.randint(4, h.vocab_size, (47 - t,), generator=g)
         other[0, t + 1] = (ids[0, t + 1] + 1 - 4) % (h.vocab_size - 4) + 4  # surely different
-        out = logits(model, other)
+        out = logits(model, other, looping=looping)
         assert torch.equal(out[0, :t + 1], base[0, :t + 1]), f"logits at positions <= {t} saw the future"
         assert not torch.equal(out[0, t + 1], base[0, t + 1])  # the change does reach the model
 
@@ -60,7 +59,6 @@ def test_future_tokens_never_change_past_logits(looping, attn_gate, mlp_act):
 def test_loss_and_token_losses_match_logits():
     h = tiny_h()
     model = make_model(h, seed=4)
-    model.looping = True
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(4, h.vocab_size, (1, 40), generator=g)
     tgt = torch.randint(4, h.vocab_size, (1, 40), generator=g)
@@ -170,7 +168,7 @@ def packed_row(vocab, seed=0):
     return row, starts
 
 
-def doc_leaks(model, row, starts, k, cu, seed=0):
+def doc_leaks(model, row, starts, k, cu, seed=0, looping=True):
     """Positions outside document k whose logits change when k's non-BOS tokens change."""
     ids = torch.from_numpy(row).view(1, -1)
     other = ids.clone()
@@ -178,7 +176,7 @@ def doc_leaks(model, row, starts, k, cu, seed=0):
     g = torch.Generator().manual_seed(seed)
     other[0, s + 1:e] = (ids[0, s + 1:e] + torch.randint(1, model.h.vocab_size - 4, (e - s - 1,), generator=g) - 4) \
         % (model.h.vocab_size - 4) + 4
-    a, b = logits(model, ids, cu), logits(model, other, cu)
+    a, b = logits(model, ids, cu, looping), logits(model, other, cu, looping)
     changed = changed_positions(a, b)
     inside = set(range(s, e))
     if e - s > 1:
@@ -190,13 +188,12 @@ def doc_leaks(model, row, starts, k, cu, seed=0):
 def test_documents_in_a_packed_row_are_isolated(looping):
     h = tiny_h()
     model = make_model(h, seed=9)
-    model.looping = looping
     row, starts = packed_row(h.vocab_size)
     cu = torch.from_numpy(tg.packed_cu_seqlens(row, h.train_seq_len))
     assert cu.tolist() == starts.tolist()
     for k in range(len(DOC_LENGTHS)):
         if DOC_LENGTHS[k] > 1:
-            assert doc_leaks(model, row, starts, k, cu, seed=k) == set(), f"document {k} leaked"
+            assert doc_leaks(model, row, starts, k, cu, seed=k, looping=looping) == set(), f"document {k} leaked"
 
 
 def disable_smear_mask(monkeypatch):
@@ -220,7 +217,6 @@ def test_smear_gate_mask_is_what_stops_the_leak_into_the_next_bos(monkeypatch):
     attention into that whole document (and no further: the smear reads raw embeddings)."""
     h = tiny_h()
     model = make_model(h, seed=9)
-    model.looping = True
     row, starts = packed_row(h.vocab_size)
     cu = torch.from_numpy(tg.packed_cu_seqlens(row, h.train_seq_len))
     disable_smear_mask(monkeypatch)
@@ -267,7 +263,6 @@ def test_document_logits_do_not_depend_on_its_offset_in_the_row():
     scores the same at the start of a row and after other documents (up to rounding)."""
     h = tiny_h()
     model = make_model(h, seed=12)
-    model.looping = True
     row, starts = packed_row(h.vocab_size, seed=3)
     doc = row[starts[3]:starts[4]]
     alone = logits(model, torch.from_numpy(doc).view(1, -1))
@@ -293,11 +288,10 @@ def test_layer_plan_default_config():
 def test_forward_runs_blocks_in_layer_plan_order(looping):
     h = tiny_h()
     model = make_model(h)
-    model.looping = looping
     calls = []
     for i, block in enumerate(model.blocks):
         block.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
-    logits(model, torch.randint(4, h.vocab_size, (1, 20)))
+    logits(model, torch.randint(4, h.vocab_size, (1, 20)), looping=looping)
     enc, dec = model.layer_plan(looping)
     assert calls == enc + dec
     assert (enc + dec) == ([0, 1, 2, 1, 2, 1, 2, 3, 4, 5] if looping else [0, 1, 2, 3, 4, 5])
@@ -309,8 +303,7 @@ def test_looping_changes_output_and_every_parameter_gets_a_gradient():
     model = make_model(h, seed=2)
     ids = torch.randint(4, h.vocab_size, (1, 40))
     cu = torch.tensor([0, 25, 40], dtype=torch.int32)
-    model.looping = False
-    model(ids, ids, cu, 25).backward()
+    model(ids, ids, cu, 25, looping=False).backward()
     loop_params = {"loop_log_a", "loop_delta", "loop_b"}
     for name, p in model.named_parameters():
         if name in loop_params:
@@ -318,14 +311,10 @@ def test_looping_changes_output_and_every_parameter_gets_a_gradient():
         else:
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     model.zero_grad(set_to_none=True)
-    model.looping = True
     model(ids, ids, cu, 25).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-    model.looping = False
-    a = logits(model, ids, cu)
-    model.looping = True
-    assert not torch.allclose(a, logits(model, ids, cu))
+    assert not torch.allclose(logits(model, ids, cu, looping=False), logits(model, ids, cu))
 
 
 def test_parcae_merge_skip_softcap_formulas():
@@ -453,14 +442,13 @@ def test_parameter_without_role_is_refused():
 def test_unet_skips_pair_last_encoder_output_with_first_decoder_slot(looping):
     h = tiny_h()
     model = make_model(h, seed=13)
-    model.looping = looping
     enc, dec = model.layer_plan(looping)
     outputs, merged = [], []
     for block in model.blocks:
         block.register_forward_hook(lambda m, a, out: outputs.append(out))
     orig = model.merge_skip
     model.merge_skip = lambda x, skip, w, g: merged.append(skip) or orig(x, skip, w, g)
-    logits(model, torch.randint(4, h.vocab_size, (1, 24)))
+    logits(model, torch.randint(4, h.vocab_size, (1, 24)), looping=looping)
     enc_out = outputs[:len(enc)]
     n = min(len(enc), len(dec), model.skip_weights.size(0))
     assert len(merged) == n
@@ -475,9 +463,8 @@ def test_parcae_injection_runs_once_per_extra_loop_pass_and_truncates_backward()
     orig = model.parcae_inject
     model.parcae_inject = lambda *a: calls.append(1) or orig(*a)
     ids = torch.randint(4, h.vocab_size, (1, 24))
-    logits(model, ids)
+    logits(model, ids, looping=False)
     assert calls == []  # looping off
-    model.looping = True
     base = logits(model, ids)
     assert len(calls) == h.num_loops  # passes 2 .. num_loops+1
     # LOOP_TRUNC_BWD only cuts the backward: same forward, different gradients

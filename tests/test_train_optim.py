@@ -177,7 +177,6 @@ def test_trainer_step_schedule_and_returned_loss(tmp_path):
     rt = tg.Runtime(h)
     model = make_model(h, seed=8)
     model.train()
-    model.looping = True
     before = copy.deepcopy(model)
     ref_loader = tg.DocumentPackingLoader(files, h.micro_tokens, h.train_seq_len, 0, 1, rt.device)
     ref = []
@@ -187,7 +186,7 @@ def test_trainer_step_schedule_and_returned_loss(tmp_path):
             ref.append(float(before(x, y, cu, m)))
     trainer = tg.Trainer(model, h, rt)
     loader = tg.DocumentPackingLoader(files, h.micro_tokens, h.train_seq_len, 0, 1, rt.device)
-    loss = trainer.step(loader, 5, 0.75)
+    loss = trainer.step(loader, 5, 0.75, True)
     assert float(loss) == pytest.approx(sum(ref) / len(ref), rel=1e-6)
     muon, adamw = trainer.optimizers
     assert muon.param_groups[0]["momentum"] == pytest.approx(0.5 * h.muon_momentum_warmup_start + 0.5 * h.muon_momentum)
@@ -199,7 +198,7 @@ def test_trainer_step_schedule_and_returned_loss(tmp_path):
     # the loader consumed exactly grad_accum_steps pieces
     assert torch.equal(loader.next_batch()[0], ref_loader.next_batch()[0])
     # momentum warmup is complete after MUON_MOMENTUM_WARMUP_STEPS
-    trainer.step(loader, 20, 0.0)
+    trainer.step(loader, 20, 0.0, True)
     assert muon.param_groups[0]["momentum"] == h.muon_momentum and muon.param_groups[0]["lr"] == h.matrix_lr
 
 
@@ -253,16 +252,16 @@ class FixedLoader:
         return self.batch
 
 
-def test_trainer_clips_the_gradient(tmp_path, monkeypatch):
+def test_trainer_clips_the_gradient(tmp_path):
     """GRAD_CLIP_NORM bounds the global gradient norm: at 1e-12 the AdamW updates (scale-aware
     through eps) shrink to almost nothing, while without clipping they are of the size of the LR."""
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
     moved = {}
     for clip in (0.0, 1e-12):
         h = tiny_h(grad_clip_norm=clip, embed_wd=0.0, log_dir=str(tmp_path), run_id="clip")
         model = make_model(h, seed=1).train()
         before = model.tok_emb.weight.detach().clone()
-        tg.Trainer(model, h, tg.Runtime(h)).step(FixedLoader(h), 0, 0.0)
+        tg.Trainer(model, h, tg.Runtime(h)).step(FixedLoader(h), 0, 0.0, False)
         moved[clip] = (model.tok_emb.weight.detach() - before).abs().max().item()
     assert moved[0.0] > 0.5 * tiny_h().tied_embed_lr
     assert moved[1e-12] < 1e-2 * moved[0.0], moved
@@ -270,7 +269,7 @@ def test_trainer_clips_the_gradient(tmp_path, monkeypatch):
 
 def test_train_model_leaves_the_ema_weights_for_quantization(tmp_path, monkeypatch):
     """After train_model the model holds the EMA average (what GPTQ quantizes), not the last raw weights."""
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
     seen = {}
 
     class SpyEMA(tg.EMA):

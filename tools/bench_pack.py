@@ -18,8 +18,10 @@ import train_gpt as tg  # noqa: E402
 
 def synthetic_qstate(h, rng):
     q = {}
-    for name, t in tg.GPT(h).state_dict().items():
-        plan = tg.quant_plan(name, t.numel(), h)
+    model = tg.GPT(h)
+    plans = tg.quant_plans(model, h)
+    for name, t in model.state_dict().items():
+        plan = plans[name]
         if plan[0] == "gptq":
             top = 2 ** (plan[1] - 1) - 1
             w = rng.standard_t(5, t.shape) / np.sqrt(5 / 3)  # unit std, heavier tails than a Gaussian

@@ -16,22 +16,18 @@ def main():
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     h = tg.Hyperparameters.from_env()
     rt = tg.Runtime(h)
-    tg.ATTENTION_BACKEND = tg.pick_attention_backend(h.attn_backend, rt.device)
-    model = tg.GPT(h).to(rt.device)
-    if h.compile:
-        model.compile_regions()
+    model = rt.place(tg.GPT(h))
     trainer = tg.Trainer(model, h, rt)
     loader = tg.DocumentPackingLoader(tg.shard_files(h.data_path, "train"), h.micro_tokens, h.train_seq_len,
                                       rt.rank, rt.world_size, rt.device)
     for looping in (False, True):
-        model.looping = looping
         for i in range(3):
-            trainer.step(loader, i, 0.0)
+            trainer.step(loader, i, 0.0, looping)
         rt.sync()
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(steps):
-                trainer.step(loader, i, 0.0)
+                trainer.step(loader, i, 0.0, looping)
             rt.sync()
         wall = (time.perf_counter() - t0) / steps
         events = prof.key_averages()

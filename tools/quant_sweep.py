@@ -9,7 +9,6 @@ import os
 import sys
 import time
 
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import train_gpt as tg  # noqa: E402
@@ -31,27 +30,22 @@ def main(argv):
     h = tg.Hyperparameters.from_env()
     rt = tg.Runtime(h)
     variants = [(spec, variant_h(h, spec)) for spec in specs]  # bad names/values fail before training
-    tg.ATTENTION_BACKEND = tg.pick_attention_backend(h.attn_backend, rt.device)
     train_files = tg.shard_files(h.data_path, "train")
     val = tg.load_val_set(h, tg.build_sentencepiece_luts(tg.load_tokenizer(h), h.vocab_size))
-    torch.manual_seed(h.seed)
-    model = tg.GPT(h).to(rt.device)
-    if h.compile and rt.device.type == "cuda":
-        model.compile_regions()
+    model = rt.place(tg.GPT(h))  # seeded, TF32 and compiled by Runtime, as in train_gpt.py
     tg.compile_warmup(model, h, rt, train_files)
-    reserve = tg.gptq_reserve(model, h, rt, train_files)  # the same training budget as train_gpt.py
-    budget = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
-    tg.train_model(model, h, rt, train_files, val, budget)
+    tg.train_model(model, h, rt, train_files, val, tg.training_budget(model, h, rt, train_files))
     trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    torch.set_float32_matmul_precision("highest")
-    hessians = tg.collect_hessians(model, h, rt, train_files)
+    with tg.exact_fp32():  # as tg.run_gptq; the evals below run in TF32 like train_gpt.py's
+        hessians = tg.collect_hessians(model, h, rt, train_files)
     _, pre_bpb, _ = tg.eval_val(model, h, rt, val)
     code = tg.counted_code_bytes(tg.__file__)[1]
     rt.log(f"quant_sweep: pre-quant val_bpb {pre_bpb:.8f}; code {code} bytes")
     rt.log(f"{'variant':<40} {'model bytes':>12} {'total bytes':>12} {'val_bpb':>11} {'gap':>9} {'quant s':>8}")
     for spec, hv in variants:
         t0 = time.perf_counter()
-        qstate = tg.quantize_state(trained, hessians, hv)
+        with tg.exact_fp32():
+            qstate = tg.quantize_state(trained, tg.quant_plans(model, hv), hessians, hv)
         t_quant = time.perf_counter() - t0
         size = len(tg.pack_artifact(qstate)) if rt.master else 0
         model.load_state_dict(tg.dequantize_state(qstate, trained, hv.lqer_group))
