@@ -373,21 +373,12 @@ def check_runs(runs, wrapper, data_path=None):
         ev.append(f"{n}: {r['artifact_bytes']} + {code} = {total} bytes" + (" OVER" if total > CAP_BYTES else ""))
     items.append(_item(f"artifact <= {CAP_BYTES:,} bytes (code counted as the wrapper)", status, "; ".join(ev)))
 
-    ev, status = [], PASS
-    for n, r in runs:
-        t = r["train_plus_gptq_s"]
-        if t is None or t > TRAIN_CAP_S:
-            status = FAIL
-        ev.append(f"{n}: `training + GPTQ = {t}s (cap {r['train_cap_s']}s)`" + (" OVER" if t and t > TRAIN_CAP_S else ""))
-    items.append(_item(f"training + GPTQ <= {TRAIN_CAP_S:.0f} s", status, "; ".join(ev)))
-
-    ev, status = [], PASS
-    for n, r in runs:
-        t = r["total_eval_s"]
-        if t is None or t > EVAL_CAP_S:
-            status = FAIL
-        ev.append(f"{n}: `total_eval_time:{t}s`" + (" OVER" if t and t > EVAL_CAP_S else ""))
-    items.append(_item(f"eval <= {EVAL_CAP_S:.0f} s", status, "; ".join(ev)))
+    for label, key, cap, line in (("training + GPTQ", "train_plus_gptq_s", TRAIN_CAP_S,
+                                   lambda r, t: f"training + GPTQ = {t}s (cap {r['train_cap_s']}s)"),
+                                  ("eval", "total_eval_s", EVAL_CAP_S, lambda r, t: f"total_eval_time:{t}s")):
+        over = [r[key] is None or r[key] > cap for _, r in runs]
+        ev = [f"{n}: `{line(r, r[key])}`" + (" OVER" if r[key] and r[key] > cap else "") for n, r in runs]
+        items.append(_item(f"{label} <= {cap:.0f} s", FAIL if any(over) else PASS, "; ".join(ev)))
 
     # GPTQ calibration: an explicit log line if the run has one, else the run's own source.
     explicit = [r["gptq_calibration"] for _, r in runs if r["gptq_calibration"]]
