@@ -861,7 +861,8 @@ class CausalSelfAttention(nn.Module):
         self.xsa = i >= h.num_layers - h.xsa_last_n
         self.gate, self.gate_width, self.gate_scale = h.attn_gate, h.gate_width, h.sparse_attn_gate_scale
         # FA3's static bound: no packed sequence is longer than the longest length any stage cuts at.
-        self.fa3_max_seqlen = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len, h.global_ttt_seq_len)
+        # TTT rows are rounded up to multiples of 64, hence the rounding.
+        self.fa3_max_seqlen = -(-max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len, h.global_ttt_seq_len) // 64) * 64
         if self.gate != "none":
             self.gate_w = with_role(nn.Parameter(torch.zeros(h.num_heads, h.gate_width)), "scalar", "gate")
 
@@ -1589,8 +1590,11 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
             t_start += time.perf_counter() - t_val  # validation time is not training time
         stop = budget_ms > 0 and train_ms + (train_ms - previous_ms) > budget_ms
         if checkpoint_due(h, step, train_ms, saved_ms) or h.checkpoint_every and (stop or step == h.iterations):
+            t_ck = time.perf_counter()
             save_checkpoint(h, rt, step, train_ms, looping, model, trainer, loader, ema)  # its time counts as training
             saved_ms = train_ms
+            if stop or step == h.iterations:  # the last save comes after the last clock reading
+                train_ms += float(rt.all_reduce(torch.tensor(1000.0 * (time.perf_counter() - t_ck), device=rt.device), "max"))
         if stop:
             rt.log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{h.iterations}")
             break
@@ -2115,7 +2119,7 @@ def write_artifact(qstate, h: Hyperparameters, rt: Runtime):
                 rt.log(f"error: cannot write the artifact to {path}: {e}")
         if path != h.artifact_path:
             rt.log(f"artifact: saved to {path} instead of ARTIFACT_PATH={h.artifact_path}")
-            h.artifact_path = path  # the eval below reads it there (single process; other ranks keep the old path)
+            h.artifact_path = path  # the eval below reads it there
         model_bytes = os.path.getsize(h.artifact_path)
         raw_code, code = counted_code_bytes(os.path.abspath(sys.argv[0]))
         total = model_bytes + code
@@ -2129,6 +2133,10 @@ def write_artifact(qstate, h: Hyperparameters, rt: Runtime):
             rt.log(f"!!! OVER THE CAP: {total} bytes > {SUBMISSION_CAP_BYTES} by {total - SUBMISSION_CAP_BYTES} bytes !!!")
     else:
         over = False
+    if rt.distributed:  # every rank reads the artifact from where rank 0 put it
+        where = [h.artifact_path]
+        dist.broadcast_object_list(where, src=0)
+        h.artifact_path = where[0]
     if rt.any_rank(over) and not h.allow_over_cap:
         raise ArtifactTooLarge(f"submission exceeds {SUBMISSION_CAP_BYTES} bytes (set ALLOW_OVER_CAP=1 for research runs)")
 
@@ -2214,7 +2222,8 @@ def pack_rows(windows, row_tokens):
 
 def build_row(val: ValSet, row, row_tokens):
     """Inputs, targets (-1 = not scored here), their bytes and cu_seqlens for one packed row of
-    windows; the unused tail is one padding sequence."""
+    windows; the unused tail is padding, cut like the longest window so that no packed sequence
+    is longer than the sequence-length bound FA3 is given."""
     x = np.zeros(row_tokens, dtype=np.int64)
     y = np.full(row_tokens, -1, dtype=np.int64)
     b = np.zeros(row_tokens, dtype=np.int64)
@@ -2225,8 +2234,7 @@ def build_row(val: ValSet, row, row_tokens):
         b[pos + first:pos + n] = val.target_bytes[ws + first + 1:ws + n + 1]
         starts.append(pos)
         pos += n
-    if pos < row_tokens:
-        starts.append(pos)
+    starts.extend(range(pos, row_tokens, max(n for _, n, _ in row)))
     return x, y, b, np.array(starts + [row_tokens], dtype=np.int32)
 
 
@@ -2422,7 +2430,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
             stream = np.concatenate([val.tokens[s:s + n] for s, n in docs[:boundaries[phase]]])
             t1 = time.perf_counter()
             # A stopped batch left documents of this prefix unscored: SGD on them would see them first.
-            sgd_s = (sgd_token_s or 3 * token_s) * len(stream)
+            sgd_s = (sgd_token_s or 3 * token_s / rt.world_size) * len(stream)  # the stream is split over ranks
             if not rt.any_rank(stopped or t1 + sgd_s + token_s * (after[bi] + left) > deadline):
                 global_sgd(model, stream, h, rt)
                 sgd_token_s = (time.perf_counter() - t1) / len(stream)
@@ -2482,9 +2490,9 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, val: ValSet):
         with torch.compiler.set_stance("force_eager"):
             timed_eval("quantized_ttt_phased", lambda: phased_ttt(model, h, rt, val, deadline, token_s), rt)
         if h.sliding_eval:
-            predicted = token_s / rt.world_size * sum(window_tokens(n, h.eval_seq_len, h.eval_stride)
-                                                      for _, n in document_spans(val.tokens))
-            if rt.any_rank(time.perf_counter() + predicted > t0 + h.eval_budget_seconds):
+            predicted = t1 - t0 + token_s / rt.world_size * sum(window_tokens(n, h.eval_seq_len, h.eval_stride)
+                                                                for _, n in document_spans(val.tokens))  # reload + windows
+            if rt.any_rank(time.perf_counter() + predicted > deadline):
                 rt.log(f"diagnostic quantized_sliding_window skipped: predicted {predicted:.0f}s would end past "
                        f"EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f}")
             else:

@@ -547,3 +547,13 @@ def test_softcap_cross_entropy_reference_path_values_and_gradients(reduction):
     loss_ref = (rows.sum() / keep.sum()) if reduction == "mean" else (rows * weights).sum()
     for a, b in zip(grads, torch.autograd.grad(loss_ref, (hr, wr))):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+
+
+def test_build_row_cuts_the_padding_tail_like_its_longest_window():
+    """No packed sequence of an eval row is longer than its longest window (FA3 gets a fixed bound
+    on the sequence length), and the padding scores nothing."""
+    tokens = np.arange(1, 200, dtype=np.uint16)
+    val = tg.ValSet(tokens, np.ones(len(tokens), dtype=np.int64))
+    x, y, b, cu = tg.build_row(val, [(0, 30, 0), (50, 17, 5)], 256)
+    assert cu[0] == 0 and cu[-1] == 256 and (np.diff(cu) > 0).all() and np.diff(cu).max() <= 30
+    assert list(cu[:3]) == [0, 30, 47] and (y[47:] == -1).all() and b[47:].sum() == 0
