@@ -1439,7 +1439,7 @@ def flops_per_token(model, h: Hyperparameters, train_files, n_rows=8):
     """Model FLOPs per trained token, {looping: flops}, forward + backward = 3x forward: every
     matmul of every layer pass (loop passes included) and the tied head, plus attention's scores
     and values (4 d per (query, key) pair) over the packing of the first train rows."""
-    stream = load_data_shard(train_files[0])[:n_rows * h.micro_tokens]
+    stream = load_data_shard(train_files[0], mmap=True)[:n_rows * h.micro_tokens]  # 8 rows, not the shard
     rows = [packed_cu_seqlens(stream[i:i + h.micro_tokens], h.train_seq_len)
             for i in range(0, len(stream) - h.micro_tokens + 1, h.micro_tokens)]
     per_layer = [(sum(p.numel() for p in b.parameters() if getattr(p, "role", "") == "matrix"),
