@@ -156,3 +156,55 @@ def test_compiled_step_has_no_graph_break_or_recompile():
     tg.use_attention_backend("sdpa", torch.device("cuda"))
     assert not dyn.counters["graph_break"], dict(dyn.counters["graph_break"])
     assert dyn.counters["stats"]["unique_graphs"] == graphs
+
+
+class ListLoader:
+    """Micro-batches of 2048 tokens whose packings differ: 8 to ~100 sequences, so the CUDA graphs'
+    padding buckets (64, 128) change between steps and inside one."""
+
+    def __init__(self, periods, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.batches = []
+        for period in periods:
+            ids = torch.randint(2, 512, (2049,), generator=g)
+            ids[::period] = tg.BOS_ID
+            cu = tg.packed_cu_seqlens(ids[:-1].numpy(), 256)
+            self.batches.append((ids[:-1].view(1, -1).cuda(), ids[1:].view(1, -1).cuda(), torch.from_numpy(cu).cuda(),
+                                 int((cu[1:] - cu[:-1]).max())))
+        self.i = 0
+
+    def next_batch(self):
+        self.i += 1
+        return self.batches[(self.i - 1) % len(self.batches)]
+
+
+def test_cuda_graph_step_matches_compiled_step():
+    """CUDA_GRAPHS: replayed micro-steps (padded packing, in-place gradient sums, a new bucket
+    captured mid-step, loop parameters untouched before looping) train like the compiled step."""
+    h = tg.Hyperparameters(vocab_size=512, train_seq_len=256, train_batch_tokens=4 * 2048, micro_batches=4,
+                           muon_momentum_warmup_steps=0)
+    tg.use_attention_backend("varlen", torch.device("cuda"))
+    rt = tg.Runtime(h)
+    periods = [300, 97, 500, 19, 41, 1000, 23, 150]  # 19 and 23: over 64 sequences
+    runs = []
+    for graphs in (False, True):
+        torch.manual_seed(1)
+        model = tg.GPT(h).cuda()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.role == "matrix":
+                    p.add_(torch.randn_like(p) * 0.02)
+        loop_init = [model.loop_log_a.detach().clone(), model.loop_b.detach().clone()]
+        model.compile_regions()
+        trainer = tg.Trainer(model, h, rt, tg.MicroStepGraphs(model, h) if graphs else None)
+        loader = ListLoader(periods)
+        losses = [float(trainer.step(loader, i, 0.1, looping=False)) for i in range(2)]
+        assert torch.equal(model.loop_log_a, loop_init[0]) and torch.equal(model.loop_b, loop_init[1])
+        losses += [float(trainer.step(loader, i, 0.1, looping=True)) for i in range(2, 4)]
+        runs.append((losses, [p.detach().clone() for p in model.parameters()], trainer.graphs))
+    tg.use_attention_backend("sdpa", torch.device("cuda"))
+    (l0, p0, _), (l1, p1, graphs) = runs
+    assert {n for _, n in graphs.graphs} == {64, 128} and {lp for lp, _ in graphs.graphs} == {False, True}
+    for a, b in zip(l0, l1):
+        assert abs(a - b) < 2e-3 * abs(a), (l0, l1)
+    assert rel_err(torch.cat([p.flatten() for p in p1]), torch.cat([p.flatten() for p in p0])) < 1e-3

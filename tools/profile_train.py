@@ -17,7 +17,7 @@ def main():
     h = tg.Hyperparameters.from_env()
     rt = tg.Runtime(h)
     model = rt.place(tg.GPT(h))
-    trainer = tg.Trainer(model, h, rt)
+    trainer = tg.Trainer(model, h, rt, tg.MicroStepGraphs(model, h) if rt.cuda_graphs else None)
     loader = tg.DocumentPackingLoader(tg.shard_files(h.data_path, "train"), h.micro_tokens, h.train_seq_len,
                                       rt.rank, rt.world_size, rt.device)
     for looping in (False, True):
