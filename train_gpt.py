@@ -124,7 +124,6 @@ class Hyperparameters:
     fused_mlp: bool = True
     attn_backend: str = "auto"
     compile: bool = True
-    cuda_graphs: bool = True
     bench_steps: int = 0
     # optimisation
     matrix_lr: float = 0.026
@@ -352,7 +351,6 @@ class Runtime:
             self.log(f"config error: {e}", console=False)  # main prints it
             raise
         self.compile = h.compile and self.device.type == "cuda"
-        self.cuda_graphs = h.cuda_graphs and self.compile
         self.fused_mlp = fused_mlp_enabled(h.fused_mlp, self.device)
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside GPTQ
         torch.manual_seed(h.seed)
@@ -1127,10 +1125,9 @@ class GPT(nn.Module):
             # it also stops leaks between sliding windows or TTT rows packed side by side.
             gate = torch.sigmoid(F.linear(e[..., :self.h.gate_width], self.smear_w))
             prev = F.pad(e[:, :-1], (0, 0, 1, 0))
-            # One slot past the end takes the starts of empty padding sequences (MicroStepGraphs); no
-            # boolean mask, which would sync the host.
-            keep = torch.ones(ids.numel() + 1, device=ids.device, dtype=e.dtype).index_fill_(0, cu_seqlens[:-1].long(), 0)
-            e = e + self.smear_lambda * gate * prev * keep[:-1].view(*ids.shape, 1)
+            # Sequence starts by index_fill, not a boolean mask, which would sync the host.
+            keep = torch.ones(ids.numel(), device=ids.device, dtype=e.dtype).index_fill_(0, cu_seqlens[:-1].long(), 0)
+            e = e + self.smear_lambda * gate * prev * keep.view(*ids.shape, 1)
         return e
 
     def hidden(self, ids, cu_seqlens, max_seqlen, lora=None, looping=True):
@@ -1330,76 +1327,12 @@ def all_reduce_grads(params, rt: Runtime):
     torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
-class MicroStepGraphs:
-    """One micro-batch's forward + backward as a CUDA graph per loop phase and packing size
-    (CUDA_GRAPHS=1). The compiled step was CPU-bound: ~25 compiled regions each way per
-    micro-batch, each a guarded Python call launching its kernels; a replay launches them all
-    at once. Inputs sit at fixed addresses: cu_seqlens padded with empty sequences to a power
-    of two (>= 64), attention's longest sequence bounded by TRAIN_SEQ_LEN, and gradients
-    accumulated in place into buffers kept across steps (the same sums as without graphs)."""
-
-    def __init__(self, model, h: Hyperparameters):
-        self.model, self.h = model, h
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.graphs, self.used, self.buffers = {}, {}, {}
-        self.pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time: one pool
-
-    def _fwd_bwd(self, static, looping):
-        with bf16_autocast(static[0].device):
-            loss = self.model(*static, self.h.train_seq_len, looping)
-        (loss / self.h.grad_accum_steps).backward()
-        return loss.detach()
-
-    def _capture(self, key, x, y, cu):
-        looping, n_cu = key
-        static = (x.clone(), y.clone(), F.pad(cu, (0, n_cu - cu.numel()), value=x.numel()))
-        saved = [p.grad for p in self.params]  # this step's sums so far: capture must not touch them
-        for p in self.params:
-            p.grad = None
-        side = torch.cuda.Stream()  # capture needs a warm-up on a side stream; its gradients are dropped
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._fwd_bwd(static, looping)
-        torch.cuda.current_stream().wait_stream(side)
-        self.used.setdefault(looping, {id(p) for p in self.params if p.grad is not None})
-        self._point_grads(looping)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            loss = self._fwd_bwd(static, looping)
-        self.graphs[key] = graph, static, loss
-        for p, g in zip(self.params, saved):
-            p.grad = g
-
-    def _point_grads(self, looping):
-        """.grad = the kept buffer for parameters this phase trains, None for the rest (as without
-        graphs: a loop parameter gets no optimizer update before the loop is on)."""
-        for p in self.params:
-            p.grad = self.buffers.setdefault(p, torch.zeros_like(p)) if id(p) in self.used[looping] else None
-
-    def run(self, x, y, cu, looping, first):
-        """Forward + backward of one micro-batch (first: of a step, which zeroes the gradients);
-        returns the loss, valid until the next call."""
-        key = looping, max(64, 1 << (cu.numel() - 1).bit_length())
-        if key not in self.graphs:
-            self._capture(key, x, y, cu)
-        if first:
-            self._point_grads(looping)
-            torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
-        graph, (sx, sy, scu), loss = self.graphs[key]
-        sx.copy_(x)
-        sy.copy_(y)
-        scu[:cu.numel()].copy_(cu)
-        scu[cu.numel():].fill_(x.numel())
-        graph.replay()
-        return loss
-
-
 class Trainer:
     """One optimizer step = MICRO_BATCHES micro-batches split over ranks; the gradient is
     averaged over all of them, so any world size computes the same step."""
 
-    def __init__(self, model, h: Hyperparameters, rt: Runtime, graphs=None):
-        self.model, self.h, self.rt, self.graphs = model, h, rt, graphs
+    def __init__(self, model, h: Hyperparameters, rt: Runtime):
+        self.model, self.h, self.rt = model, h, rt
         self.params = [p for p in model.parameters()]
         self.optimizers = build_optimizers(model, h, rt.rank, rt.world_size)
         self.autocast = bf16_autocast(rt.device)
@@ -1414,11 +1347,8 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * mult
         loss_sum = torch.zeros((), device=self.rt.device)
-        for m in range(h.grad_accum_steps):
+        for _ in range(h.grad_accum_steps):
             x, y, cu, max_len = loader.next_batch()
-            if self.graphs is not None:
-                loss_sum += self.graphs.run(x, y, cu, looping, m == 0)
-                continue
             with self.autocast:
                 loss = self.model(x, y, cu, max_len, looping)
             (loss / h.grad_accum_steps).backward()
@@ -1459,13 +1389,11 @@ def new_train_loader(h: Hyperparameters, rt: Runtime, train_files):
 
 
 def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
-    """WARMUP_STEPS real steps (looping off, then on) to compile every graph (and capture the CUDA
-    graphs), then the initial weights are restored (optimizers are rebuilt by the caller).
-    Returns (seconds it took, the MicroStepGraphs or None)."""
+    """WARMUP_STEPS real steps (looping off, then on) to compile every graph, then the initial
+    weights are restored (optimizers are rebuilt by the caller). Returns the seconds it took."""
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
-    graphs = MicroStepGraphs(model, h) if rt.cuda_graphs else None
-    trainer, loader = Trainer(model, h, rt, graphs), new_train_loader(h, rt, train_files)
+    trainer, loader = Trainer(model, h, rt), new_train_loader(h, rt, train_files)
     loop_phases = [False, True] if h.num_loops > 0 else [False]
     loss = torch.zeros(())
     for i in range(h.warmup_steps):
@@ -1473,9 +1401,9 @@ def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
     rt.sync()
     seconds = time.perf_counter() - t0
     rt.log(f"compile_warmup: {h.warmup_steps} steps ({len(loop_phases)} loop phases) in {seconds:.1f}s, "
-           f"last loss {float(loss):.4f}, cuda graphs: {len(graphs.graphs) if graphs else 'off'}")
-    model.load_state_dict(initial_state)  # in place: the graphs' parameter addresses stay valid
-    return seconds, graphs
+           f"last loss {float(loss):.4f}")
+    model.load_state_dict(initial_state)
+    return seconds
 
 
 def training_budget(model, h: Hyperparameters, rt: Runtime, train_files):
@@ -1524,10 +1452,10 @@ def flops_per_token(model, h: Hyperparameters, train_files, n_rows=8):
     return out
 
 
-def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s, graphs=None):
+def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s):
     """BENCH_STEPS steady-state steps with looping off, then on (after the compile warm-up): speed,
     model FLOPs, MFU and memory; no GPTQ, no evaluation."""
-    trainer, loader = Trainer(model, h, rt, graphs), new_train_loader(h, rt, train_files)
+    trainer, loader = Trainer(model, h, rt), new_train_loader(h, rt, train_files)
     flops = flops_per_token(model, h, train_files)
     for looping in [False, True] if h.num_loops > 0 else [False]:
         trainer.step(loader, 0, 0.0, looping)
@@ -1544,7 +1472,7 @@ def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s, gr
                f"TFLOP/s/gpu:{achieved / 1e12:.1f} mfu:{100 * achieved / H200_BF16_FLOPS:.1f}%")
     peak = torch.cuda.max_memory_allocated() // 2**20 if rt.device.type == "cuda" else 0
     rt.log(f"bench: compile_warmup_s:{compile_s:.1f} peak_mem_mib:{peak} world_size:{rt.world_size} "
-           f"micro_tokens:{h.micro_tokens} attention_backend:{rt.attn_backend} cuda_graphs:{int(graphs is not None)}")
+           f"micro_tokens:{h.micro_tokens} attention_backend:{rt.attn_backend}")
 
 
 CHECKPOINT_MAGIC = b"PGCK"
@@ -1615,10 +1543,10 @@ def restore_checkpoint(ck, h: Hyperparameters, rt: Runtime, model, trainer, load
     return ck["step"], ck["train_ms"], ck["looping"]
 
 
-def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet, budget_s, ckpt=None, graphs=None):
+def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet, budget_s, ckpt=None):
     """Train until ITERATIONS, or until the next step would overrun the wallclock budget
     (seconds, 0 = none), predicted from the last step's duration."""
-    trainer, loader, ema = Trainer(model, h, rt, graphs), new_train_loader(h, rt, train_files), EMA(model, h.ema_decay)
+    trainer, loader, ema = Trainer(model, h, rt), new_train_loader(h, rt, train_files), EMA(model, h.ema_decay)
     flops = flops_per_token(model, h, train_files)
     rt.log(f"flops_per_token: {flops[False]:.4g} ({flops[True]:.4g} looping); mfu against {H200_BF16_FLOPS / 1e12:.0f} "
            f"TFLOP/s per GPU")
@@ -2623,12 +2551,10 @@ def main():
                f"({'CaseOps sidecar' if h.caseops_enabled else 'LUT accounting'})")
         model = rt.place(GPT(h))  # built on the CPU first: identical init on every rank
         rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-        compile_s, graphs = compile_warmup(model, h, rt, train_files)
+        compile_s = compile_warmup(model, h, rt, train_files)
         if h.bench_steps > 0:
-            return benchmark(model, h, rt, train_files, compile_s, graphs)
-        _, train_ms = train_model(model, h, rt, train_files, val, training_budget(model, h, rt, train_files), ckpt,
-                                  graphs)
-        del graphs  # their memory pool, before GPTQ and evaluation
+            return benchmark(model, h, rt, train_files, compile_s)
+        _, train_ms = train_model(model, h, rt, train_files, val, training_budget(model, h, rt, train_files), ckpt)
         qstate = quantize_model(model, h, rt, train_files, train_ms)
         timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, h, rt, val), rt)
         write_artifact(qstate, h, rt)

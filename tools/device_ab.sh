@@ -6,7 +6,7 @@
 #        logged every step (looping from step STEPS/2), stopped once training ends (no GPTQ, no eval)
 #   bash tools/device_ab.sh wait [S]                               polls up to S s (default 540), then
 #        (PROFILE=1: then tools/profile_train.py without CUDA graphs) prints each variant's compile seconds, ms/step per phase and loss agreement, tars logs to $OUT
-# Example: bash tools/device_ab.sh start 0 graphs=CUDA_GRAPHS=1 plain=CUDA_GRAPHS=0
+# Example: bash tools/device_ab.sh start 0 fused=FUSED_MLP=1 unfused=FUSED_MLP=0
 set -u
 W=/tmp/ab
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }

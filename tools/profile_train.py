@@ -17,7 +17,7 @@ def main():
     h = tg.Hyperparameters.from_env()
     rt = tg.Runtime(h)
     model = rt.place(tg.GPT(h))
-    trainer = tg.Trainer(model, h, rt, tg.MicroStepGraphs(model, h) if rt.cuda_graphs else None)
+    trainer = tg.Trainer(model, h, rt)
     loader = tg.DocumentPackingLoader(tg.shard_files(h.data_path, "train"), h.micro_tokens, h.train_seq_len,
                                       rt.rank, rt.world_size, rt.device)
     for looping in (False, True):
@@ -35,7 +35,12 @@ def main():
         print(f"\n== looping={looping} micro_tokens={h.micro_tokens} accum={h.grad_accum_steps}: "
               f"wall {1000 * wall:.1f} ms/step, kernels {kernel_us / 1000 / steps:.1f} ms/step, "
               f"{h.train_batch_tokens / wall:.0f} tok/s")
-        print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
+        kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total),
+                         key=lambda e: -e.self_device_time_total)
+        print(f"{'ms/step':>8} {'calls/step':>10} {'us/call':>8}  kernel")
+        for e in kernels[:int(os.environ.get("PROFILE_ROWS", "40"))]:
+            print(f"{e.self_device_time_total / 1000 / steps:8.2f} {e.count / steps:10.0f} "
+                  f"{e.self_device_time_total / max(e.count, 1):8.1f}  {e.key[:110]}")
 
 
 if __name__ == "__main__":
