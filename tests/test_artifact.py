@@ -3,6 +3,7 @@ Hessian, LQER, damped Cholesky, Hessian collection on train shards, the brotli c
 the sizes write_artifact reports, the size cap, and the self-extracting code wrapper
 (tools/make_wrapper.py)."""
 import base64
+import hashlib
 import lzma
 import os
 import re
@@ -163,7 +164,7 @@ def test_scale_floor_survives_the_fp16_cast():
     _, scale = tg.gptq_quantize(w, torch.eye(64)[None], 6, 13.0)
     h = tiny_h()
     q = tg.quantize_state({"smear_w": torch.zeros(1, h.gate_width)}, tg.quant_plans(tg.GPT(h), h), {}, h)
-    assert (scale > 0).all() and (q["smear_w"]["scale"] > 0).all()
+    assert (scale > 0).all() and (q["smear_w"].scale > 0).all()
 
 
 def test_quant_plans_come_from_the_parameter_tags():
@@ -269,22 +270,22 @@ def test_quantize_state_applies_lqer_to_the_top_k_errors():
     hess = {n: hessian_of(correlated_inputs(256, 64, g)) for n in names}
     plans = tg.quant_plans(tg.GPT(h), h)
     q = tg.quantize_state(state, plans, hess, h)
-    errors = {n: (state[n] - dequant(q[n]["codes"], q[n]["scale"])).norm().item() for n in names}
+    errors = {n: (state[n] - dequant(q[n].data, q[n].scale)).norm().item() for n in names}
     top = set(sorted(errors, key=errors.get, reverse=True)[:2])
     assert top == {"blocks.1.attn.c_q.weight", "blocks.1.attn.proj.weight"}
-    assert {n for n, e in q.items() if "lqer" in e} == top
+    assert {n for n, e in q.items() if e.lqer} == top
     for n in top:
-        expect = tg.lqer_factors(state[n] - dequant(q[n]["codes"], q[n]["scale"]), hess[n], 2, 32)
-        assert all(torch.equal(a, b) for a, b in zip(q[n]["lqer"], expect))
+        expect = tg.lqer_factors(state[n] - dequant(q[n].data, q[n].scale), hess[n], 2, 32)
+        assert all(torch.equal(a, b) for a, b in zip(q[n].lqer, expect, strict=True))
     deq = tg.dequantize_state(q, state, h.lqer_group)
     for n in names:
-        wq = dequant(q[n]["codes"], q[n]["scale"])
+        wq = dequant(q[n].data, q[n].scale)
         if n in top:
             assert output_error_2d(deq[n] - state[n], hess[n]) < output_error_2d(wq - state[n], hess[n])
         else:
             assert torch.equal(deq[n], wq)
     h.lqer_enabled = False
-    assert not any("lqer" in e for e in tg.quantize_state(state, plans, hess, h).values())
+    assert not any(e.lqer for e in tg.quantize_state(state, plans, hess, h).values())
 
 
 def test_quantize_state_drops_a_correction_that_does_not_help(monkeypatch):
@@ -294,10 +295,10 @@ def test_quantize_state_drops_a_correction_that_does_not_help(monkeypatch):
     state = {"blocks.0.attn.c_q.weight": torch.randn(64, 64, generator=g)}
     hess = {"blocks.0.attn.c_q.weight": hessian_of(correlated_inputs(256, 64, g))}
     plans = tg.quant_plans(tg.GPT(h), h)
-    assert "lqer" in tg.quantize_state(state, plans, hess, h)["blocks.0.attn.c_q.weight"]
+    assert tg.quantize_state(state, plans, hess, h)["blocks.0.attn.c_q.weight"].lqer
     fit = tg.lqer_factors
     monkeypatch.setattr(tg, "lqer_factors", lambda err, *a: fit(-err, *a))
-    assert "lqer" not in tg.quantize_state(state, plans, hess, h)["blocks.0.attn.c_q.weight"]
+    assert not tg.quantize_state(state, plans, hess, h)["blocks.0.attn.c_q.weight"].lqer
 
 
 # ---------------------------------------------------------------------------------------
@@ -417,35 +418,32 @@ def quantized(tmp_path_factory):
 def test_quantized_state_covers_every_kind(quantized):
     h, state, q = quantized
     assert set(q) == set(state)
-    kinds = {e["kind"] for e in q.values()}
+    assert all(isinstance(e, tg.QuantEntry) for e in q.values())
+    kinds = {e.kind for e in q.values()}
     assert kinds == {"gptq", "int8row", "fp16"}
-    assert sum("lqer" in e for e in q.values()) == 3
-    assert q["tok_emb.weight"]["bits"] == h.embed_bits and q["blocks.0.mlp.fc.weight"]["bits"] == h.matrix_bits
+    assert sum(bool(e.lqer) for e in q.values()) == 3
+    assert q["tok_emb.weight"].bits == h.embed_bits and q["blocks.0.mlp.fc.weight"].bits == h.matrix_bits
     for n, e in q.items():
-        if e["kind"] == "gptq":
-            top = 2 ** (e["bits"] - 1) - 1
-            assert e["codes"].dtype == torch.int8 and -top <= e["codes"].min() and e["codes"].max() <= top
-            assert e["scale"].dtype == torch.float16
-        elif e["kind"] == "int8row":
-            assert e["codes"].shape == state[n].shape and e["codes"].abs().max() <= 127
+        if e.kind == "gptq":
+            top = 2 ** (e.bits - 1) - 1
+            assert e.data.dtype == torch.int8 and -top <= e.data.min() and e.data.max() <= top
+            assert e.scale.dtype == torch.float16
+        elif e.kind == "int8row":
+            assert e.data.dtype == torch.int8 and e.bits == 8
+            assert e.data.shape == state[n].shape and e.data.abs().max() <= 127
         else:
-            assert e["value"].dtype == torch.float16 and torch.equal(e["value"], state[n].half())
+            assert e.data.dtype == torch.float16 and torch.equal(e.data, state[n].half())
+            assert e.scale is None and e.lqer == ()
 
 
 def assert_same_qstate(a, b):
     assert list(a) == list(b)
     for n in a:
         ea, eb = a[n], b[n]
-        assert ea["kind"] == eb["kind"], n
-        keys = ("value",) if ea["kind"] == "fp16" else ("codes", "scale")
-        for k in keys:
-            assert ea[k].dtype == eb[k].dtype and torch.equal(ea[k], eb[k]), (n, k)
-        if ea["kind"] == "gptq":
-            assert ea["bits"] == eb["bits"]
-        assert ("lqer" in ea) == ("lqer" in eb), n
-        if "lqer" in ea:
-            for x, y in zip(ea["lqer"], eb["lqer"], strict=True):
-                assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), n
+        assert isinstance(eb, tg.QuantEntry) and (ea.kind, ea.bits) == (eb.kind, eb.bits), n
+        assert (ea.scale is None) == (eb.scale is None), n
+        for x, y in zip((ea.data, ea.scale, *ea.lqer), (eb.data, eb.scale, *eb.lqer), strict=True):
+            assert x is y is None or x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), n
 
 
 @pytest.mark.parametrize("rans_min_values", [tg.RANS_MIN_VALUES, 1000, 1])
@@ -465,8 +463,8 @@ def test_artifact_round_trips_bit_exactly(quantized, tmp_path, monkeypatch, rans
     assert all(torch.equal(fresh.state_dict()[n], deq[n]) for n in state)
     # and the dequantized weights are close to the originals, LQER'd tensors included
     for n, e in q.items():
-        if e["kind"] == "gptq":
-            assert (deq[n] - state[n]).abs().max() <= 4 * e["scale"].float().max(), n
+        if e.kind == "gptq":
+            assert (deq[n] - state[n]).abs().max() <= 4 * e.scale.float().max(), n
 
 
 def test_load_artifact_model_reads_the_file(quantized, tmp_path):
@@ -486,6 +484,43 @@ def test_pack_artifact_is_deterministic(quantized, monkeypatch):
     blob = tg.pack_artifact(q)
     assert blob[:4] == tg.ARTIFACT_MAGIC
     assert tg.pack_artifact(q) == blob
+
+
+# pack_artifact's output at commit 0f3f74b (dict entries, before QuantEntry) for the same contents.
+PACKED_SHA256 = {
+    "synthetic": "55b094de67590209e7aee6dcc2ea84de10687a54213787182b878d4524d54e43",
+    "quantized": "cc5c8f09b102386db8203ec34023597095e493d392be7eaf17abda5f841308f8",
+    "quantized, RANS_MIN_VALUES=1000": "878413b48592ed2492493853c57c13028c03ebf4b054ad0060208b3e9ea20b23",
+}
+
+
+def synthetic_qstate():
+    """Every kind, LQER factors, small code arrays and two through rANS, drawn as integers and fp16
+    only: its packed bytes depend on the container format alone, not on float math."""
+    rng = np.random.default_rng(0)
+    codes = lambda lo, hi, *shape: torch.from_numpy(rng.integers(lo, hi + 1, shape, dtype=np.int8))  # noqa: E731
+    halves = lambda n: torch.from_numpy(rng.uniform(1e-3, 2e-3, n).astype(np.float16))  # noqa: E731
+    E = tg.QuantEntry
+    return {"big": E("gptq", codes(-31, 31, 160, 128), halves(160), 6,
+                     (codes(-2, 1, 160, 4), halves(4), codes(-8, 7, 4, 128), halves(16))),
+            "emb": E("gptq", codes(-63, 63, 24, 16), halves(24), 7),
+            "gate": E("int8row", codes(-127, 127, 4, 8), halves(4)),
+            "norm": E("fp16", halves(5)),
+            "wide": E("gptq", codes(-31, 31, 130, 130), halves(130), 6)}
+
+
+def test_packed_bytes_did_not_change(quantized, monkeypatch):
+    """The artifact is byte-identical to the one the dict-entry code wrote (issue 12's QuantEntry
+    changed no byte): the synthetic state pins the format; the quantized fixture (tiny model, fixed
+    seeds; the same hashes with 1 and 2 threads) pins quantize_state's entries too."""
+    _, _, q = quantized
+    sha = lambda qstate: hashlib.sha256(tg.pack_artifact(qstate)).hexdigest()  # noqa: E731
+    synthetic = synthetic_qstate()
+    assert_same_qstate(synthetic, tg.unpack_artifact(tg.pack_artifact(synthetic)))
+    got = {"synthetic": sha(synthetic), "quantized": sha(q)}
+    monkeypatch.setattr(tg, "RANS_MIN_VALUES", 1000)
+    got["quantized, RANS_MIN_VALUES=1000"] = sha(q)
+    assert got == PACKED_SHA256
 
 
 def test_unpack_rejects_a_wrong_magic(quantized):
@@ -597,8 +632,8 @@ def test_artifact_sends_large_code_arrays_through_rans(quantized, monkeypatch):
     assert streams(tg.pack_artifact(q))[4] == b""
     monkeypatch.setattr(tg, "RANS_MIN_VALUES", 1000)
     parts = streams(tg.pack_artifact(q))
-    large = [e["codes"] for e in q.values() if "codes" in e and e["codes"].numel() >= 1000]
-    large += [c for e in q.values() for c in e.get("lqer", ())[::2] if c.numel() >= 1000]
+    large = [e.data for e in q.values() if e.kind != "fp16" and e.data.numel() >= 1000]
+    large += [c for e in q.values() for c in e.lqer[::2] if c.numel() >= 1000]
     tables = np.frombuffer(brotli.decompress(parts[3]), "<u2").astype(np.int64)
     n_tables, t = 0, 0
     while t < len(tables):
