@@ -1693,7 +1693,7 @@ def fp16_scale(s):
     return s.half().clamp_min(torch.finfo(torch.float16).tiny)
 
 
-def damped_cholesky(m, upper=False, log=print):
+def damped_cholesky(m, log, upper=False):
     """Batched Cholesky that adds 10x more diagonal damping (from 1e-6 of the mean diagonal) to
     the matrices that fail; one that still fails at ~1e3x falls back to its diagonal (GPTQ then
     reduces to rounding with error feedback), with a warning, instead of aborting the artifact."""
@@ -1711,7 +1711,7 @@ def damped_cholesky(m, upper=False, log=print):
     return torch.linalg.cholesky(m, upper=upper)
 
 
-def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01, log=print):
+def gptq_quantize(w, hessian, bits, clip_sigmas, log, block_size=128, damp=0.01):
     """Full-Hessian GPTQ (PR #1019/#1060) with act-order and SDClip row scales (PR #1394):
     s_r = k*std(W_r)/(2^(bits-1)-1), no clip search. Batched over a leading dim: w [n, r, c],
     hessian [n, c, c] (inputs along c). Returns int8 codes [n, r, c] and fp16 scales [n, r]."""
@@ -1728,7 +1728,7 @@ def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01, log=
     perm = torch.argsort(diag, dim=-1, descending=True)  # act-order: most informative columns first
     w = torch.gather(w, 2, perm[:, None, :].expand(n, r, c))
     hessian = torch.gather(torch.gather(hessian, 1, perm[:, :, None].expand(n, c, c)), 2, perm[:, None, :].expand(n, c, c))
-    u = damped_cholesky(torch.cholesky_inverse(damped_cholesky(hessian, log=log)), True, log)
+    u = damped_cholesky(torch.cholesky_inverse(damped_cholesky(hessian, log)), log, True)
     codes = torch.empty_like(w)
     for b0 in range(0, c, block_size):
         b1 = min(b0 + block_size, c)
@@ -1822,7 +1822,7 @@ class QuantEntry:
         return w
 
 
-def quantize_state(state, plans, hessians, h: Hyperparameters, log=print):
+def quantize_state(state, plans, hessians, h: Hyperparameters, log):
     """Quantized artifact contents {name: QuantEntry}; same-shape GPTQ tensors of one role are
     quantized in one batched call."""
     out, batches = {}, {}
@@ -1840,8 +1840,8 @@ def quantize_state(state, plans, hessians, h: Hyperparameters, log=print):
     errors = {}
     for (role, shape, (bits, sigmas)), names in batches.items():
         w = torch.stack([state[nm].float() for nm in names])
-        codes, scale = gptq_quantize(w, torch.stack([hessians[nm] for nm in names]), bits, sigmas,
-                                     h.gptq_block_size, h.gptq_damp, log)
+        codes, scale = gptq_quantize(w, torch.stack([hessians[nm] for nm in names]), bits, sigmas, log,
+                                     h.gptq_block_size, h.gptq_damp)
         for nm, q, s, wi in zip(names, codes, scale, w):
             out[nm] = QuantEntry("gptq", q, s, bits)
             errors[nm] = wi - out[nm].dequantize(h.lqer_group)

@@ -45,6 +45,11 @@ def output_error(w, wq, hess):
     return torch.einsum("nrc,ncd,nrd->n", d, hess.double(), d)
 
 
+def no_log(msg):
+    """The `log` of GPTQ and quantize_state where nothing may warn (no Cholesky fallback)."""
+    raise AssertionError(f"unexpected warning: {msg}")
+
+
 def dequant(codes, scale):
     return codes.float() * scale.float()[..., None]
 
@@ -77,7 +82,7 @@ def test_gptq_beats_round_to_nearest_under_the_hessian(bits, k):
     r, c = 48, 96
     hess = torch.stack([hessian_of(correlated_inputs(1024, c, g)) for _ in range(2)])
     w = 0.05 * torch.randn(2, r, c, generator=g)
-    codes, scale = tg.gptq_quantize(w, hess, bits, k, block_size=32)
+    codes, scale = tg.gptq_quantize(w, hess, bits, k, no_log, block_size=32)
     assert torch.equal(scale, sdclip_scale(w, bits, k))  # SDClip: k*std(row)/(2^(b-1)-1), fp16
     gptq_err = output_error(w, dequant(codes, scale), hess)
     rtn_err = output_error(w, dequant(round_to_nearest(w, scale, bits), scale), hess)
@@ -94,9 +99,9 @@ def test_gptq_does_not_depend_on_the_block_size():
     c = 96
     hess = torch.stack([hessian_of(correlated_inputs(1024, c, g)) for _ in range(2)])
     w = 0.05 * torch.randn(2, 32, c, generator=g)
-    ref, scale = tg.gptq_quantize(w, hess, 6, 13.0, block_size=c)
+    ref, scale = tg.gptq_quantize(w, hess, 6, 13.0, no_log, block_size=c)
     for bs in (1, 8, 40, 128):
-        codes, s = tg.gptq_quantize(w, hess, 6, 13.0, block_size=bs)
+        codes, s = tg.gptq_quantize(w, hess, 6, 13.0, no_log, block_size=bs)
         assert torch.equal(s, scale)
         assert (codes != ref).float().mean() <= 1e-3, bs
 
@@ -107,7 +112,7 @@ def test_gptq_codes_lie_in_the_clip_range_and_scales_are_fp16():
     w = torch.randn(3, 16, 64, generator=g)
     w[:, :, 5] *= 20  # outliers that a 2-sigma clip must clamp
     hess = torch.stack([hessian_of(correlated_inputs(256, 64, g)) for _ in range(3)])
-    codes, scale = tg.gptq_quantize(w, hess, bits, 2.0, block_size=16)
+    codes, scale = tg.gptq_quantize(w, hess, bits, 2.0, no_log, block_size=16)
     assert codes.dtype == torch.int8 and codes.shape == w.shape
     assert scale.dtype == torch.float16 and scale.shape == (3, 16)
     assert codes.min() == -top and codes.max() == top  # the clamp is reached, and holds
@@ -122,7 +127,7 @@ def test_gptq_dead_columns_dequantize_to_zero():
     hess = hessian_of(x)[None]
     assert (hess[0].diagonal()[dead] == 0).all()
     w = 0.05 * torch.randn(1, 32, 64, generator=g)
-    codes, scale = tg.gptq_quantize(w, hess, 6, 13.0, block_size=16)
+    codes, scale = tg.gptq_quantize(w, hess, 6, 13.0, no_log, block_size=16)
     wq = dequant(codes, scale)
     assert (wq[:, :, dead] == 0).all()
     live = [j for j in range(64) if j not in dead]
@@ -137,8 +142,8 @@ def test_gptq_undoes_the_act_order_permutation():
     hess = hessian_of(correlated_inputs(1024, c, g))[None]
     w = 0.05 * torch.randn(1, 24, c, generator=g)
     p = torch.randperm(c, generator=g)
-    codes, scale = tg.gptq_quantize(w, hess, 6, 13.0, block_size=32)
-    codes_p, scale_p = tg.gptq_quantize(w[:, :, p], hess[:, p][:, :, p], 6, 13.0, block_size=32)
+    codes, scale = tg.gptq_quantize(w, hess, 6, 13.0, no_log, block_size=32)
+    codes_p, scale_p = tg.gptq_quantize(w[:, :, p], hess[:, p][:, :, p], 6, 13.0, no_log, block_size=32)
     assert torch.equal(scale, scale_p)
     assert torch.equal(codes[:, :, p], codes_p)
     # the act order really is a permutation here (most informative columns are not in front)
@@ -151,9 +156,9 @@ def test_gptq_batched_equals_per_matrix():
     hess = torch.stack([hessian_of(correlated_inputs(512, c, g)), torch.eye(c),
                         hessian_of(torch.randn(512, c, generator=g))])
     w = 0.05 * torch.randn(3, 20, c, generator=g)
-    codes, scale = tg.gptq_quantize(w, hess, 6, 12.5, block_size=24)
+    codes, scale = tg.gptq_quantize(w, hess, 6, 12.5, no_log, block_size=24)
     for i in range(3):
-        ci, si = tg.gptq_quantize(w[i:i + 1], hess[i:i + 1], 6, 12.5, block_size=24)
+        ci, si = tg.gptq_quantize(w[i:i + 1], hess[i:i + 1], 6, 12.5, no_log, block_size=24)
         assert torch.equal(ci[0], codes[i]) and torch.equal(si[0], scale[i])
 
 
@@ -161,9 +166,9 @@ def test_scale_floor_survives_the_fp16_cast():
     """A floor applied before .half() underflowed to 0: zero rows then got codes round(0/0)."""
     w = torch.zeros(1, 4, 64)
     w[0, 1:] = torch.randn(3, 64, generator=gen(5))
-    _, scale = tg.gptq_quantize(w, torch.eye(64)[None], 6, 13.0)
+    _, scale = tg.gptq_quantize(w, torch.eye(64)[None], 6, 13.0, no_log)
     h = tiny_h()
-    q = tg.quantize_state({"smear_w": torch.zeros(1, h.gate_width)}, tg.quant_plans(tg.GPT(h), h), {}, h)
+    q = tg.quantize_state({"smear_w": torch.zeros(1, h.gate_width)}, tg.quant_plans(tg.GPT(h), h), {}, h, no_log)
     assert (scale > 0).all() and (q["smear_w"].scale > 0).all()
 
 
@@ -207,7 +212,7 @@ def test_lqer_lowers_the_layer_output_error_of_gptq():
     g = gen(6)
     hess = hessian_of(correlated_inputs(4096, 256, g, latent=32))
     w = 0.02 * torch.randn(384, 256, generator=g)
-    codes, scale = tg.gptq_quantize(w[None], hess[None], 6, 12.5)
+    codes, scale = tg.gptq_quantize(w[None], hess[None], 6, 12.5, no_log)
     err = w - dequant(codes[0], scale[0])
     base = output_error_2d(err, hess)
     fitted = output_error_2d(err - tg.lqer_product(*tg.lqer_factors(err, hess, 4, 64), 64), hess)
@@ -231,7 +236,7 @@ def test_lqer_does_not_depend_on_the_hessians_scale():
     g = gen(9)
     hess = hessian_of(correlated_inputs(2048, 128, g, latent=16))
     w = 0.02 * torch.randn(256, 128, generator=g)
-    codes, scale = tg.gptq_quantize(w[None], hess[None], 6, 12.5)
+    codes, scale = tg.gptq_quantize(w[None], hess[None], 6, 12.5, no_log)
     err = w - dequant(codes[0], scale[0])
     ratios = []
     for c in (1e-8, 1.0, 1e6):
@@ -269,7 +274,7 @@ def test_quantize_state_applies_lqer_to_the_top_k_errors():
     state["blocks.0.attn_scale"] = torch.ones(64)
     hess = {n: hessian_of(correlated_inputs(256, 64, g)) for n in names}
     plans = tg.quant_plans(tg.GPT(h), h)
-    q = tg.quantize_state(state, plans, hess, h)
+    q = tg.quantize_state(state, plans, hess, h, no_log)
     errors = {n: (state[n] - dequant(q[n].data, q[n].scale)).norm().item() for n in names}
     top = set(sorted(errors, key=errors.get, reverse=True)[:2])
     assert top == {"blocks.1.attn.c_q.weight", "blocks.1.attn.proj.weight"}
@@ -285,7 +290,7 @@ def test_quantize_state_applies_lqer_to_the_top_k_errors():
         else:
             assert torch.equal(deq[n], wq)
     h.lqer_enabled = False
-    assert not any(e.lqer for e in tg.quantize_state(state, plans, hess, h).values())
+    assert not any(e.lqer for e in tg.quantize_state(state, plans, hess, h, no_log).values())
 
 
 def test_quantize_state_drops_a_correction_that_does_not_help(monkeypatch):
@@ -295,10 +300,10 @@ def test_quantize_state_drops_a_correction_that_does_not_help(monkeypatch):
     state = {"blocks.0.attn.c_q.weight": torch.randn(64, 64, generator=g)}
     hess = {"blocks.0.attn.c_q.weight": hessian_of(correlated_inputs(256, 64, g))}
     plans = tg.quant_plans(tg.GPT(h), h)
-    assert tg.quantize_state(state, plans, hess, h)["blocks.0.attn.c_q.weight"].lqer
+    assert tg.quantize_state(state, plans, hess, h, no_log)["blocks.0.attn.c_q.weight"].lqer
     fit = tg.lqer_factors
     monkeypatch.setattr(tg, "lqer_factors", lambda err, *a: fit(-err, *a))
-    assert not tg.quantize_state(state, plans, hess, h)["blocks.0.attn.c_q.weight"].lqer
+    assert not tg.quantize_state(state, plans, hess, h, no_log)["blocks.0.attn.c_q.weight"].lqer
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,8 +314,8 @@ def test_quantize_state_drops_a_correction_that_does_not_help(monkeypatch):
 def test_damped_cholesky_matches_cholesky_on_pd():
     g = gen(9)
     m = torch.stack([hessian_of(torch.randn(64, 16, generator=g)) for _ in range(3)])
-    assert torch.equal(tg.damped_cholesky(m), torch.linalg.cholesky(m))
-    assert torch.equal(tg.damped_cholesky(m, upper=True), torch.linalg.cholesky(m, upper=True))
+    assert torch.equal(tg.damped_cholesky(m, no_log), torch.linalg.cholesky(m))
+    assert torch.equal(tg.damped_cholesky(m, no_log, upper=True), torch.linalg.cholesky(m, upper=True))
 
 
 @pytest.mark.parametrize("upper", [False, True])
@@ -320,7 +325,7 @@ def test_damped_cholesky_damps_only_the_failing_member(upper):
     x = torch.randn(8, 16, generator=g)
     bad = hessian_of(x) - 1e-4 * torch.eye(16)  # rank 8, shifted: slightly indefinite
     assert torch.linalg.eigvalsh(bad).min() < 0
-    f = tg.damped_cholesky(torch.stack([good, bad]), upper=upper)
+    f = tg.damped_cholesky(torch.stack([good, bad]), no_log, upper=upper)
     assert torch.equal(f[0], torch.linalg.cholesky(good, upper=upper))
     rebuilt = f[1].t() @ f[1] if upper else f[1] @ f[1].t()
     added = (rebuilt - bad).double()
@@ -333,7 +338,7 @@ def test_damped_cholesky_falls_back_to_the_diagonal():
     good = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
     hopeless = torch.tensor([[1.0, 1e5], [1e5, 1.0]])
     logged = []
-    f = tg.damped_cholesky(torch.stack([good, hopeless]), log=logged.append)  # run_gptq passes rt.log
+    f = tg.damped_cholesky(torch.stack([good, hopeless]), logged.append)  # run_gptq passes rt.log
     assert torch.equal(f[0], torch.linalg.cholesky(good))
     assert f[1, 1, 0] == 0 and (f[1].diagonal() > 0).all() and torch.isfinite(f).all()
     assert logged == ["warning: GPTQ Cholesky failed for 1 matrices; using their diagonal"]
@@ -412,7 +417,7 @@ def quantized(tmp_path_factory):
         if key not in hess:
             hess[key] = hessian_of(correlated_inputs(256, t.size(1), g))
         hess[n] = hess[key]
-    return h, state, tg.quantize_state(state, plans, hess, h)
+    return h, state, tg.quantize_state(state, plans, hess, h, no_log)
 
 
 def test_quantized_state_covers_every_kind(quantized):
