@@ -1692,7 +1692,7 @@ def fp16_scale(s):
     return s.half().clamp_min(torch.finfo(torch.float16).tiny)
 
 
-def damped_cholesky(m, upper=False, log=print):
+def damped_cholesky(m, log, upper=False):
     """Batched Cholesky that adds 10x more diagonal damping (from 1e-6 of the mean diagonal) to
     the matrices that fail; one that still fails at ~1e3x falls back to its diagonal (GPTQ then
     reduces to rounding with error feedback), with a warning, instead of aborting the artifact."""
@@ -1710,7 +1710,7 @@ def damped_cholesky(m, upper=False, log=print):
     return torch.linalg.cholesky(m, upper=upper)
 
 
-def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01, log=print):
+def gptq_quantize(w, hessian, bits, clip_sigmas, log, block_size=128, damp=0.01):
     """Full-Hessian GPTQ (PR #1019/#1060) with act-order and SDClip row scales (PR #1394):
     s_r = k*std(W_r)/(2^(bits-1)-1), no clip search. Batched over a leading dim: w [n, r, c],
     hessian [n, c, c] (inputs along c). Returns int8 codes [n, r, c] and fp16 scales [n, r]."""
@@ -1727,7 +1727,7 @@ def gptq_quantize(w, hessian, bits, clip_sigmas, block_size=128, damp=0.01, log=
     perm = torch.argsort(diag, dim=-1, descending=True)  # act-order: most informative columns first
     w = torch.gather(w, 2, perm[:, None, :].expand(n, r, c))
     hessian = torch.gather(torch.gather(hessian, 1, perm[:, :, None].expand(n, c, c)), 2, perm[:, None, :].expand(n, c, c))
-    u = damped_cholesky(torch.cholesky_inverse(damped_cholesky(hessian, log=log)), True, log)
+    u = damped_cholesky(torch.cholesky_inverse(damped_cholesky(hessian, log)), log, True)
     codes = torch.empty_like(w)
     for b0 in range(0, c, block_size):
         b1 = min(b0 + block_size, c)
@@ -1802,9 +1802,28 @@ def run_gptq(model, h: Hyperparameters, rt: Runtime, train_files):
     return hessians, qstate, t1 - t0, time.perf_counter() - t1
 
 
-def quantize_state(state, plans, hessians, h: Hyperparameters, log=print):
-    """Quantized artifact contents {name: {kind, arrays...}}; same-shape GPTQ tensors of one
-    role are quantized in one batched call."""
+@dataclass
+class QuantEntry:
+    """An artifact tensor: fp16 values (kind fp16), or int8 codes (gptq at `bits`, int8row) with
+    fp16 row scales and LQER factors (qA, sA, qB, sB) or ()."""
+    kind: str
+    data: torch.Tensor
+    scale: torch.Tensor = None
+    bits: int = 8
+    lqer: tuple = ()
+
+    def dequantize(self, group):
+        w = self.data.float()
+        if self.kind != "fp16":
+            w = w.reshape(w.size(0), -1) * self.scale.float()[:, None]
+            if self.lqer:
+                w = w + lqer_product(*self.lqer, group).to(w.device)
+        return w
+
+
+def quantize_state(state, plans, hessians, h: Hyperparameters, log):
+    """Quantized artifact contents {name: QuantEntry}; same-shape GPTQ tensors of one role are
+    quantized in one batched call."""
     out, batches = {}, {}
     for name, t in state.items():
         plan = plans[name]
@@ -1814,17 +1833,17 @@ def quantize_state(state, plans, hessians, h: Hyperparameters, log=print):
             t2 = t.float().reshape(t.size(0), -1)
             scale = fp16_scale(t2.abs().amax(dim=1) / 127)
             codes = torch.clamp(torch.round(t2 / scale.float()[:, None]), -127, 127).to(torch.int8)
-            out[name] = dict(kind="int8row", codes=codes.view(t.shape), scale=scale)
+            out[name] = QuantEntry("int8row", codes.view(t.shape), scale)
         else:
-            out[name] = dict(kind="fp16", value=t.half())
+            out[name] = QuantEntry("fp16", t.half())
     errors = {}
     for (role, shape, (bits, sigmas)), names in batches.items():
         w = torch.stack([state[nm].float() for nm in names])
-        codes, scale = gptq_quantize(w, torch.stack([hessians[nm] for nm in names]), bits, sigmas,
-                                     h.gptq_block_size, h.gptq_damp, log)
+        codes, scale = gptq_quantize(w, torch.stack([hessians[nm] for nm in names]), bits, sigmas, log,
+                                     h.gptq_block_size, h.gptq_damp)
         for nm, q, s, wi in zip(names, codes, scale, w):
-            out[nm] = dict(kind="gptq", bits=bits, codes=q, scale=s)
-            errors[nm] = wi - q.float() * s.float()[:, None]
+            out[nm] = QuantEntry("gptq", q, s, bits)
+            errors[nm] = wi - out[nm].dequantize(h.lqer_group)
     if h.lqer_enabled:
         for nm, e in errors.items():
             e[:, hessians[nm].diagonal() == 0] = 0  # dead inputs: GPTQ zeroed W there, the output never sees it
@@ -1832,7 +1851,7 @@ def quantize_state(state, plans, hessians, h: Hyperparameters, log=print):
             factors = lqer_factors(errors[nm], hessians[nm], h.lqer_rank, h.lqer_group)
             rest = errors[nm] - lqer_product(*factors, h.lqer_group)
             if output_error(rest, hessians[nm]) < output_error(errors[nm], hessians[nm]):
-                out[nm]["lqer"] = factors
+                out[nm].lqer = factors
     return out
 
 
@@ -1843,16 +1862,7 @@ def output_error(err, hessian):
 
 def dequantize_state(qstate, like, group):
     """Float state dict from the artifact contents, dtypes taken from `like`."""
-    state = {}
-    for name, e in qstate.items():
-        if e["kind"] == "fp16":
-            w = e["value"].float()
-        else:
-            w = e["codes"].float().reshape(e["codes"].size(0), -1) * e["scale"].float()[:, None]
-            if "lqer" in e:
-                w = w + lqer_product(*e["lqer"], group).to(w.device)
-        state[name] = w.view(like[name].shape).to(like[name].dtype)
-    return state
+    return {n: e.dequantize(group).view(like[n].shape).to(like[n].dtype) for n, e in qstate.items()}
 
 
 def _shuffle_bytes(b: bytes, stride: int) -> bytes:
@@ -1861,8 +1871,7 @@ def _shuffle_bytes(b: bytes, stride: int) -> bytes:
 
 
 def _unshuffle_bytes(b: bytes, stride: int) -> bytes:
-    arr = np.frombuffer(b, dtype=np.uint8)
-    return arr.reshape(stride, -1).T.tobytes()
+    return np.frombuffer(b, np.uint8).reshape(stride, -1).T.tobytes()
 
 
 # Static rANS for the large code arrays: brotli codes i.i.d. int6 symbols about 1% above their
@@ -1961,13 +1970,12 @@ def pack_artifact(qstate) -> bytes:
         return list(t.shape)
 
     for name, e in qstate.items():
-        if e["kind"] == "fp16":
-            manifest.append(dict(name=name, kind="fp16", shape=add_half(e["value"])))
+        if e.kind == "fp16":
+            manifest.append(dict(name=name, kind="fp16", shape=add_half(e.data)))
             continue
-        entry = dict(name=name, kind=e["kind"], bits=e.get("bits", 8), shape=add_codes(e["codes"]),
-                     scale=add_half(e["scale"]))
-        if "lqer" in e:
-            qa, sa, qb, sb = e["lqer"]
+        entry = dict(name=name, kind=e.kind, bits=e.bits, shape=add_codes(e.data), scale=add_half(e.scale))
+        if e.lqer:
+            qa, sa, qb, sb = e.lqer
             entry["lqer"] = [add_codes(qa), add_half(sa), add_codes(qb), add_half(sb)]
         manifest.append(entry)
     symbols = [(c.astype(np.int16) + 128).astype(np.uint8) for c in large]
@@ -2038,13 +2046,11 @@ def unpack_artifact(blob: bytes):
     qstate = {}
     for m in manifest:
         if m["kind"] == "fp16":
-            qstate[m["name"]] = dict(kind="fp16", value=take_half(m["shape"]))
+            qstate[m["name"]] = QuantEntry("fp16", take_half(m["shape"]))
             continue
-        e = dict(kind=m["kind"], bits=m["bits"], codes=take_codes(m["shape"]), scale=take_half(m["scale"]))
-        if "lqer" in m:
-            qa, sa, qb, sb = m["lqer"]
-            e["lqer"] = (take_codes(qa), take_half(sa), take_codes(qb), take_half(sb))
-        qstate[m["name"]] = e
+        qa, sa, qb, sb = m.get("lqer") or [None] * 4
+        qstate[m["name"]] = QuantEntry(m["kind"], take_codes(m["shape"]), take_half(m["scale"]), m["bits"],
+                                       (take_codes(qa), take_half(sa), take_codes(qb), take_half(sb)) if qa else ())
     if half_pos != len(halves) or small_pos != len(small):
         raise ValueError("damaged artifact: the fp16 or small-code streams do not match the manifest")
     return qstate
@@ -2082,11 +2088,11 @@ def quantize_model(model, h: Hyperparameters, rt: Runtime, train_files, train_ms
            f"training + GPTQ = {train_ms / 1000 + t_hess + t_quant:.3f}s (cap {h.max_wallclock_seconds:.0f}s)")
     kinds = {}
     for name, e in qstate.items():
-        key = f"{e['kind']}{e.get('bits', '')}" + ("+lqer" if "lqer" in e else "")
+        key = e.kind + (str(e.bits) if e.kind == "gptq" else "") + ("+lqer" if e.lqer else "")
         kinds.setdefault(key, []).append(name)
     rt.log("Quantized weights:")
     for key, names in sorted(kinds.items()):
-        rt.log(f"  {key}: {len(names)} tensors, {sum(qstate[n].get('codes', qstate[n].get('value')).numel() for n in names)} values")
+        rt.log(f"  {key}: {len(names)} tensors, {sum(qstate[n].data.numel() for n in names)} values")
     return qstate
 
 

@@ -156,18 +156,23 @@ def tiny_dataset(root: Path) -> tuple[Path, Path, int]:
 # Running train_gpt.py as a script
 # ---------------------------------------------------------------------------------------
 
-# The tiny model, as environment variables, for script runs.
-SCRIPT_ENV = dict(
-    NUM_LAYERS="6", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", GLOBAL_ROPE_DIMS="8",
-    GLOBAL_ATTN_LAYERS="2,5", LOCAL_WINDOW_SIZE_EARLY="16", LOCAL_WINDOW_SIZE_LATE="32", LOCAL_WINDOW_SPLIT="3",
-    XSA_LAST_N="6", PARALLEL_START_LAYER="4", NUM_LOOPS="2", LOOP_START="1", LOOP_END="2", GATE_WIDTH="8",
-    TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="1024", MICRO_BATCHES="2", EVAL_SEQ_LEN="128",
-    VAL_BATCH_TOKENS="512", COMPILE="0", ATTN_BACKEND="auto", MAX_WALLCLOCK_SECONDS="0",
-    TRAIN_LOG_EVERY="1", SEED="7",
+def env_of(cfg) -> dict[str, str]:
+    """Hyperparameters as environment variables, in from_env's syntax (bools 0/1, lists comma-separated)."""
+    def text(v):
+        return str(int(v)) if isinstance(v, bool) else ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    return {k.upper(): text(v) for k, v in cfg.items()}
+
+
+# The tiny model for script runs: TINY (the vocabulary comes with the data) on the tiny corpus's
+# longer documents: 128-token sequences, windows 16/32, the auto attention backend.
+SCRIPT_ENV = env_of({
+    **{k: v for k, v in TINY.items() if k != "vocab_size"}, "local_window_size_early": 16,
+    "local_window_size_late": 32, "train_seq_len": 128, "train_batch_tokens": 1024, "eval_seq_len": 128,
+    "val_batch_tokens": 512, "attn_backend": "auto", "max_wallclock_seconds": 0, "train_log_every": 1, "seed": 7,
     # quantization and evaluation sections further down (ignored by from_env if absent): keep them cheap
-    GPTQ_CALIBRATION_TOKENS="1024", GPTQ_RESERVE_SECONDS="0", ALLOW_OVER_CAP="1",
-    SLIDING_EVAL="0", TTT_ENABLED="0",
-)
+    "gptq_calibration_tokens": 1024, "gptq_reserve_seconds": 0, "allow_over_cap": True,
+    "sliding_eval": False, "ttt_enabled": False,
+})
 
 
 def script_env(tmp_path, data_path=None, tokenizer_path=None, vocab_size=None, **overrides):

@@ -3,6 +3,7 @@ Hessian, LQER, damped Cholesky, Hessian collection on train shards, the brotli c
 the sizes write_artifact reports, the size cap, and the self-extracting code wrapper
 (tools/make_wrapper.py)."""
 import base64
+import hashlib
 import lzma
 import os
 import re
@@ -44,6 +45,11 @@ def output_error(w, wq, hess):
     return torch.einsum("nrc,ncd,nrd->n", d, hess.double(), d)
 
 
+def no_log(msg):
+    """The `log` of GPTQ and quantize_state where nothing may warn (no Cholesky fallback)."""
+    raise AssertionError(f"unexpected warning: {msg}")
+
+
 def dequant(codes, scale):
     return codes.float() * scale.float()[..., None]
 
@@ -76,7 +82,7 @@ def test_gptq_beats_round_to_nearest_under_the_hessian(bits, k):
     r, c = 48, 96
     hess = torch.stack([hessian_of(correlated_inputs(1024, c, g)) for _ in range(2)])
     w = 0.05 * torch.randn(2, r, c, generator=g)
-    codes, scale = tg.gptq_quantize(w, hess, bits, k, block_size=32)
+    codes, scale = tg.gptq_quantize(w, hess, bits, k, no_log, block_size=32)
     assert torch.equal(scale, sdclip_scale(w, bits, k))  # SDClip: k*std(row)/(2^(b-1)-1), fp16
     gptq_err = output_error(w, dequant(codes, scale), hess)
     rtn_err = output_error(w, dequant(round_to_nearest(w, scale, bits), scale), hess)
@@ -93,9 +99,9 @@ def test_gptq_does_not_depend_on_the_block_size():
     c = 96
     hess = torch.stack([hessian_of(correlated_inputs(1024, c, g)) for _ in range(2)])
     w = 0.05 * torch.randn(2, 32, c, generator=g)
-    ref, scale = tg.gptq_quantize(w, hess, 6, 13.0, block_size=c)
+    ref, scale = tg.gptq_quantize(w, hess, 6, 13.0, no_log, block_size=c)
     for bs in (1, 8, 40, 128):
-        codes, s = tg.gptq_quantize(w, hess, 6, 13.0, block_size=bs)
+        codes, s = tg.gptq_quantize(w, hess, 6, 13.0, no_log, block_size=bs)
         assert torch.equal(s, scale)
         assert (codes != ref).float().mean() <= 1e-3, bs
 
@@ -106,7 +112,7 @@ def test_gptq_codes_lie_in_the_clip_range_and_scales_are_fp16():
     w = torch.randn(3, 16, 64, generator=g)
     w[:, :, 5] *= 20  # outliers that a 2-sigma clip must clamp
     hess = torch.stack([hessian_of(correlated_inputs(256, 64, g)) for _ in range(3)])
-    codes, scale = tg.gptq_quantize(w, hess, bits, 2.0, block_size=16)
+    codes, scale = tg.gptq_quantize(w, hess, bits, 2.0, no_log, block_size=16)
     assert codes.dtype == torch.int8 and codes.shape == w.shape
     assert scale.dtype == torch.float16 and scale.shape == (3, 16)
     assert codes.min() == -top and codes.max() == top  # the clamp is reached, and holds
@@ -121,7 +127,7 @@ def test_gptq_dead_columns_dequantize_to_zero():
     hess = hessian_of(x)[None]
     assert (hess[0].diagonal()[dead] == 0).all()
     w = 0.05 * torch.randn(1, 32, 64, generator=g)
-    codes, scale = tg.gptq_quantize(w, hess, 6, 13.0, block_size=16)
+    codes, scale = tg.gptq_quantize(w, hess, 6, 13.0, no_log, block_size=16)
     wq = dequant(codes, scale)
     assert (wq[:, :, dead] == 0).all()
     live = [j for j in range(64) if j not in dead]
@@ -136,8 +142,8 @@ def test_gptq_undoes_the_act_order_permutation():
     hess = hessian_of(correlated_inputs(1024, c, g))[None]
     w = 0.05 * torch.randn(1, 24, c, generator=g)
     p = torch.randperm(c, generator=g)
-    codes, scale = tg.gptq_quantize(w, hess, 6, 13.0, block_size=32)
-    codes_p, scale_p = tg.gptq_quantize(w[:, :, p], hess[:, p][:, :, p], 6, 13.0, block_size=32)
+    codes, scale = tg.gptq_quantize(w, hess, 6, 13.0, no_log, block_size=32)
+    codes_p, scale_p = tg.gptq_quantize(w[:, :, p], hess[:, p][:, :, p], 6, 13.0, no_log, block_size=32)
     assert torch.equal(scale, scale_p)
     assert torch.equal(codes[:, :, p], codes_p)
     # the act order really is a permutation here (most informative columns are not in front)
@@ -150,9 +156,9 @@ def test_gptq_batched_equals_per_matrix():
     hess = torch.stack([hessian_of(correlated_inputs(512, c, g)), torch.eye(c),
                         hessian_of(torch.randn(512, c, generator=g))])
     w = 0.05 * torch.randn(3, 20, c, generator=g)
-    codes, scale = tg.gptq_quantize(w, hess, 6, 12.5, block_size=24)
+    codes, scale = tg.gptq_quantize(w, hess, 6, 12.5, no_log, block_size=24)
     for i in range(3):
-        ci, si = tg.gptq_quantize(w[i:i + 1], hess[i:i + 1], 6, 12.5, block_size=24)
+        ci, si = tg.gptq_quantize(w[i:i + 1], hess[i:i + 1], 6, 12.5, no_log, block_size=24)
         assert torch.equal(ci[0], codes[i]) and torch.equal(si[0], scale[i])
 
 
@@ -160,10 +166,10 @@ def test_scale_floor_survives_the_fp16_cast():
     """A floor applied before .half() underflowed to 0: zero rows then got codes round(0/0)."""
     w = torch.zeros(1, 4, 64)
     w[0, 1:] = torch.randn(3, 64, generator=gen(5))
-    _, scale = tg.gptq_quantize(w, torch.eye(64)[None], 6, 13.0)
+    _, scale = tg.gptq_quantize(w, torch.eye(64)[None], 6, 13.0, no_log)
     h = tiny_h()
-    q = tg.quantize_state({"smear_w": torch.zeros(1, h.gate_width)}, tg.quant_plans(tg.GPT(h), h), {}, h)
-    assert (scale > 0).all() and (q["smear_w"]["scale"] > 0).all()
+    q = tg.quantize_state({"smear_w": torch.zeros(1, h.gate_width)}, tg.quant_plans(tg.GPT(h), h), {}, h, no_log)
+    assert (scale > 0).all() and (q["smear_w"].scale > 0).all()
 
 
 def test_quant_plans_come_from_the_parameter_tags():
@@ -206,7 +212,7 @@ def test_lqer_lowers_the_layer_output_error_of_gptq():
     g = gen(6)
     hess = hessian_of(correlated_inputs(4096, 256, g, latent=32))
     w = 0.02 * torch.randn(384, 256, generator=g)
-    codes, scale = tg.gptq_quantize(w[None], hess[None], 6, 12.5)
+    codes, scale = tg.gptq_quantize(w[None], hess[None], 6, 12.5, no_log)
     err = w - dequant(codes[0], scale[0])
     base = output_error_2d(err, hess)
     fitted = output_error_2d(err - tg.lqer_product(*tg.lqer_factors(err, hess, 4, 64), 64), hess)
@@ -230,7 +236,7 @@ def test_lqer_does_not_depend_on_the_hessians_scale():
     g = gen(9)
     hess = hessian_of(correlated_inputs(2048, 128, g, latent=16))
     w = 0.02 * torch.randn(256, 128, generator=g)
-    codes, scale = tg.gptq_quantize(w[None], hess[None], 6, 12.5)
+    codes, scale = tg.gptq_quantize(w[None], hess[None], 6, 12.5, no_log)
     err = w - dequant(codes[0], scale[0])
     ratios = []
     for c in (1e-8, 1.0, 1e6):
@@ -268,23 +274,23 @@ def test_quantize_state_applies_lqer_to_the_top_k_errors():
     state["blocks.0.attn_scale"] = torch.ones(64)
     hess = {n: hessian_of(correlated_inputs(256, 64, g)) for n in names}
     plans = tg.quant_plans(tg.GPT(h), h)
-    q = tg.quantize_state(state, plans, hess, h)
-    errors = {n: (state[n] - dequant(q[n]["codes"], q[n]["scale"])).norm().item() for n in names}
+    q = tg.quantize_state(state, plans, hess, h, no_log)
+    errors = {n: (state[n] - dequant(q[n].data, q[n].scale)).norm().item() for n in names}
     top = set(sorted(errors, key=errors.get, reverse=True)[:2])
     assert top == {"blocks.1.attn.c_q.weight", "blocks.1.attn.proj.weight"}
-    assert {n for n, e in q.items() if "lqer" in e} == top
+    assert {n for n, e in q.items() if e.lqer} == top
     for n in top:
-        expect = tg.lqer_factors(state[n] - dequant(q[n]["codes"], q[n]["scale"]), hess[n], 2, 32)
-        assert all(torch.equal(a, b) for a, b in zip(q[n]["lqer"], expect))
+        expect = tg.lqer_factors(state[n] - dequant(q[n].data, q[n].scale), hess[n], 2, 32)
+        assert all(torch.equal(a, b) for a, b in zip(q[n].lqer, expect, strict=True))
     deq = tg.dequantize_state(q, state, h.lqer_group)
     for n in names:
-        wq = dequant(q[n]["codes"], q[n]["scale"])
+        wq = dequant(q[n].data, q[n].scale)
         if n in top:
             assert output_error_2d(deq[n] - state[n], hess[n]) < output_error_2d(wq - state[n], hess[n])
         else:
             assert torch.equal(deq[n], wq)
     h.lqer_enabled = False
-    assert not any("lqer" in e for e in tg.quantize_state(state, plans, hess, h).values())
+    assert not any(e.lqer for e in tg.quantize_state(state, plans, hess, h, no_log).values())
 
 
 def test_quantize_state_drops_a_correction_that_does_not_help(monkeypatch):
@@ -294,10 +300,10 @@ def test_quantize_state_drops_a_correction_that_does_not_help(monkeypatch):
     state = {"blocks.0.attn.c_q.weight": torch.randn(64, 64, generator=g)}
     hess = {"blocks.0.attn.c_q.weight": hessian_of(correlated_inputs(256, 64, g))}
     plans = tg.quant_plans(tg.GPT(h), h)
-    assert "lqer" in tg.quantize_state(state, plans, hess, h)["blocks.0.attn.c_q.weight"]
+    assert tg.quantize_state(state, plans, hess, h, no_log)["blocks.0.attn.c_q.weight"].lqer
     fit = tg.lqer_factors
     monkeypatch.setattr(tg, "lqer_factors", lambda err, *a: fit(-err, *a))
-    assert "lqer" not in tg.quantize_state(state, plans, hess, h)["blocks.0.attn.c_q.weight"]
+    assert not tg.quantize_state(state, plans, hess, h, no_log)["blocks.0.attn.c_q.weight"].lqer
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,8 +314,8 @@ def test_quantize_state_drops_a_correction_that_does_not_help(monkeypatch):
 def test_damped_cholesky_matches_cholesky_on_pd():
     g = gen(9)
     m = torch.stack([hessian_of(torch.randn(64, 16, generator=g)) for _ in range(3)])
-    assert torch.equal(tg.damped_cholesky(m), torch.linalg.cholesky(m))
-    assert torch.equal(tg.damped_cholesky(m, upper=True), torch.linalg.cholesky(m, upper=True))
+    assert torch.equal(tg.damped_cholesky(m, no_log), torch.linalg.cholesky(m))
+    assert torch.equal(tg.damped_cholesky(m, no_log, upper=True), torch.linalg.cholesky(m, upper=True))
 
 
 @pytest.mark.parametrize("upper", [False, True])
@@ -319,7 +325,7 @@ def test_damped_cholesky_damps_only_the_failing_member(upper):
     x = torch.randn(8, 16, generator=g)
     bad = hessian_of(x) - 1e-4 * torch.eye(16)  # rank 8, shifted: slightly indefinite
     assert torch.linalg.eigvalsh(bad).min() < 0
-    f = tg.damped_cholesky(torch.stack([good, bad]), upper=upper)
+    f = tg.damped_cholesky(torch.stack([good, bad]), no_log, upper=upper)
     assert torch.equal(f[0], torch.linalg.cholesky(good, upper=upper))
     rebuilt = f[1].t() @ f[1] if upper else f[1] @ f[1].t()
     added = (rebuilt - bad).double()
@@ -332,7 +338,7 @@ def test_damped_cholesky_falls_back_to_the_diagonal():
     good = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
     hopeless = torch.tensor([[1.0, 1e5], [1e5, 1.0]])
     logged = []
-    f = tg.damped_cholesky(torch.stack([good, hopeless]), log=logged.append)  # run_gptq passes rt.log
+    f = tg.damped_cholesky(torch.stack([good, hopeless]), logged.append)  # run_gptq passes rt.log
     assert torch.equal(f[0], torch.linalg.cholesky(good))
     assert f[1, 1, 0] == 0 and (f[1].diagonal() > 0).all() and torch.isfinite(f).all()
     assert logged == ["warning: GPTQ Cholesky failed for 1 matrices; using their diagonal"]
@@ -411,41 +417,38 @@ def quantized(tmp_path_factory):
         if key not in hess:
             hess[key] = hessian_of(correlated_inputs(256, t.size(1), g))
         hess[n] = hess[key]
-    return h, state, tg.quantize_state(state, plans, hess, h)
+    return h, state, tg.quantize_state(state, plans, hess, h, no_log)
 
 
 def test_quantized_state_covers_every_kind(quantized):
     h, state, q = quantized
     assert set(q) == set(state)
-    kinds = {e["kind"] for e in q.values()}
+    assert all(isinstance(e, tg.QuantEntry) for e in q.values())
+    kinds = {e.kind for e in q.values()}
     assert kinds == {"gptq", "int8row", "fp16"}
-    assert sum("lqer" in e for e in q.values()) == 3
-    assert q["tok_emb.weight"]["bits"] == h.embed_bits and q["blocks.0.mlp.fc.weight"]["bits"] == h.matrix_bits
+    assert sum(bool(e.lqer) for e in q.values()) == 3
+    assert q["tok_emb.weight"].bits == h.embed_bits and q["blocks.0.mlp.fc.weight"].bits == h.matrix_bits
     for n, e in q.items():
-        if e["kind"] == "gptq":
-            top = 2 ** (e["bits"] - 1) - 1
-            assert e["codes"].dtype == torch.int8 and -top <= e["codes"].min() and e["codes"].max() <= top
-            assert e["scale"].dtype == torch.float16
-        elif e["kind"] == "int8row":
-            assert e["codes"].shape == state[n].shape and e["codes"].abs().max() <= 127
+        if e.kind == "gptq":
+            top = 2 ** (e.bits - 1) - 1
+            assert e.data.dtype == torch.int8 and -top <= e.data.min() and e.data.max() <= top
+            assert e.scale.dtype == torch.float16
+        elif e.kind == "int8row":
+            assert e.data.dtype == torch.int8 and e.bits == 8
+            assert e.data.shape == state[n].shape and e.data.abs().max() <= 127
         else:
-            assert e["value"].dtype == torch.float16 and torch.equal(e["value"], state[n].half())
+            assert e.data.dtype == torch.float16 and torch.equal(e.data, state[n].half())
+            assert e.scale is None and e.lqer == ()
 
 
 def assert_same_qstate(a, b):
     assert list(a) == list(b)
     for n in a:
         ea, eb = a[n], b[n]
-        assert ea["kind"] == eb["kind"], n
-        keys = ("value",) if ea["kind"] == "fp16" else ("codes", "scale")
-        for k in keys:
-            assert ea[k].dtype == eb[k].dtype and torch.equal(ea[k], eb[k]), (n, k)
-        if ea["kind"] == "gptq":
-            assert ea["bits"] == eb["bits"]
-        assert ("lqer" in ea) == ("lqer" in eb), n
-        if "lqer" in ea:
-            for x, y in zip(ea["lqer"], eb["lqer"], strict=True):
-                assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), n
+        assert isinstance(eb, tg.QuantEntry) and (ea.kind, ea.bits) == (eb.kind, eb.bits), n
+        assert (ea.scale is None) == (eb.scale is None), n
+        for x, y in zip((ea.data, ea.scale, *ea.lqer), (eb.data, eb.scale, *eb.lqer), strict=True):
+            assert x is y is None or x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), n
 
 
 @pytest.mark.parametrize("rans_min_values", [tg.RANS_MIN_VALUES, 1000, 1])
@@ -465,8 +468,8 @@ def test_artifact_round_trips_bit_exactly(quantized, tmp_path, monkeypatch, rans
     assert all(torch.equal(fresh.state_dict()[n], deq[n]) for n in state)
     # and the dequantized weights are close to the originals, LQER'd tensors included
     for n, e in q.items():
-        if e["kind"] == "gptq":
-            assert (deq[n] - state[n]).abs().max() <= 4 * e["scale"].float().max(), n
+        if e.kind == "gptq":
+            assert (deq[n] - state[n]).abs().max() <= 4 * e.scale.float().max(), n
 
 
 def test_load_artifact_model_reads_the_file(quantized, tmp_path):
@@ -486,6 +489,43 @@ def test_pack_artifact_is_deterministic(quantized, monkeypatch):
     blob = tg.pack_artifact(q)
     assert blob[:4] == tg.ARTIFACT_MAGIC
     assert tg.pack_artifact(q) == blob
+
+
+# pack_artifact's output at commit 0f3f74b (dict entries, before QuantEntry) for the same contents.
+PACKED_SHA256 = {
+    "synthetic": "55b094de67590209e7aee6dcc2ea84de10687a54213787182b878d4524d54e43",
+    "quantized": "cc5c8f09b102386db8203ec34023597095e493d392be7eaf17abda5f841308f8",
+    "quantized, RANS_MIN_VALUES=1000": "878413b48592ed2492493853c57c13028c03ebf4b054ad0060208b3e9ea20b23",
+}
+
+
+def synthetic_qstate():
+    """Every kind, LQER factors, small code arrays and two through rANS, drawn as integers and fp16
+    only: its packed bytes depend on the container format alone, not on float math."""
+    rng = np.random.default_rng(0)
+    codes = lambda lo, hi, *shape: torch.from_numpy(rng.integers(lo, hi + 1, shape, dtype=np.int8))  # noqa: E731
+    halves = lambda n: torch.from_numpy(rng.uniform(1e-3, 2e-3, n).astype(np.float16))  # noqa: E731
+    E = tg.QuantEntry
+    return {"big": E("gptq", codes(-31, 31, 160, 128), halves(160), 6,
+                     (codes(-2, 1, 160, 4), halves(4), codes(-8, 7, 4, 128), halves(16))),
+            "emb": E("gptq", codes(-63, 63, 24, 16), halves(24), 7),
+            "gate": E("int8row", codes(-127, 127, 4, 8), halves(4)),
+            "norm": E("fp16", halves(5)),
+            "wide": E("gptq", codes(-31, 31, 130, 130), halves(130), 6)}
+
+
+def test_packed_bytes_did_not_change(quantized, monkeypatch):
+    """The artifact is byte-identical to the one the dict-entry code wrote (issue 12's QuantEntry
+    changed no byte): the synthetic state pins the format; the quantized fixture (tiny model, fixed
+    seeds; the same hashes with 1 and 2 threads) pins quantize_state's entries too."""
+    _, _, q = quantized
+    sha = lambda qstate: hashlib.sha256(tg.pack_artifact(qstate)).hexdigest()  # noqa: E731
+    synthetic = synthetic_qstate()
+    assert_same_qstate(synthetic, tg.unpack_artifact(tg.pack_artifact(synthetic)))
+    got = {"synthetic": sha(synthetic), "quantized": sha(q)}
+    monkeypatch.setattr(tg, "RANS_MIN_VALUES", 1000)
+    got["quantized, RANS_MIN_VALUES=1000"] = sha(q)
+    assert got == PACKED_SHA256
 
 
 def test_unpack_rejects_a_wrong_magic(quantized):
@@ -597,8 +637,8 @@ def test_artifact_sends_large_code_arrays_through_rans(quantized, monkeypatch):
     assert streams(tg.pack_artifact(q))[4] == b""
     monkeypatch.setattr(tg, "RANS_MIN_VALUES", 1000)
     parts = streams(tg.pack_artifact(q))
-    large = [e["codes"] for e in q.values() if "codes" in e and e["codes"].numel() >= 1000]
-    large += [c for e in q.values() for c in e.get("lqer", ())[::2] if c.numel() >= 1000]
+    large = [e.data for e in q.values() if e.kind != "fp16" and e.data.numel() >= 1000]
+    large += [c for e in q.values() for c in e.lqer[::2] if c.numel() >= 1000]
     tables = np.frombuffer(brotli.decompress(parts[3]), "<u2").astype(np.int64)
     n_tables, t = 0, 0
     while t < len(tables):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from helpers_train import make_model, tiny_h
 
 # The real functions, captured before any test patches them.
 REAL = SimpleNamespace(ttt_batch=tg.ttt_batch, build_row=tg.build_row, eval_windows=tg.eval_windows,
@@ -31,13 +32,12 @@ REAL = SimpleNamespace(ttt_batch=tg.ttt_batch, build_row=tg.build_row, eval_wind
                        cross_entropy=F.cross_entropy)
 
 V = 64
-# 4 layers: local windows 8 (layers 0, 1) and 16 (layer 3), a global layer 2, XSA everywhere, a
-# Parcae loop over layers 1..2 (6 virtual slots), layer 3 parallel (decoder half), skips, gates.
+# The tests' tiny model (helpers_train.TINY) cut to 4 layers: local windows 8 (layers 0, 1) and 16
+# (layer 3), a global layer 2, XSA everywhere, a Parcae loop over layers 1..2 (6 virtual slots),
+# layer 3 parallel (decoder half), skips, gates.
 CFG = dict(
-    vocab_size=V, num_layers=4, model_dim=48, num_heads=4, num_kv_heads=2, mlp_mult=2, global_rope_dims=8,
-    global_attn_layers=(2,), local_window_size_early=8, local_window_size_late=16, local_window_split=2,
-    xsa_last_n=4, parallel_start_layer=3, num_loops=1, loop_start=1, loop_end=2, gate_width=8, lqer_group=16,
-    compile=False, attn_backend="sdpa", run_id="legality",
+    vocab_size=V, num_layers=4, model_dim=48, global_attn_layers=(2,), local_window_split=2, xsa_last_n=4,
+    parallel_start_layer=3, num_loops=1, lqer_group=16, run_id="legality",
     eval_seq_len=32, eval_stride=8, val_batch_tokens=128,
     ttt_batch_size=3, ttt_chunk_size=4, ttt_eval_seq_len=16, ttt_lora_rank=2, ttt_max_doc_tokens=40,
     phased_ttt_prefix_docs=4, phased_ttt_num_phases=2, global_ttt_chunk_tokens=32, global_ttt_seq_len=16,
@@ -63,21 +63,7 @@ def _cpu_env():
 
 
 def make_h(tmp_path, **overrides):
-    h = tg.Hyperparameters(**{**CFG, "log_dir": str(tmp_path / "logs"), **overrides})
-    h.validate()
-    return h
-
-
-def make_model(h, seed=0):
-    """Every parameter perturbed (projections are zero-initialised) and the smear gate on."""
-    torch.manual_seed(seed)
-    model = tg.GPT(h)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-        model.smear_lambda.fill_(0.7)
-    return model.eval()
+    return tiny_h(**{**CFG, "log_dir": str(tmp_path / "logs"), **overrides})
 
 
 def luts(seed=0):

@@ -26,22 +26,22 @@ def synthetic_qstate(h, rng):
             top = 2 ** (plan[1] - 1) - 1
             w = rng.standard_t(5, t.shape) / np.sqrt(5 / 3)  # unit std, heavier tails than a Gaussian
             codes = np.clip(np.round(w * top / plan[2]), -top, top).astype(np.int8)
-            q[name] = dict(kind="gptq", bits=plan[1], codes=torch.from_numpy(codes),
-                           scale=torch.from_numpy(rng.uniform(1e-3, 2e-3, t.shape[0])).half())
+            q[name] = tg.QuantEntry("gptq", torch.from_numpy(codes),
+                                    torch.from_numpy(rng.uniform(1e-3, 2e-3, t.shape[0])).half(), plan[1])
         elif plan[0] == "int8row":
-            q[name] = dict(kind="int8row", codes=torch.from_numpy(rng.integers(-127, 128, t.shape, dtype=np.int8)),
-                           scale=torch.from_numpy(rng.uniform(1e-3, 2e-3, t.shape[0])).half())
+            q[name] = tg.QuantEntry("int8row", torch.from_numpy(rng.integers(-127, 128, t.shape, dtype=np.int8)),
+                                    torch.from_numpy(rng.uniform(1e-3, 2e-3, t.shape[0])).half())
         else:
-            q[name] = dict(kind="fp16", value=t.half())
+            q[name] = tg.QuantEntry("fp16", t.half())
     return q
 
 
 def brotli_container_bytes(q):
     """The previous format: manifest, one byte-shuffled fp16 stream, one brotli stream per code array."""
     comp = lambda b: len(brotli.compress(b, quality=11, lgwin=24))  # noqa: E731
-    halves = b"".join(e[k].numpy().view(np.int16).tobytes() for e in q.values() for k in ("value", "scale") if k in e)
-    manifest = json.dumps([[n, e["kind"]] for n, e in q.items()]).encode()
-    codes = [e["codes"].numpy().tobytes() for e in q.values() if "codes" in e]
+    halves = b"".join((e.data if e.kind == "fp16" else e.scale).numpy().view(np.int16).tobytes() for e in q.values())
+    manifest = json.dumps([[n, e.kind] for n, e in q.items()]).encode()
+    codes = [e.data.numpy().tobytes() for e in q.values() if e.kind != "fp16"]
     return 8 + 4 * (2 + len(codes)) + comp(manifest) + comp(tg._shuffle_bytes(halves, 2)) + sum(map(comp, codes))
 
 
@@ -51,8 +51,8 @@ def main():
     q = synthetic_qstate(h, np.random.default_rng(seed))
     entropy = 0.0
     for e in q.values():
-        if "codes" in e and e["codes"].numel() >= tg.RANS_MIN_VALUES:
-            c = np.bincount(e["codes"].numpy().ravel().astype(np.int64) + 128, minlength=256)
+        if e.kind != "fp16" and e.data.numel() >= tg.RANS_MIN_VALUES:
+            c = np.bincount(e.data.numpy().ravel().astype(np.int64) + 128, minlength=256)
             p = c[c > 0] / c.sum()
             entropy += -(p * np.log2(p)).sum() * c.sum() / 8
     t0 = time.perf_counter()
@@ -61,7 +61,7 @@ def main():
     tg.unpack_artifact(blob)
     t2 = time.perf_counter()
     old = brotli_container_bytes(q)
-    print(f"code values: {sum(e['codes'].numel() for e in q.values() if 'codes' in e)}; "
+    print(f"code values: {sum(e.data.numel() for e in q.values() if e.kind != 'fp16')}; "
           f"entropy of the rANS-coded arrays: {entropy:.0f} bytes")
     print(f"brotli-per-array container: {old} bytes")
     print(f"rANS container: {len(blob)} bytes (pack {t1 - t0:.1f}s, unpack {t2 - t1:.1f}s); {old - len(blob)} bytes less")

@@ -45,7 +45,7 @@ def main(argv):
     for spec, hv in variants:
         t0 = time.perf_counter()
         with tg.exact_fp32():
-            qstate = tg.quantize_state(trained, tg.quant_plans(model, hv), hessians, hv)
+            qstate = tg.quantize_state(trained, tg.quant_plans(model, hv), hessians, hv, rt.log)
         t_quant = time.perf_counter() - t0
         size = len(tg.pack_artifact(qstate)) if rt.master else 0
         model.load_state_dict(tg.dequantize_state(qstate, trained, hv.lqer_group))
