@@ -1327,6 +1327,18 @@ def all_reduce_grads(params, rt: Runtime):
     torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
+def optimizer_step(optimizers, params, rt: Runtime, clip_norm):
+    """Average the gradients over ranks, clip their norm (0: no clipping), step every optimizer and
+    drop the gradients: the step of training and of TTT's global SGD."""
+    all_reduce_grads(params, rt)
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    for opt in optimizers:
+        opt.step()
+    for p in params:
+        p.grad = None
+
+
 class Trainer:
     """One optimizer step = MICRO_BATCHES micro-batches split over ranks; the gradient is
     averaged over all of them, so any world size computes the same step."""
@@ -1353,12 +1365,7 @@ class Trainer:
                 loss = self.model(x, y, cu, max_len, looping)
             (loss / h.grad_accum_steps).backward()
             loss_sum += loss.detach()
-        all_reduce_grads(self.params, self.rt)
-        if h.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, h.grad_clip_norm)
-        for opt in self.optimizers:
-            opt.step()
-        self.model.zero_grad(set_to_none=True)
+        optimizer_step(self.optimizers, self.params, self.rt, h.grad_clip_norm)
         return self.rt.all_reduce(loss_sum) / h.micro_batches
 
 
