@@ -3,7 +3,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "compare_runs.py"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "compare_runs.py"
 
 
 def write_log(path, losses, total=100):
@@ -73,3 +76,10 @@ def test_quant_sweep_prices_variants_of_one_trained_model(tmp_path):
     bad = subprocess.run(cmd[:2] + ["GPTQ_CALIBRATION_TOKENS=64"], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
     assert bad.returncode != 0 and "cannot vary" in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "tools").glob("*.sh")) + ["../run.sh"])
+def test_shell_scripts_parse(script):
+    """The device scripts only run on a GPU machine: at least their syntax is checked here."""
+    r = subprocess.run(["bash", "-n", str(ROOT / "tools" / script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
