@@ -24,6 +24,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -823,6 +824,20 @@ class CastedLinear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+class Adapters(NamedTuple):
+    """One virtual layer slot's TTT LoRA adapters, each an (A, B) pair for add_lora."""
+
+    q: tuple
+    k: tuple
+    v: tuple
+    o: tuple
+    mlp: tuple
+
+    @property
+    def attn(self):
+        return self.q, self.k, self.v, self.o
+
+
 def add_lora(y, u, adapter):
     """y + per-document low-rank update (u A^T) B^T, u [B, T, in], A [B, r, in], B [B, out, r]."""
     if adapter is None:
@@ -934,7 +949,7 @@ class Block(nn.Module):
         self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(i + 1)), persistent=False)
 
     def forward(self, x, x0, cu_seqlens, max_len, lora=None):
-        la, lm = (lora[:4], lora[4]) if lora is not None else (None, None)
+        la, lm = (lora.attn, lora.mlp) if lora is not None else (None, None)
         x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
         x = x_in + self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, x_in, cu_seqlens, max_len, la)
         return x + self.mlp_scale * self.mlp(rms_norm(x) * self.ln_scale, lm)
@@ -952,7 +967,7 @@ class ParallelBlock(Block):
         self.post_lambdas = with_role(nn.Parameter(torch.ones(2, 2)), "scalar", "fp16")
 
     def forward(self, lanes, x0, cu_seqlens, max_len, lora=None):
-        la, lm = (lora[:4], lora[4]) if lora is not None else (None, None)
+        la, lm = (lora.attn, lora.mlp) if lora is not None else (None, None)
         lane0, lane1 = lanes
         a_in = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
         a = self.attn_scale * self.attn(rms_norm(a_in) * self.ln_scale, a_in, cu_seqlens, max_len, la)
@@ -2273,71 +2288,88 @@ def eval_val(model, h: Hyperparameters, rt: Runtime, val: ValSet, stride=None):
 
 
 class LoRABank(nn.Module):
-    """Per-document LoRA adapters for q, k, v, o and mlp of every virtual layer slot plus the
-    tied head (PR #1530), stacked over the documents of a TTT batch. Output scale alpha/rank."""
+    """Per-document LoRA adapters, by name: q, k, v, o and mlp of every virtual layer slot
+    ("{slot}_{name}") plus the tied head ("head", PR #1530), stacked over the documents of a TTT
+    batch. Every adapter reads a model_dim input (the block's normed input, or the final hidden
+    state). Output scale alpha/rank."""
 
     def __init__(self, n_docs, n_slots, h: Hyperparameters):
         super().__init__()
         d, r = h.model_dim, h.ttt_lora_rank
         kv = h.num_kv_heads * (d // h.num_heads)
-        self.n_docs, self.scale = n_docs, h.ttt_lora_alpha / r
-        shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, d)] * n_slots + [(d, h.vocab_size)]  # (in, out)
-        self.a = nn.ParameterList(nn.Parameter(torch.empty(n_docs, r, i)) for i, _ in shapes)
-        self.b = nn.ParameterList(nn.Parameter(torch.zeros(n_docs, o, r)) for _, o in shapes)
+        outs = {f"{s}_{name}": n for s in range(n_slots) for name, n in zip(Adapters._fields, (d, kv, kv, d, d))}
+        outs["head"] = h.vocab_size
+        self.n_docs, self.n_slots, self.scale = n_docs, n_slots, h.ttt_lora_alpha / r
+        self.a = nn.ParameterDict({k: nn.Parameter(torch.empty(n_docs, r, d)) for k in outs})
+        self.b = nn.ParameterDict({k: nn.Parameter(torch.zeros(n_docs, n, r)) for k, n in outs.items()})
         self.reset(warm_a=False)
 
     @torch.no_grad()
     def reset(self, warm_a):
         """B = 0 (no change to the model); A re-drawn unless warm-started (PR #1767)."""
-        for a, b in zip(self.a, self.b):
+        for a, b in zip(self.a.values(), self.b.values()):
             b.zero_()
             if not warm_a:
                 a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5)
 
+    def adapter(self, key, idx):
+        return self.a[key][idx], self.b[key][idx] * self.scale
+
     def select(self, idx):
-        """(per-slot (q, k, v, o, mlp) adapters, head adapter) of the documents idx."""
-        pairs = [(a[idx], b[idx] * self.scale) for a, b in zip(self.a, self.b)]
-        return [tuple(pairs[5 * s:5 * s + 5]) for s in range(len(pairs) // 5)], pairs[-1]
+        """(per-slot Adapters, head adapter) of the documents idx."""
+        slots = [Adapters(*(self.adapter(f"{s}_{name}", idx) for name in Adapters._fields)) for s in range(self.n_slots)]
+        return slots, self.adapter("head", idx)
+
+
+class TTTChunk(NamedTuple):
+    rows: np.ndarray  # [R] documents (batch indices)
+    x: np.ndarray  # [R, T] each one's last <= TTT_EVAL_SEQ_LEN tokens up to the chunk's end
+    pos: np.ndarray  # [R, C] where the chunk's targets are predicted in the row
+    targets: np.ndarray  # [R, C]
+    valid: np.ndarray  # [R, C] 1 = scored
+    weight: np.ndarray  # [R, C] the training loss: the chunk's mean, for documents with a later chunk
+    nbytes: np.ndarray  # [R, C]
+
+
+def ttt_chunk(val: ValSet, batch, ci, C, W) -> TTTChunk:
+    """Chunk ci (targets ci*C+1 .. (ci+1)*C) of the documents of a TTT batch that have one, on the
+    host. A lone document's row gets an unscored, untrained copy: a batch of 1 would specialize
+    the compiled graphs (0/1 specialization) and recompile them."""
+    active = [b for b, (_, n) in enumerate(batch) if ci * C < n]
+    rows = active * 2 if len(active) == 1 else active
+    ends = [min((ci + 1) * C, batch[b][1]) for b in rows]
+    T = -(-max(min(e, W) for e in ends) // 64) * 64  # whole 64-token tiles
+    x, pos, targets, nbytes = (np.zeros((len(rows), n), dtype=np.int64) for n in (T, C, C, C))
+    valid, weight = (np.zeros((len(rows), C), dtype=np.float32) for _ in range(2))
+    for r, (b, e) in enumerate(zip(rows, ends)):
+        (s, n), w0, k = batch[b], max(0, e - W), e - ci * C
+        x[r, :e - w0], pos[r, :k] = val.tokens[s + w0:s + e], np.arange(ci * C - w0, e - w0)
+        if r < len(active):
+            targets[r, :k], nbytes[r, :k] = val.tokens[s + ci * C + 1:s + e + 1], val.target_bytes[s + ci * C + 1:s + e + 1]
+            valid[r, :k], weight[r, :k] = 1.0, 1.0 / k if e < n else 0.0
+    return TTTChunk(np.array(rows, dtype=np.int64), x, pos, targets, valid, weight, nbytes)
 
 
 def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums):
     """Score-first LoRA TTT over one batch of documents, chunk by chunk: chunk ci of every
     document is scored with adapters trained on that document's chunks < ci only, then (if not
-    its last chunk) the adapters take one step on it."""
-    C, W = h.ttt_chunk_size, h.ttt_eval_seq_len
+    its last chunk) the adapters take one step on it. No host sync: whether a step follows is
+    known on the host."""
     device = sums.device
-    n_chunks = [-(-n // C) for _, n in batch]
-    for ci in range(max(n_chunks)):
-        active = [b for b in range(len(batch)) if ci < n_chunks[b]]
-        ends = [min((ci + 1) * C, batch[b][1]) for b in active]
-        w0s = [max(0, e - W) for e in ends]
-        T = -(-max(e - w0 for e, w0 in zip(ends, w0s)) // 64) * 64  # fewer distinct shapes
-        x = np.zeros((len(active), T), dtype=np.int64)
-        y = np.zeros((len(active), T), dtype=np.int64)
-        pos = np.zeros((len(active), C), dtype=np.int64)
-        nbytes = np.zeros((len(active), C), dtype=np.int64)
-        valid = np.zeros((len(active), C), dtype=bool)
-        for row, (b, e, w0) in enumerate(zip(active, ends, w0s)):
-            s = batch[b][0]
-            x[row, :e - w0], y[row, :e - w0] = val.tokens[s + w0:s + e], val.tokens[s + w0 + 1:s + e + 1]
-            k = e - ci * C
-            pos[row, :k], valid[row, :k] = np.arange(ci * C - w0, e - w0), True
-            nbytes[row, :k] = val.target_bytes[s + ci * C + 1:s + e + 1]
-        x, y, pos, nbytes, valid = (to_device(a, device) for a in (x, y, pos, nbytes, valid))
-        cu = torch.arange(len(active) + 1, device=device, dtype=torch.int32) * T
-        lora, head = bank.select(torch.tensor(active, device=device))
-        rows = torch.arange(len(active), device=device)[:, None]
+    for ci in range(max(-(-n // h.ttt_chunk_size) for _, n in batch)):
+        chunk = ttt_chunk(val, batch, ci, h.ttt_chunk_size, h.ttt_eval_seq_len)
+        rows, x, pos, targets, valid, weight, nbytes = (to_device(a, device) for a in chunk)
+        n, T = chunk.x.shape
+        cu = torch.arange(n + 1, device=device, dtype=torch.int32) * T
+        lora, head = bank.select(rows)
         with bf16_autocast(device):
-            hid = model.hidden(x, cu, T, lora)[rows, pos]
+            hid = model.hidden(x, cu, T, lora)[torch.arange(n, device=device)[:, None], pos]
             logits = model.head_logits(hid, head)
-        tgt = y[rows, pos]
-        ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none").view_as(tgt)
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         with torch.no_grad():
-            sums += torch.stack([ce[valid].double().sum(), valid.sum().double(), nbytes.sum().double()])
-        train = torch.tensor([ci < n_chunks[b] - 1 for b in active], device=device)
-        if train.any():
-            per_doc = (ce * valid).sum(1) / valid.sum(1)
-            per_doc[train].sum().backward()
+            sums += torch.stack([(ce.double() * valid).sum(), valid.sum().double(), nbytes.sum().double()])
+        if chunk.weight.any():
+            (ce * weight).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -2369,29 +2401,46 @@ def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
         p.requires_grad_(False)
 
 
+@dataclass
+class TTTPlan:
+    """Phased TTT's schedule (ttt_plan)."""
+
+    docs: list  # documents of up to TTT_MAX_DOC_TOKENS targets, longest first
+    batches: list  # docs in TTT_BATCH_SIZE slices, in processing order
+    mine: list  # per batch: this rank runs it (batches are dealt round-robin)
+    leftover: list  # this rank's share of the longer documents, scored by windows at the end
+    boundaries: list  # global SGD phase k trains on docs[:boundaries[k]], once those are scored
+
+
+def ttt_plan(spans, h: Hyperparameters, rank, world_size) -> TTTPlan:
+    docs = sorted((sp for sp in spans if sp[1] <= h.ttt_max_doc_tokens), key=lambda sp: (-sp[1], sp[0]))
+    batches = [docs[i:i + h.ttt_batch_size] for i in range(0, len(docs), h.ttt_batch_size)]
+    prefix = min(h.phased_ttt_prefix_docs, len(docs))
+    # Distinct, non-empty prefixes: with fewer documents than phases some would repeat or be 0.
+    boundaries = sorted({prefix * k // h.phased_ttt_num_phases for k in range(1, h.phased_ttt_num_phases + 1)} - {0})
+    return TTTPlan(docs, batches, [bi % world_size == rank for bi in range(len(batches))],
+                   [sp for sp in spans if sp[1] > h.ttt_max_doc_tokens][rank::world_size], boundaries)
+
+
 def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, token_s=0.0):
-    """Phased TTT (LEAD, SPEC 5.3). Documents up to TTT_MAX_DOC_TOKENS targets, longest first, in
-    batches dealt round-robin to ranks, get per-document LoRA TTT; after the first b_k documents
-    are scored (b_k = PREFIX*k/PHASES) the base model takes a global SGD pass over exactly those.
+    """Phased TTT (LEAD, SPEC 5.3) run by ttt_plan: documents up to TTT_MAX_DOC_TOKENS targets,
+    longest first, in batches dealt round-robin to ranks, get per-document LoRA TTT; after the
+    first b_k documents are scored (b_k = PREFIX*k/PHASES) the base model takes a global SGD pass
+    over exactly those.
     Longer documents, and every batch not started in time, are scored by windows on the adapted
     base model at the end: every target is still scored exactly once. A batch or phase starts only
     if it and then disjoint windows (the cheapest legal scoring) over this rank's unscored documents
     are predicted to end by the deadline, at token_s seconds per window token (measured by the
     disjoint eval); the leftovers get sliding windows if those are predicted to fit."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     spans = document_spans(val.tokens)
-    docs = sorted((sp for sp in spans if sp[1] <= h.ttt_max_doc_tokens), key=lambda sp: (-sp[1], sp[0]))
-    leftover = [sp for i, sp in enumerate(sp for sp in spans if sp[1] > h.ttt_max_doc_tokens)
-                if i % rt.world_size == rt.rank]
-    batches = [docs[i:i + h.ttt_batch_size] for i in range(0, len(docs), h.ttt_batch_size)]
-    prefix = min(h.phased_ttt_prefix_docs, len(docs))
-    # Distinct, non-empty prefixes: with fewer documents than phases some would repeat or be 0.
-    boundaries = sorted({prefix * k // h.phased_ttt_num_phases for k in range(1, h.phased_ttt_num_phases + 1)} - {0})
+    plan = ttt_plan(spans, h, rt.rank, rt.world_size)
+    docs, batches, leftover, boundaries = plan.docs, plan.batches, list(plan.leftover), plan.boundaries
     rt.log(f"ttt_phased: total_docs:{len(spans)} ttt_docs:{len(docs)} long_docs_sliding:{len(spans) - len(docs)} "
-           f"prefix_docs:{prefix} num_phases:{h.phased_ttt_num_phases} boundaries:{boundaries}")
+           f"prefix_docs:{min(h.phased_ttt_prefix_docs, len(docs))} num_phases:{h.phased_ttt_num_phases} "
+           f"boundaries:{boundaries}")
     # Targets of this rank's later batches after batch bi, and of its documents left to the windows.
-    mine = [sum(n for _, n in b) if bi % rt.world_size == rt.rank else 0 for bi, b in enumerate(batches)]
+    mine = [sum(n for _, n in b) if m else 0 for b, m in zip(batches, plan.mine)]
     after, left = np.cumsum([0] + mine[:0:-1])[::-1], sum(n for _, n in leftover)
     # First estimates (forward + backward ~ 3 forwards), then the measured durations.
     batch_s = 3 * token_s * sum(window_tokens(n, h.ttt_eval_seq_len, h.ttt_chunk_size) for _, n in batches[0]) \
@@ -2403,7 +2452,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     progress = Progress(rt, "ttt batches", len(batches))
     for bi, batch in enumerate(batches):
         progress.update(bi)
-        if bi % rt.world_size == rt.rank:
+        if plan.mine[bi]:
             t1 = time.perf_counter()
             if stopped or t1 + batch_s + token_s * (after[bi] + left) > deadline:
                 stopped = True
@@ -2417,6 +2466,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
                 opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
                                         weight_decay=h.ttt_weight_decay)
                 ttt_batch(model, batch, val, bank, opt, h, sums)
+                rt.sync()  # the batch's device time: ttt_batch itself never waits for the device
                 elapsed = time.perf_counter() - t1
                 if not calibrated and batch_s > 0:
                     # TTT and the leftovers run eager, token_s came from compiled graphs (the proxy:

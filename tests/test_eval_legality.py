@@ -215,13 +215,15 @@ class Recorder:
         assert np.array_equal(y >= 0, expect), "build_row scores positions outside its windows' scored part"
 
     def _record_chunk(self, logits, target, ce):
-        """Chunk ci of document (s, n) scores targets s+ci*C+1 .. s+min((ci+1)*C, n)."""
+        """Chunk ci of document (s, n) scores targets s+ci*C+1 .. s+min((ci+1)*C, n). Rows are the
+        documents that have a chunk ci, in batch order; a lone one is followed by an unscored copy
+        (ttt_chunk), which _check_sums keeps out of the counts."""
         ctx, C = self._ttt, self.h.ttt_chunk_size
         ci = ctx["ci"]
         ctx["ci"] += 1
         active = [(s, n) for s, n in ctx["batch"] if ci * C < n]
-        ce, target = ce.view(len(active), -1), target.view(len(active), -1)
-        logits = logits.view(len(active), -1, logits.size(-1))
+        ce, target, logits = ce.view(-1, C), target.view(-1, C), logits.view(-1, C, logits.size(-1))
+        assert len(ce) == max(len(active), 2), "one row per document with a chunk ci (two for a lone one)"
         for r, (s, n) in enumerate(active):
             for i in range(ci * C, min((ci + 1) * C, n)):
                 k, j = i - ci * C, s + i + 1
@@ -513,7 +515,7 @@ def ttt_direct(monkeypatch, h, val, batch, variant=None, seed=7, lr=None, ce_var
     bank = tg.LoRABank(len(batch), len(sum(model.layer_plan(True), [])), h)
     if same_init:  # every document starts from the adapters of the first
         with torch.no_grad():
-            for a in bank.a:
+            for a in bank.a.values():
                 a.copy_(a[:1].expand_as(a))
     opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr if lr is None else lr, betas=(0.0, h.ttt_beta2),
                             eps=1e-10, weight_decay=h.ttt_weight_decay)
@@ -706,7 +708,7 @@ def test_head_logits_are_a_full_vocabulary_distribution(tmp_path):
     cu = torch.tensor([0, 24, 48], dtype=torch.int32)
     bank = tg.LoRABank(2, len(sum(model.layer_plan(True), [])), h)
     with torch.no_grad():
-        for b in bank.b:
+        for b in bank.b.values():
             b.normal_(generator=g)
         _, head = bank.select(torch.tensor([1, 0]))
         hid = model.hidden(ids, cu, 24)
@@ -770,7 +772,7 @@ def test_ttt_scores_sum_to_one_over_the_vocabulary(tmp_path, monkeypatch, varian
         for group in range(0, V, 8):
             batch = [(t, C + 1) for t in starts[group:group + 8]]  # chunk 1 scores only the value v
             rec, bank = ttt_direct(monkeypatch, h, copies, batch, ce_variant=ce, same_init=True)
-            assert bank.b[-1].abs().max() > 0  # the head adapter was trained before chunk 1
+            assert bank.b["head"].abs().max() > 0  # the head adapter was trained before chunk 1
             scores = rec.scores()
             assert len({scores[t + 1] for t, _ in batch}) == 1  # the copies are identical up to v
             total += sum(math.exp(-scores[t + C + 1]) for t, _ in batch)
@@ -809,7 +811,7 @@ def test_scored_losses_are_log_softmax_of_the_full_vocabulary(tmp_path, monkeypa
 def reset_keeping_b(self, warm_a):
     """A reset that forgets to zero B: the next batch starts from the previous batch's adapters."""
     with torch.no_grad():
-        for a in self.a:
+        for a in self.a.values():
             if not warm_a:
                 a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5)
 
@@ -844,7 +846,7 @@ def test_fresh_or_reset_lora_bank_is_the_eval_forward(tmp_path, monkeypatch, var
 
     same()  # fresh: B is created zero
     with torch.no_grad():  # as after TTT steps on a batch
-        for a, b in zip(bank.a, bank.b):
+        for a, b in zip(bank.a.values(), bank.b.values()):
             a.normal_(generator=g)
             b.normal_(generator=g)
     for warm_a in (True, False):
@@ -949,3 +951,4 @@ def test_phased_ttt_with_fewer_ttt_documents_than_phases(tmp_path, monkeypatch, 
     val = make_val(lengths)
     rec, out = run_phased(monkeypatch, h, val)
     assert_single_pass(rec, out, val)
+
