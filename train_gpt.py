@@ -166,6 +166,7 @@ class Hyperparameters:
     sliding_eval: bool = True
     eval_budget_seconds: float = 600.0
     ttt_enabled: bool = True
+    ttt_compile: bool = True  # 0: TTT eager (the fallback if its compiled graphs fail)
     ttt_batch_size: int = 64
     ttt_chunk_size: int = 48
     ttt_eval_seq_len: int = 2048
@@ -2469,8 +2470,9 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
                 rt.sync()  # the batch's device time: ttt_batch itself never waits for the device
                 elapsed = time.perf_counter() - t1
                 if not calibrated and batch_s > 0:
-                    # TTT and the leftovers run eager, token_s came from compiled graphs (the proxy:
-                    # 2-3x slower eager): rescale it once by the first batch's measured/predicted time.
+                    # token_s came from the eval graphs, and TTT (forward + backward with adapters, or
+                    # eager with TTT_COMPILE=0) runs others: rescale it once by the first batch's
+                    # measured/predicted time (the proxy, eager: 2-3x).
                     token_s *= max(1.0, elapsed / batch_s)
                 calibrated, batch_s = True, elapsed  # longest first: the next batch costs at most this
         done += len(batch)
@@ -2491,12 +2493,56 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
                 rt.log(f"ttpp: phase:{phase + 1}/{len(boundaries)} skipped: eval budget spent")
             phase += 1
     leftover.sort()
+    # The eval graphs guard requires_grad (also under no_grad): as in the diagnostics, whose graphs
+    # the pre-quantization diagnostic compiled before the eval timer started, so none compiles here.
+    model.requires_grad_(True)
     sliding_s = token_s * sum(window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in leftover)
     stride = h.eval_stride if time.perf_counter() + sliding_s <= deadline else h.eval_seq_len
     sums += eval_windows(model, h, rt, val, scoring_windows(leftover, h.eval_seq_len, stride), split_ranks=False)
     rt.log(f"ttt_leftover: {len(leftover)} documents scored by {'sliding' if stride < h.eval_seq_len else 'disjoint'} "
            f"windows (too long, or past the deadline: {'yes' if stopped else 'no'})")
     return summarize(sums, rt)
+
+
+# TTT's shapes change every chunk (documents x window) and the block graphs are compiled
+# dynamic=False. Static buckets would compile every block graph once per bucket; instead, while
+# TTT runs, the tensors entering a compiled region have dynamic sizes (model_dim and global SGD's
+# one row stay specialized), so one graph per block serves every chunk. They are named by Dynamo
+# source (the regions' argument names; exact names, as torch 2.10 reads them): maybe_mark_dynamic
+# on TTT's inputs would not reach the blocks, whose inputs come from eager code or other graphs.
+TTT_DYNAMIC_SOURCES = ",".join(["L['x']", "L['x0']", "L['skip']", "L['lanes'][0]", "L['lanes'][1]"] +
+                               [f"L['lora'].{name}[{i}]" for name in Adapters._fields for i in (0, 1)])
+
+
+def ttt_compile_mode(h: Hyperparameters, rt: Runtime):
+    """Phased TTT through the compiled graphs with those dims dynamic, or eager (TTT_COMPILE=0)."""
+    if not rt.compile:
+        return contextlib.nullcontext()
+    if h.ttt_compile:
+        return torch.compiler.config.patch(dynamic_sources=TTT_DYNAMIC_SOURCES)
+    return torch.compiler.set_stance("force_eager")
+
+
+def ttt_warmup(model, h: Hyperparameters, rt: Runtime):
+    """Compile phased TTT's graphs on random tokens (never val data), so that no TTT batch pays
+    for a compile and the first one calibrates the cost predictions: a TTT batch (a step) with a
+    throwaway bank and optimizer, and a global SGD step whose update is undone bit for bit. The
+    RNG (LoRA draws) is restored too: the run after it is the run without it."""
+    C = h.ttt_chunk_size
+    tokens = np.random.default_rng(0).integers(0, h.vocab_size, h.global_ttt_chunk_tokens + 3 * C + 2)
+    noise = ValSet(tokens, np.zeros(len(tokens), dtype=np.int64))
+    model.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        bank = LoRABank(2, len(sum(model.layer_plan(True), [])), h).to(rt.device)
+    opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr)
+    ttt_batch(model, [(0, 2 * C), (2 * C + 1, C)], noise, bank, opt, h, torch.zeros(3, dtype=torch.float64, device=rt.device))
+    if h.phased_ttt_prefix_docs * h.phased_ttt_num_phases > 0:
+        saved = [p.detach().clone() for p in model.parameters()]
+        global_sgd(model, tokens[:h.global_ttt_chunk_tokens + 1], h, rt)
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), saved):
+                p.copy_(s)
+    rt.sync()
 
 
 def timed_eval(label, fn, rt: Runtime):
@@ -2514,9 +2560,9 @@ def timed_eval(label, fn, rt: Runtime):
 def evaluate_artifact(h: Hyperparameters, rt: Runtime, val: ValSet):
     """The scored evaluation, timed from reading the artifact: the quantized model (diagnostic),
     then the score. Without TTT the score is the sliding-window eval. With TTT, phased TTT gets
-    EVAL_BUDGET_SECONDS and the sliding-window diagnostic runs after it, on a fresh copy (TTT
-    adapts the base weights), only if it is predicted to end within the budget: on FineWeb it
-    would otherwise take ~100 s from TTT."""
+    EVAL_BUDGET_SECONDS (its compile warm-up included) and the sliding-window diagnostic runs after
+    it, on a fresh copy (TTT adapts the base weights), only if it is predicted to end within the
+    budget: on FineWeb it would otherwise take ~100 s from TTT."""
     rt.sync()
     t0 = time.perf_counter()
     model = load_artifact_model(h, rt)
@@ -2535,9 +2581,9 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, val: ValSet):
         deadline = t0 + 0.95 * h.eval_budget_seconds
         # Seconds per window token on one rank: costs scale with the tokens of the windows scored.
         token_s = disjoint_s * rt.world_size / (len(val.tokens) - 1)
-        # Eager: TTT shapes change every chunk (documents x window length); the compiled graphs
-        # are static and would recompile.
-        with torch.compiler.set_stance("force_eager"):
+        with ttt_compile_mode(h, rt):
+            if rt.compile and h.ttt_compile:
+                ttt_warmup(model, h, rt)
             timed_eval("quantized_ttt_phased", lambda: phased_ttt(model, h, rt, val, deadline, token_s), rt)
         if h.sliding_eval:
             predicted = t1 - t0 + token_s / rt.world_size * sum(window_tokens(n, h.eval_seq_len, h.eval_stride)

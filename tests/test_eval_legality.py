@@ -12,6 +12,8 @@ Per-target scores are recorded by instrumentation (Recorder): build_row + model.
 for the window paths, F.cross_entropy inside ttt_batch for TTT (target positions from the chunk
 arithmetic, checked against the targets the code used and against its (loss, count, bytes)
 sums). Every legality test also runs on a deliberately broken variant and must fail there."""
+import contextlib
+import inspect
 import math
 import time
 from collections import Counter, defaultdict
@@ -952,3 +954,72 @@ def test_phased_ttt_with_fewer_ttt_documents_than_phases(tmp_path, monkeypatch, 
     rec, out = run_phased(monkeypatch, h, val)
     assert_single_pass(rec, out, val)
 
+
+# ---------------------------------------------------------------------------------------
+# 5. The TTT warm-up (compiles TTT's graphs inside the eval timer): no val data, nothing kept
+# ---------------------------------------------------------------------------------------
+
+
+def test_ttt_warmup_reads_no_val_data_and_leaves_the_model_bit_identical(tmp_path, monkeypatch):
+    """It is given no val set (only its own random tokens), runs a TTT step and a global SGD
+    step that does move the base weights, and leaves every weight, buffer and the RNG as they
+    were."""
+    assert list(inspect.signature(tg.ttt_warmup).parameters) == ["model", "h", "rt"]
+    h = make_h(tmp_path)
+    val = make_val()
+    model = make_model(h)
+    rt = tg.Runtime(h)  # seeds the RNG
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    seen, moved, stepped = [], [], []
+
+    def ttt(model_, batch, val_, bank, opt, h_, sums):
+        seen.append(val_.tokens)
+        REAL.ttt_batch(model_, batch, val_, bank, opt, h_, sums)
+        stepped.append(bool(opt.state))
+
+    def sgd(model_, stream, h_, rt_):
+        seen.append(stream)
+        REAL.global_sgd(model_, stream, h_, rt_)
+        moved.append(any(not torch.equal(v, before[k]) for k, v in model_.state_dict().items()))
+
+    monkeypatch.setattr(tg, "ttt_batch", ttt)
+    monkeypatch.setattr(tg, "global_sgd", sgd)
+    tg.ttt_warmup(model, h, rt)
+    assert stepped == [True] and moved == [True]  # not vacuous
+    assert not any(np.shares_memory(t, val.tokens) for t in seen)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "the warm-up changed the model"
+    assert torch.equal(torch.get_rng_state(), rng), "the warm-up changed the RNG"
+
+
+def rng_not_restored(**kwargs):
+    """A warm-up whose LoRA draws use up the RNG that phased TTT's adapters draw from next."""
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("variant", ["correct", "rng_not_restored"])
+def test_phased_ttt_after_the_warmup_is_phased_ttt_without_it(tmp_path, monkeypatch, variant):
+    """The warm-up carries nothing into the score: phased TTT after it scores every target
+    exactly as phased TTT alone (weights, adapter draws, optimizer states)."""
+    h = make_h(tmp_path)
+    val = make_val()
+    if variant == "rng_not_restored":
+        monkeypatch.setattr(torch.random, "fork_rng", rng_not_restored)
+
+    def run(warm):
+        model = make_model(h)
+        rt = tg.Runtime(h)
+        torch.manual_seed(1234)
+        if warm:
+            tg.ttt_warmup(model, h, rt)
+        rec = Recorder(monkeypatch, model, val, h)
+        out = tg.phased_ttt(model, h, rt, val, math.inf)
+        assert_single_pass(rec, out, val)
+        return rec.scores(), out
+
+    def same():
+        (warm, out_warm), (cold, out_cold) = run(True), run(False)  # the warm-up before any Recorder
+        moved = sorted(j for j in cold if warm[j] != cold[j])
+        assert not moved and out_warm == out_cold, f"the warm-up changed the scores of targets {moved[:12]}"
+    check(variant, same, "the warm-up changed")

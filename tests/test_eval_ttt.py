@@ -1,6 +1,9 @@
-"""Phased TTT's pieces (train_gpt.py): ttt_plan (the schedule), ttt_chunk (a chunk's host arrays)
-and LoRABank's adapters by name. The legality of the whole (every target once, score before
-update) is tests/test_eval_legality.py."""
+"""Phased TTT's pieces (train_gpt.py): ttt_plan (the schedule), ttt_chunk (a chunk's host arrays),
+LoRABank's adapters by name, and TTT through the compiled block graphs on the CPU: after the
+warm-up (random tokens) no chunk shape compiles anything, and the scores are the eager ones.
+The legality of the whole (every target once, score before update) is tests/test_eval_legality.py."""
+import functools
+import math
 from collections import Counter
 
 import numpy as np
@@ -144,4 +147,86 @@ def test_lora_bank_selects_adapters_by_name(tmp_path):
             bank.reset(warm_a=True)
             bank.b[f"0_{name}"].normal_()
             assert not torch.equal(model.hidden(ids, cu, 24, bank.select(idx)[0]), base), name
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled TTT: one graph per block for every chunk shape
+# ---------------------------------------------------------------------------------------
+
+
+def dense_attention(q, k, v, cu_seqlens, max_len, window, bound):
+    """SDPA with one mask over the row built from cu_seqlens on the device: the reference SDPA
+    path reads cu_seqlens on the host (a graph break per block, and shapes the compiled code would
+    specialize on); this one traces like the GPU's attention ops."""
+    pos = torch.arange(q.size(0), device=q.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), pos, right=True)
+    delta = pos[:, None] - pos[None, :]
+    mask = (seq[:, None] == seq[None, :]) & (delta >= 0)
+    if window is not None:
+        mask &= delta <= window
+    groups = q.size(1) // k.size(1)
+    q, k, v = (t.transpose(0, 1) for t in (q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1)
+
+
+# Chunks of 32 in windows of up to 192: rows of 64, 128 and 192 tokens, 1 to 3 documents (a lone
+# one padded to 2), and long documents (> 260 targets) left to the windows. CPU inductor guards
+# the row length at 256 (its C++ reductions), so windows stay below that here.
+COMPILED = dict(ttt_chunk_size=32, ttt_eval_seq_len=192, ttt_max_doc_tokens=260, eval_seq_len=64,
+                val_batch_tokens=128, global_ttt_chunk_tokens=128, global_ttt_seq_len=64, phased_ttt_prefix_docs=4)
+COMPILED_LENGTHS = (200, 37, 150, 300, 95, 12, 64, 130, 5, 40)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path, monkeypatch, backend):
+    """The evaluation's order on a compiled model: the quantized diagnostic, the TTT warm-up on
+    random tokens, then phased TTT (chunks of every shape, global SGD, the leftovers' windows)
+    under fail_on_recompile: nothing compiles after the warm-up, no graph breaks, and the score
+    equals the eager model's."""
+    import torch._dynamo.utils as dyn
+
+    h = make_h(tmp_path, **COMPILED)
+    val = make_val(COMPILED_LENGTHS)
+    monkeypatch.setattr(tg, "attention", dense_attention)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    torch._dynamo.reset()
+    dyn.counters.clear()
+    scores = {}
+    try:
+        for compiled in (False, True):
+            model = make_model(h)
+            rt = tg.Runtime(h)
+            rt.compile = compiled
+            if compiled:
+                model.compile_regions()
+            tg.eval_val(model, h, rt, val)  # evaluate_artifact's diagnostic: the eval graphs
+            with tg.ttt_compile_mode(h, rt):
+                if compiled:
+                    tg.ttt_warmup(model, h, rt)
+                    graphs = dyn.counters["stats"]["unique_graphs"]
+                torch.manual_seed(1234)
+                with torch.compiler.set_stance("fail_on_recompile" if compiled else "default"):
+                    scores[compiled] = tg.phased_ttt(model, h, rt, val, math.inf)
+    finally:
+        torch._dynamo.reset()
+    assert not dyn.counters["graph_break"], dict(dyn.counters["graph_break"])
+    assert dyn.counters["stats"]["unique_graphs"] == graphs
+    assert scores[True][2] == scores[False][2] == len(val.tokens) - 1
+    assert scores[True][0] == pytest.approx(scores[False][0], rel=1e-4)
+
+
+def test_ttt_compile_mode(tmp_path):
+    """TTT_COMPILE=1: the dynamic sources while TTT runs (and only then); 0: eager; no compiled
+    model: nothing changes."""
+    import torch._dynamo.eval_frame as ef
+
+    rt = tg.Runtime(make_h(tmp_path))
+    before = torch.compiler.config.dynamic_sources
+    for compiled, ttt_compile, sources, stance in ((True, True, tg.TTT_DYNAMIC_SOURCES, "default"),
+                                                   (True, False, before, "force_eager"),
+                                                   (False, True, before, "default")):
+        rt.compile = compiled
+        with tg.ttt_compile_mode(make_h(tmp_path, ttt_compile=ttt_compile), rt):
+            assert (torch.compiler.config.dynamic_sources, ef._stance.stance) == (sources, stance)
+        assert (torch.compiler.config.dynamic_sources, ef._stance.stance) == (before, "default")
 
