@@ -2423,7 +2423,7 @@ def ttt_plan(spans, h: Hyperparameters, rank, world_size) -> TTTPlan:
                    [sp for sp in spans if sp[1] > h.ttt_max_doc_tokens][rank::world_size], boundaries)
 
 
-def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, token_s=0.0):
+def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, token_s=0.0, stats=None):
     """Phased TTT (LEAD, SPEC 5.3) run by ttt_plan: documents up to TTT_MAX_DOC_TOKENS targets,
     longest first, in batches dealt round-robin to ranks, get per-document LoRA TTT; after the
     first b_k documents are scored (b_k = PREFIX*k/PHASES) the base model takes a global SGD pass
@@ -2432,7 +2432,8 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     base model at the end: every target is still scored exactly once. A batch or phase starts only
     if it and then disjoint windows (the cheapest legal scoring) over this rank's unscored documents
     are predicted to end by the deadline, at token_s seconds per window token (measured by the
-    disjoint eval); the leftovers get sliding windows if those are predicted to fit."""
+    disjoint eval); the leftovers get sliding windows if those are predicted to fit. stats (if
+    given) gets the documents TTT scored and those left to windows (all ranks), and the windows' seconds."""
     model.requires_grad_(False)
     spans = document_spans(val.tokens)
     plan = ttt_plan(spans, h, rt.rank, rt.world_size)
@@ -2448,7 +2449,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
         if batches else 0.0
     sgd_token_s, calibrated = None, False
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    bank, phase, done, t0, stopped = None, 0, 0, time.perf_counter(), False
+    bank, phase, done, t0, stopped, n_ttt = None, 0, 0, time.perf_counter(), False, 0
     n_slots = len(sum(model.layer_plan(True), []))
     progress = Progress(rt, "ttt batches", len(batches))
     for bi, batch in enumerate(batches):
@@ -2467,6 +2468,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
                 opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
                                         weight_decay=h.ttt_weight_decay)
                 ttt_batch(model, batch, val, bank, opt, h, sums)
+                n_ttt += len(batch)
                 rt.sync()  # the batch's device time: ttt_batch itself never waits for the device
                 elapsed = time.perf_counter() - t1
                 if not calibrated and batch_s > 0:
@@ -2493,14 +2495,18 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
                 rt.log(f"ttpp: phase:{phase + 1}/{len(boundaries)} skipped: eval budget spent")
             phase += 1
     leftover.sort()
+    t1 = time.perf_counter()
     # The eval graphs guard requires_grad (also under no_grad): as in the diagnostics, whose graphs
     # the pre-quantization diagnostic compiled before the eval timer started, so none compiles here.
     model.requires_grad_(True)
     sliding_s = token_s * sum(window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in leftover)
-    stride = h.eval_stride if time.perf_counter() + sliding_s <= deadline else h.eval_seq_len
+    stride = h.eval_stride if t1 + sliding_s <= deadline else h.eval_seq_len
     sums += eval_windows(model, h, rt, val, scoring_windows(leftover, h.eval_seq_len, stride), split_ranks=False)
     rt.log(f"ttt_leftover: {len(leftover)} documents scored by {'sliding' if stride < h.eval_seq_len else 'disjoint'} "
            f"windows (too long, or past the deadline: {'yes' if stopped else 'no'})")
+    if stats is not None:
+        n_docs = rt.all_reduce(torch.tensor([n_ttt, len(leftover)], device=rt.device))
+        stats.update(zip(("ttt_docs", "fallback_docs"), n_docs.tolist()), leftover_s=time.perf_counter() - t1)
     return summarize(sums, rt)
 
 
@@ -2562,39 +2568,52 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, val: ValSet):
     then the score. Without TTT the score is the sliding-window eval. With TTT, phased TTT gets
     EVAL_BUDGET_SECONDS (its compile warm-up included) and the sliding-window diagnostic runs after
     it, on a fresh copy (TTT adapts the base weights), only if it is predicted to end within the
-    budget: on FineWeb it would otherwise take ~100 s from TTT."""
+    budget: on FineWeb it would otherwise take ~100 s from TTT. Logs the seconds of each stage."""
     rt.sync()
     t0 = time.perf_counter()
+    stages, stats = {}, {}
+
+    def stage(name, fn):
+        t = time.perf_counter()
+        fn()
+        rt.sync()
+        stages[name] = time.perf_counter() - t
+
     model = load_artifact_model(h, rt)
-    t1 = time.perf_counter()
-    timed_eval("diagnostic quantized", lambda: eval_val(model, h, rt, val), rt)
-    disjoint_s = time.perf_counter() - t1
+    stages["load"] = time.perf_counter() - t0
+    stage("quantized", lambda: timed_eval("diagnostic quantized", lambda: eval_val(model, h, rt, val), rt))
 
     def sliding(m):
         timed_eval("diagnostic quantized_sliding_window", lambda: eval_val(m, h, rt, val, stride=h.eval_stride), rt)
 
     if not h.ttt_enabled:
         if h.sliding_eval:
-            sliding(model)
+            stage("sliding", lambda: sliding(model))
     else:
         # 5% of the budget is slack for the predictions' errors.
         deadline = t0 + 0.95 * h.eval_budget_seconds
         # Seconds per window token on one rank: costs scale with the tokens of the windows scored.
-        token_s = disjoint_s * rt.world_size / (len(val.tokens) - 1)
+        token_s = stages["quantized"] * rt.world_size / (len(val.tokens) - 1)
         with ttt_compile_mode(h, rt):
             if rt.compile and h.ttt_compile:
-                ttt_warmup(model, h, rt)
-            timed_eval("quantized_ttt_phased", lambda: phased_ttt(model, h, rt, val, deadline, token_s), rt)
+                stage("ttt_warmup", lambda: ttt_warmup(model, h, rt))
+            stage("ttt", lambda: timed_eval("quantized_ttt_phased",
+                                            lambda: phased_ttt(model, h, rt, val, deadline, token_s, stats), rt))
+        stages["ttt"] -= stats["leftover_s"]
+        stages["leftover"] = stats["leftover_s"]
         if h.sliding_eval:
-            predicted = t1 - t0 + token_s / rt.world_size * sum(window_tokens(n, h.eval_seq_len, h.eval_stride)
-                                                                for _, n in document_spans(val.tokens))  # reload + windows
+            predicted = stages["load"] + token_s / rt.world_size * sum(
+                window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in document_spans(val.tokens))  # reload + windows
             if rt.any_rank(time.perf_counter() + predicted > deadline):
                 rt.log(f"diagnostic quantized_sliding_window skipped: predicted {predicted:.0f}s would end past "
                        f"EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f}")
             else:
                 del model  # the TTT-adapted weights
-                sliding(load_artifact_model(h, rt))
-    rt.log(f"total_eval_time:{time.perf_counter() - t0:.1f}s")
+                stage("sliding", lambda: sliding(load_artifact_model(h, rt)))
+    total = time.perf_counter() - t0
+    rt.log("eval_stages: " + " ".join(f"{k}:{v:.1f}s" for k, v in stages.items()) + f" total:{total:.1f}s" +
+           "".join(f" {k}:{stats[k]}" for k in ("ttt_docs", "fallback_docs") if k in stats))
+    rt.log(f"total_eval_time:{total:.1f}s")
     if rt.device.type == "cuda":
         rt.log(f"peak memory allocated (whole run): {torch.cuda.max_memory_allocated() // 2**20} MiB")
 

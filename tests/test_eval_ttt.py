@@ -230,3 +230,46 @@ def test_ttt_compile_mode(tmp_path):
             assert (torch.compiler.config.dynamic_sources, ef._stance.stance) == (sources, stance)
         assert (torch.compiler.config.dynamic_sources, ef._stance.stance) == (before, "default")
 
+
+# ---------------------------------------------------------------------------------------
+# evaluate_artifact: the warm-up inside the timer, one line of stage times
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ttt_compile", [True, False])
+def test_evaluate_artifact_warms_up_before_ttt_and_logs_each_stage(tmp_path, monkeypatch, ttt_compile):
+    """On a compiled run: load, quantized diagnostic, TTT warm-up (TTT_COMPILE=1) and phased TTT
+    under ttt_compile_mode, then the sliding diagnostic on a reload; `eval_stages:` gives each
+    stage's seconds and the documents scored by TTT and by windows."""
+    import torch._dynamo.eval_frame as ef
+
+    from helpers_train import parse_train_log
+
+    h = make_h(tmp_path, ttt_compile=ttt_compile)
+    val = make_val()
+    rt = tg.Runtime(h)
+    rt.compile = True  # the model is not compiled: only the modes around TTT are checked
+    calls = []
+
+    def spy(name, fn):
+        def call(*args, **kwargs):
+            calls.append((name, torch.compiler.config.dynamic_sources, ef._stance.stance))
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(tg, name, call)
+
+    monkeypatch.setattr(tg, "load_artifact_model", lambda h_, rt_: calls.append(("load", "", "")) or make_model(h_))
+    for name in ("eval_val", "ttt_warmup", "phased_ttt"):
+        spy(name, getattr(tg, name))
+    tg.evaluate_artifact(h, rt, val)
+    mode = (tg.TTT_DYNAMIC_SOURCES, "default") if ttt_compile else ("", "force_eager")
+    expect = [("load", "", ""), ("eval_val", "", "default")] + [("ttt_warmup", *mode)] * ttt_compile + \
+        [("phased_ttt", *mode), ("load", "", ""), ("eval_val", "", "default")]
+    assert calls == expect
+    r = parse_train_log((tmp_path / "logs" / "legality.txt").read_text())
+    stages = r["eval_stages"]
+    assert list(stages) == ["load", "quantized"] + ["ttt_warmup"] * ttt_compile + \
+        ["ttt", "leftover", "sliding", "total", "ttt_docs", "fallback_docs"]
+    assert stages["ttt_docs"] + stages["fallback_docs"] == r["ttt"]["total_docs"] == len(tg.document_spans(val.tokens))
+    assert stages["fallback_docs"] == r["ttt"]["leftover_docs"] == r["ttt"]["long_docs_sliding"] == 2
+    seconds = [v for k, v in stages.items() if k not in ("total", "ttt_docs", "fallback_docs")]
+    assert min(seconds) >= 0 and sum(seconds) <= stages["total"] + 0.5 and stages["total"] == r["total_eval_s"]
