@@ -2531,17 +2531,20 @@ def ttt_compile_mode(h: Hyperparameters, rt: Runtime):
 
 def ttt_warmup(model, h: Hyperparameters, rt: Runtime):
     """Compile phased TTT's graphs on random tokens (never val data), so that no TTT batch pays
-    for a compile and the first one calibrates the cost predictions: a TTT batch (a step) with a
-    throwaway bank and optimizer, and a global SGD step whose update is undone bit for bit. The
-    RNG (LoRA draws) is restored too: the run after it is the run without it."""
-    C = h.ttt_chunk_size
-    tokens = np.random.default_rng(0).integers(0, h.vocab_size, h.global_ttt_chunk_tokens + 3 * C + 2)
+    for a compile and the first one calibrates the cost predictions: a full TTT batch of two-chunk
+    documents (the kernels are tuned on its sizes; a step) with a throwaway bank and optimizer, and
+    a global SGD step whose update is undone bit for bit. The RNG (LoRA draws) is restored too:
+    the run after it is the run without it."""
+    C, n = h.ttt_chunk_size, h.ttt_batch_size
+    tokens = np.random.default_rng(0).integers(0, h.vocab_size, max(n * (2 * C + 1), h.global_ttt_chunk_tokens) + 1)
     noise = ValSet(tokens, np.zeros(len(tokens), dtype=np.int64))
     model.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
-        bank = LoRABank(2, len(sum(model.layer_plan(True), [])), h).to(rt.device)
+        bank = LoRABank(n, len(sum(model.layer_plan(True), [])), h).to(rt.device)
     opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr)
-    ttt_batch(model, [(0, 2 * C), (2 * C + 1, C)], noise, bank, opt, h, torch.zeros(3, dtype=torch.float64, device=rt.device))
+    batch = [(i * (2 * C + 1), 2 * C) for i in range(n)]
+    ttt_batch(model, batch, noise, bank, opt, h, torch.zeros(3, dtype=torch.float64, device=rt.device))
+    del bank, opt
     if h.phased_ttt_prefix_docs * h.phased_ttt_num_phases > 0:
         saved = [p.detach().clone() for p in model.parameters()]
         global_sgd(model, tokens[:h.global_ttt_chunk_tokens + 1], h, rt)
