@@ -24,6 +24,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -165,6 +166,7 @@ class Hyperparameters:
     sliding_eval: bool = True
     eval_budget_seconds: float = 600.0
     ttt_enabled: bool = True
+    ttt_compile: bool = True  # 0: TTT eager (the fallback if its compiled graphs fail)
     ttt_batch_size: int = 64
     ttt_chunk_size: int = 48
     ttt_eval_seq_len: int = 2048
@@ -823,6 +825,20 @@ class CastedLinear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+class Adapters(NamedTuple):
+    """One virtual layer slot's TTT LoRA adapters, each an (A, B) pair for add_lora."""
+
+    q: tuple
+    k: tuple
+    v: tuple
+    o: tuple
+    mlp: tuple
+
+    @property
+    def attn(self):
+        return self.q, self.k, self.v, self.o
+
+
 def add_lora(y, u, adapter):
     """y + per-document low-rank update (u A^T) B^T, u [B, T, in], A [B, r, in], B [B, out, r]."""
     if adapter is None:
@@ -934,7 +950,7 @@ class Block(nn.Module):
         self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(i + 1)), persistent=False)
 
     def forward(self, x, x0, cu_seqlens, max_len, lora=None):
-        la, lm = (lora[:4], lora[4]) if lora is not None else (None, None)
+        la, lm = (lora.attn, lora.mlp) if lora is not None else (None, None)
         x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
         x = x_in + self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, x_in, cu_seqlens, max_len, la)
         return x + self.mlp_scale * self.mlp(rms_norm(x) * self.ln_scale, lm)
@@ -952,7 +968,7 @@ class ParallelBlock(Block):
         self.post_lambdas = with_role(nn.Parameter(torch.ones(2, 2)), "scalar", "fp16")
 
     def forward(self, lanes, x0, cu_seqlens, max_len, lora=None):
-        la, lm = (lora[:4], lora[4]) if lora is not None else (None, None)
+        la, lm = (lora.attn, lora.mlp) if lora is not None else (None, None)
         lane0, lane1 = lanes
         a_in = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
         a = self.attn_scale * self.attn(rms_norm(a_in) * self.ln_scale, a_in, cu_seqlens, max_len, la)
@@ -2285,71 +2301,88 @@ def eval_val(model, h: Hyperparameters, rt: Runtime, val: ValSet, stride=None):
 
 
 class LoRABank(nn.Module):
-    """Per-document LoRA adapters for q, k, v, o and mlp of every virtual layer slot plus the
-    tied head (PR #1530), stacked over the documents of a TTT batch. Output scale alpha/rank."""
+    """Per-document LoRA adapters, by name: q, k, v, o and mlp of every virtual layer slot
+    ("{slot}_{name}") plus the tied head ("head", PR #1530), stacked over the documents of a TTT
+    batch. Every adapter reads a model_dim input (the block's normed input, or the final hidden
+    state). Output scale alpha/rank."""
 
     def __init__(self, n_docs, n_slots, h: Hyperparameters):
         super().__init__()
         d, r = h.model_dim, h.ttt_lora_rank
         kv = h.num_kv_heads * (d // h.num_heads)
-        self.n_docs, self.scale = n_docs, h.ttt_lora_alpha / r
-        shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, d)] * n_slots + [(d, h.vocab_size)]  # (in, out)
-        self.a = nn.ParameterList(nn.Parameter(torch.empty(n_docs, r, i)) for i, _ in shapes)
-        self.b = nn.ParameterList(nn.Parameter(torch.zeros(n_docs, o, r)) for _, o in shapes)
+        outs = {f"{s}_{name}": n for s in range(n_slots) for name, n in zip(Adapters._fields, (d, kv, kv, d, d))}
+        outs["head"] = h.vocab_size
+        self.n_docs, self.n_slots, self.scale = n_docs, n_slots, h.ttt_lora_alpha / r
+        self.a = nn.ParameterDict({k: nn.Parameter(torch.empty(n_docs, r, d)) for k in outs})
+        self.b = nn.ParameterDict({k: nn.Parameter(torch.zeros(n_docs, n, r)) for k, n in outs.items()})
         self.reset(warm_a=False)
 
     @torch.no_grad()
     def reset(self, warm_a):
         """B = 0 (no change to the model); A re-drawn unless warm-started (PR #1767)."""
-        for a, b in zip(self.a, self.b):
+        for a, b in zip(self.a.values(), self.b.values()):
             b.zero_()
             if not warm_a:
                 a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5)
 
+    def adapter(self, key, idx):
+        return self.a[key][idx], self.b[key][idx] * self.scale
+
     def select(self, idx):
-        """(per-slot (q, k, v, o, mlp) adapters, head adapter) of the documents idx."""
-        pairs = [(a[idx], b[idx] * self.scale) for a, b in zip(self.a, self.b)]
-        return [tuple(pairs[5 * s:5 * s + 5]) for s in range(len(pairs) // 5)], pairs[-1]
+        """(per-slot Adapters, head adapter) of the documents idx."""
+        slots = [Adapters(*(self.adapter(f"{s}_{name}", idx) for name in Adapters._fields)) for s in range(self.n_slots)]
+        return slots, self.adapter("head", idx)
+
+
+class TTTChunk(NamedTuple):
+    rows: np.ndarray  # [R] documents (batch indices)
+    x: np.ndarray  # [R, T] each one's last <= TTT_EVAL_SEQ_LEN tokens up to the chunk's end
+    pos: np.ndarray  # [R, C] where the chunk's targets are predicted in the row
+    targets: np.ndarray  # [R, C]
+    valid: np.ndarray  # [R, C] 1 = scored
+    weight: np.ndarray  # [R, C] the training loss: the chunk's mean, for documents with a later chunk
+    nbytes: np.ndarray  # [R, C]
+
+
+def ttt_chunk(val: ValSet, batch, ci, C, W) -> TTTChunk:
+    """Chunk ci (targets ci*C+1 .. (ci+1)*C) of the documents of a TTT batch that have one, on the
+    host. A lone document's row gets an unscored, untrained copy: a batch of 1 would specialize
+    the compiled graphs (0/1 specialization) and recompile them."""
+    active = [b for b, (_, n) in enumerate(batch) if ci * C < n]
+    rows = active * 2 if len(active) == 1 else active
+    ends = [min((ci + 1) * C, batch[b][1]) for b in rows]
+    T = -(-max(min(e, W) for e in ends) // 64) * 64  # whole 64-token tiles
+    x, pos, targets, nbytes = (np.zeros((len(rows), n), dtype=np.int64) for n in (T, C, C, C))
+    valid, weight = (np.zeros((len(rows), C), dtype=np.float32) for _ in range(2))
+    for r, (b, e) in enumerate(zip(rows, ends)):
+        (s, n), w0, k = batch[b], max(0, e - W), e - ci * C
+        x[r, :e - w0], pos[r, :k] = val.tokens[s + w0:s + e], np.arange(ci * C - w0, e - w0)
+        if r < len(active):
+            targets[r, :k], nbytes[r, :k] = val.tokens[s + ci * C + 1:s + e + 1], val.target_bytes[s + ci * C + 1:s + e + 1]
+            valid[r, :k], weight[r, :k] = 1.0, 1.0 / k if e < n else 0.0
+    return TTTChunk(np.array(rows, dtype=np.int64), x, pos, targets, valid, weight, nbytes)
 
 
 def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums):
     """Score-first LoRA TTT over one batch of documents, chunk by chunk: chunk ci of every
     document is scored with adapters trained on that document's chunks < ci only, then (if not
-    its last chunk) the adapters take one step on it."""
-    C, W = h.ttt_chunk_size, h.ttt_eval_seq_len
+    its last chunk) the adapters take one step on it. No host sync: whether a step follows is
+    known on the host."""
     device = sums.device
-    n_chunks = [-(-n // C) for _, n in batch]
-    for ci in range(max(n_chunks)):
-        active = [b for b in range(len(batch)) if ci < n_chunks[b]]
-        ends = [min((ci + 1) * C, batch[b][1]) for b in active]
-        w0s = [max(0, e - W) for e in ends]
-        T = -(-max(e - w0 for e, w0 in zip(ends, w0s)) // 64) * 64  # fewer distinct shapes
-        x = np.zeros((len(active), T), dtype=np.int64)
-        y = np.zeros((len(active), T), dtype=np.int64)
-        pos = np.zeros((len(active), C), dtype=np.int64)
-        nbytes = np.zeros((len(active), C), dtype=np.int64)
-        valid = np.zeros((len(active), C), dtype=bool)
-        for row, (b, e, w0) in enumerate(zip(active, ends, w0s)):
-            s = batch[b][0]
-            x[row, :e - w0], y[row, :e - w0] = val.tokens[s + w0:s + e], val.tokens[s + w0 + 1:s + e + 1]
-            k = e - ci * C
-            pos[row, :k], valid[row, :k] = np.arange(ci * C - w0, e - w0), True
-            nbytes[row, :k] = val.target_bytes[s + ci * C + 1:s + e + 1]
-        x, y, pos, nbytes, valid = (to_device(a, device) for a in (x, y, pos, nbytes, valid))
-        cu = torch.arange(len(active) + 1, device=device, dtype=torch.int32) * T
-        lora, head = bank.select(torch.tensor(active, device=device))
-        rows = torch.arange(len(active), device=device)[:, None]
+    for ci in range(max(-(-n // h.ttt_chunk_size) for _, n in batch)):
+        chunk = ttt_chunk(val, batch, ci, h.ttt_chunk_size, h.ttt_eval_seq_len)
+        rows, x, pos, targets, valid, weight, nbytes = (to_device(a, device) for a in chunk)
+        n, T = chunk.x.shape
+        cu = torch.arange(n + 1, device=device, dtype=torch.int32) * T
+        lora, head = bank.select(rows)
         with bf16_autocast(device):
-            hid = model.hidden(x, cu, T, lora)[rows, pos]
+            hid = model.hidden(x, cu, T, lora)[torch.arange(n, device=device)[:, None], pos]
             logits = model.head_logits(hid, head)
-        tgt = y[rows, pos]
-        ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none").view_as(tgt)
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         with torch.no_grad():
-            sums += torch.stack([ce[valid].double().sum(), valid.sum().double(), nbytes.sum().double()])
-        train = torch.tensor([ci < n_chunks[b] - 1 for b in active], device=device)
-        if train.any():
-            per_doc = (ce * valid).sum(1) / valid.sum(1)
-            per_doc[train].sum().backward()
+            sums += torch.stack([(ce.double() * valid).sum(), valid.sum().double(), nbytes.sum().double()])
+        if chunk.weight.any():
+            (ce * weight).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -2381,41 +2414,59 @@ def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
         p.requires_grad_(False)
 
 
-def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, token_s=0.0):
-    """Phased TTT (LEAD, SPEC 5.3). Documents up to TTT_MAX_DOC_TOKENS targets, longest first, in
-    batches dealt round-robin to ranks, get per-document LoRA TTT; after the first b_k documents
-    are scored (b_k = PREFIX*k/PHASES) the base model takes a global SGD pass over exactly those.
-    Longer documents, and every batch not started in time, are scored by windows on the adapted
-    base model at the end: every target is still scored exactly once. A batch or phase starts only
-    if it and then disjoint windows (the cheapest legal scoring) over this rank's unscored documents
-    are predicted to end by the deadline, at token_s seconds per window token (measured by the
-    disjoint eval); the leftovers get sliding windows if those are predicted to fit."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    spans = document_spans(val.tokens)
+@dataclass
+class TTTPlan:
+    """Phased TTT's schedule (ttt_plan)."""
+
+    docs: list  # documents of up to TTT_MAX_DOC_TOKENS targets, longest first
+    batches: list  # docs in TTT_BATCH_SIZE slices, in processing order
+    mine: list  # per batch: this rank runs it (batches are dealt round-robin)
+    leftover: list  # this rank's share of the longer documents, scored by windows at the end
+    boundaries: list  # global SGD phase k trains on docs[:boundaries[k]], once those are scored
+
+
+def ttt_plan(spans, h: Hyperparameters, rank, world_size) -> TTTPlan:
     docs = sorted((sp for sp in spans if sp[1] <= h.ttt_max_doc_tokens), key=lambda sp: (-sp[1], sp[0]))
-    leftover = [sp for i, sp in enumerate(sp for sp in spans if sp[1] > h.ttt_max_doc_tokens)
-                if i % rt.world_size == rt.rank]
     batches = [docs[i:i + h.ttt_batch_size] for i in range(0, len(docs), h.ttt_batch_size)]
     prefix = min(h.phased_ttt_prefix_docs, len(docs))
     # Distinct, non-empty prefixes: with fewer documents than phases some would repeat or be 0.
     boundaries = sorted({prefix * k // h.phased_ttt_num_phases for k in range(1, h.phased_ttt_num_phases + 1)} - {0})
+    return TTTPlan(docs, batches, [bi % world_size == rank for bi in range(len(batches))],
+                   [sp for sp in spans if sp[1] > h.ttt_max_doc_tokens][rank::world_size], boundaries)
+
+
+def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, token_s=0.0, stats=None):
+    """Phased TTT (LEAD, SPEC 5.3) run by ttt_plan: documents up to TTT_MAX_DOC_TOKENS targets,
+    longest first, in batches dealt round-robin to ranks, get per-document LoRA TTT; after the
+    first b_k documents are scored (b_k = PREFIX*k/PHASES) the base model takes a global SGD pass
+    over exactly those.
+    Longer documents, and every batch not started in time, are scored by windows on the adapted
+    base model at the end: every target is still scored exactly once. A batch or phase starts only
+    if it and then disjoint windows (the cheapest legal scoring) over this rank's unscored documents
+    are predicted to end by the deadline, at token_s seconds per window token (measured by the
+    disjoint eval); the leftovers get sliding windows if those are predicted to fit. stats (if
+    given) gets the documents TTT scored and those left to windows (all ranks), and the windows' seconds."""
+    model.requires_grad_(False)
+    spans = document_spans(val.tokens)
+    plan = ttt_plan(spans, h, rt.rank, rt.world_size)
+    docs, batches, leftover, boundaries = plan.docs, plan.batches, list(plan.leftover), plan.boundaries
     rt.log(f"ttt_phased: total_docs:{len(spans)} ttt_docs:{len(docs)} long_docs_sliding:{len(spans) - len(docs)} "
-           f"prefix_docs:{prefix} num_phases:{h.phased_ttt_num_phases} boundaries:{boundaries}")
+           f"prefix_docs:{min(h.phased_ttt_prefix_docs, len(docs))} num_phases:{h.phased_ttt_num_phases} "
+           f"boundaries:{boundaries}")
     # Targets of this rank's later batches after batch bi, and of its documents left to the windows.
-    mine = [sum(n for _, n in b) if bi % rt.world_size == rt.rank else 0 for bi, b in enumerate(batches)]
+    mine = [sum(n for _, n in b) if m else 0 for b, m in zip(batches, plan.mine)]
     after, left = np.cumsum([0] + mine[:0:-1])[::-1], sum(n for _, n in leftover)
     # First estimates (forward + backward ~ 3 forwards), then the measured durations.
     batch_s = 3 * token_s * sum(window_tokens(n, h.ttt_eval_seq_len, h.ttt_chunk_size) for _, n in batches[0]) \
         if batches else 0.0
     sgd_token_s, calibrated = None, False
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    bank, phase, done, t0, stopped = None, 0, 0, time.perf_counter(), False
+    bank, phase, done, t0, stopped, n_ttt = None, 0, 0, time.perf_counter(), False, 0
     n_slots = len(sum(model.layer_plan(True), []))
     progress = Progress(rt, "ttt batches", len(batches))
     for bi, batch in enumerate(batches):
         progress.update(bi)
-        if bi % rt.world_size == rt.rank:
+        if plan.mine[bi]:
             t1 = time.perf_counter()
             if stopped or t1 + batch_s + token_s * (after[bi] + left) > deadline:
                 stopped = True
@@ -2429,10 +2480,13 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
                 opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
                                         weight_decay=h.ttt_weight_decay)
                 ttt_batch(model, batch, val, bank, opt, h, sums)
+                n_ttt += len(batch)
+                rt.sync()  # the batch's device time: ttt_batch itself never waits for the device
                 elapsed = time.perf_counter() - t1
                 if not calibrated and batch_s > 0:
-                    # TTT and the leftovers run eager, token_s came from compiled graphs (the proxy:
-                    # 2-3x slower eager): rescale it once by the first batch's measured/predicted time.
+                    # token_s came from the eval graphs, and TTT (forward + backward with adapters, or
+                    # eager with TTT_COMPILE=0) runs others: rescale it once by the first batch's
+                    # measured/predicted time (the proxy, eager: 2-3x).
                     token_s *= max(1.0, elapsed / batch_s)
                 calibrated, batch_s = True, elapsed  # longest first: the next batch costs at most this
         done += len(batch)
@@ -2453,12 +2507,63 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
                 rt.log(f"ttpp: phase:{phase + 1}/{len(boundaries)} skipped: eval budget spent")
             phase += 1
     leftover.sort()
+    t1 = time.perf_counter()
+    # The eval graphs guard requires_grad (also under no_grad): as in the diagnostics, whose graphs
+    # the pre-quantization diagnostic compiled before the eval timer started, so none compiles here.
+    model.requires_grad_(True)
     sliding_s = token_s * sum(window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in leftover)
-    stride = h.eval_stride if time.perf_counter() + sliding_s <= deadline else h.eval_seq_len
+    stride = h.eval_stride if t1 + sliding_s <= deadline else h.eval_seq_len
     sums += eval_windows(model, h, rt, val, scoring_windows(leftover, h.eval_seq_len, stride), split_ranks=False)
     rt.log(f"ttt_leftover: {len(leftover)} documents scored by {'sliding' if stride < h.eval_seq_len else 'disjoint'} "
            f"windows (too long, or past the deadline: {'yes' if stopped else 'no'})")
+    if stats is not None:
+        n_docs = rt.all_reduce(torch.tensor([n_ttt, len(leftover)], device=rt.device))
+        stats.update(zip(("ttt_docs", "fallback_docs"), n_docs.tolist()), leftover_s=time.perf_counter() - t1)
     return summarize(sums, rt)
+
+
+# TTT's shapes change every chunk (documents x window) and the block graphs are compiled
+# dynamic=False. Static buckets would compile every block graph once per bucket; instead, while
+# TTT runs, the tensors entering a compiled region have dynamic sizes (model_dim and global SGD's
+# one row stay specialized), so one graph per block serves every chunk. They are named by Dynamo
+# source (the regions' argument names; exact names, as torch 2.10 reads them): maybe_mark_dynamic
+# on TTT's inputs would not reach the blocks, whose inputs come from eager code or other graphs.
+TTT_DYNAMIC_SOURCES = ",".join(["L['x']", "L['x0']", "L['skip']", "L['lanes'][0]", "L['lanes'][1]"] +
+                               [f"L['lora'].{name}[{i}]" for name in Adapters._fields for i in (0, 1)])
+
+
+def ttt_compile_mode(h: Hyperparameters, rt: Runtime):
+    """Phased TTT through the compiled graphs with those dims dynamic, or eager (TTT_COMPILE=0)."""
+    if not rt.compile:
+        return contextlib.nullcontext()
+    if h.ttt_compile:
+        return torch.compiler.config.patch(dynamic_sources=TTT_DYNAMIC_SOURCES)
+    return torch.compiler.set_stance("force_eager")
+
+
+def ttt_warmup(model, h: Hyperparameters, rt: Runtime):
+    """Compile phased TTT's graphs on random tokens (never val data), so that no TTT batch pays
+    for a compile and the first one calibrates the cost predictions: a full TTT batch of two-chunk
+    documents (the kernels are tuned on its sizes; a step) with a throwaway bank and optimizer, and
+    a global SGD step whose update is undone bit for bit. The RNG (LoRA draws) is restored too:
+    the run after it is the run without it."""
+    C, n = h.ttt_chunk_size, h.ttt_batch_size
+    tokens = np.random.default_rng(0).integers(0, h.vocab_size, max(n * (2 * C + 1), h.global_ttt_chunk_tokens) + 1)
+    noise = ValSet(tokens, np.zeros(len(tokens), dtype=np.int64))
+    model.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        bank = LoRABank(n, len(sum(model.layer_plan(True), [])), h).to(rt.device)
+    opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr)
+    batch = [(i * (2 * C + 1), 2 * C) for i in range(n)]
+    ttt_batch(model, batch, noise, bank, opt, h, torch.zeros(3, dtype=torch.float64, device=rt.device))
+    del bank, opt
+    if h.phased_ttt_prefix_docs * h.phased_ttt_num_phases > 0:
+        saved = [p.detach().clone() for p in model.parameters()]
+        global_sgd(model, tokens[:h.global_ttt_chunk_tokens + 1], h, rt)
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), saved):
+                p.copy_(s)
+    rt.sync()
 
 
 def timed_eval(label, fn, rt: Runtime):
@@ -2476,41 +2581,54 @@ def timed_eval(label, fn, rt: Runtime):
 def evaluate_artifact(h: Hyperparameters, rt: Runtime, val: ValSet):
     """The scored evaluation, timed from reading the artifact: the quantized model (diagnostic),
     then the score. Without TTT the score is the sliding-window eval. With TTT, phased TTT gets
-    EVAL_BUDGET_SECONDS and the sliding-window diagnostic runs after it, on a fresh copy (TTT
-    adapts the base weights), only if it is predicted to end within the budget: on FineWeb it
-    would otherwise take ~100 s from TTT."""
+    EVAL_BUDGET_SECONDS (its compile warm-up included) and the sliding-window diagnostic runs after
+    it, on a fresh copy (TTT adapts the base weights), only if it is predicted to end within the
+    budget: on FineWeb it would otherwise take ~100 s from TTT. Logs the seconds of each stage."""
     rt.sync()
     t0 = time.perf_counter()
+    stages, stats = {}, {}
+
+    def stage(name, fn):
+        t = time.perf_counter()
+        fn()
+        rt.sync()
+        stages[name] = time.perf_counter() - t
+
     model = load_artifact_model(h, rt)
-    t1 = time.perf_counter()
-    timed_eval("diagnostic quantized", lambda: eval_val(model, h, rt, val), rt)
-    disjoint_s = time.perf_counter() - t1
+    stages["load"] = time.perf_counter() - t0
+    stage("quantized", lambda: timed_eval("diagnostic quantized", lambda: eval_val(model, h, rt, val), rt))
 
     def sliding(m):
         timed_eval("diagnostic quantized_sliding_window", lambda: eval_val(m, h, rt, val, stride=h.eval_stride), rt)
 
     if not h.ttt_enabled:
         if h.sliding_eval:
-            sliding(model)
+            stage("sliding", lambda: sliding(model))
     else:
         # 5% of the budget is slack for the predictions' errors.
         deadline = t0 + 0.95 * h.eval_budget_seconds
         # Seconds per window token on one rank: costs scale with the tokens of the windows scored.
-        token_s = disjoint_s * rt.world_size / (len(val.tokens) - 1)
-        # Eager: TTT shapes change every chunk (documents x window length); the compiled graphs
-        # are static and would recompile.
-        with torch.compiler.set_stance("force_eager"):
-            timed_eval("quantized_ttt_phased", lambda: phased_ttt(model, h, rt, val, deadline, token_s), rt)
+        token_s = stages["quantized"] * rt.world_size / (len(val.tokens) - 1)
+        with ttt_compile_mode(h, rt):
+            if rt.compile and h.ttt_compile:
+                stage("ttt_warmup", lambda: ttt_warmup(model, h, rt))
+            stage("ttt", lambda: timed_eval("quantized_ttt_phased",
+                                            lambda: phased_ttt(model, h, rt, val, deadline, token_s, stats), rt))
+        stages["ttt"] -= stats["leftover_s"]
+        stages["leftover"] = stats["leftover_s"]
         if h.sliding_eval:
-            predicted = t1 - t0 + token_s / rt.world_size * sum(window_tokens(n, h.eval_seq_len, h.eval_stride)
-                                                                for _, n in document_spans(val.tokens))  # reload + windows
+            predicted = stages["load"] + token_s / rt.world_size * sum(
+                window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in document_spans(val.tokens))  # reload + windows
             if rt.any_rank(time.perf_counter() + predicted > deadline):
                 rt.log(f"diagnostic quantized_sliding_window skipped: predicted {predicted:.0f}s would end past "
                        f"EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f}")
             else:
                 del model  # the TTT-adapted weights
-                sliding(load_artifact_model(h, rt))
-    rt.log(f"total_eval_time:{time.perf_counter() - t0:.1f}s")
+                stage("sliding", lambda: sliding(load_artifact_model(h, rt)))
+    total = time.perf_counter() - t0
+    rt.log("eval_stages: " + " ".join(f"{k}:{v:.1f}s" for k, v in stages.items()) + f" total:{total:.1f}s" +
+           "".join(f" {k}:{stats[k]}" for k in ("ttt_docs", "fallback_docs") if k in stats))
+    rt.log(f"total_eval_time:{total:.1f}s")
     if rt.device.type == "cuda":
         rt.log(f"peak memory allocated (whole run): {torch.cuda.max_memory_allocated() // 2**20} MiB")
 

@@ -12,6 +12,8 @@ Per-target scores are recorded by instrumentation (Recorder): build_row + model.
 for the window paths, F.cross_entropy inside ttt_batch for TTT (target positions from the chunk
 arithmetic, checked against the targets the code used and against its (loss, count, bytes)
 sums). Every legality test also runs on a deliberately broken variant and must fail there."""
+import contextlib
+import inspect
 import math
 import time
 from collections import Counter, defaultdict
@@ -201,13 +203,15 @@ class Recorder:
         assert np.array_equal(y >= 0, expect), "build_row scores positions outside its windows' scored part"
 
     def _record_chunk(self, logits, target, ce):
-        """Chunk ci of document (s, n) scores targets s+ci*C+1 .. s+min((ci+1)*C, n)."""
+        """Chunk ci of document (s, n) scores targets s+ci*C+1 .. s+min((ci+1)*C, n). Rows are the
+        documents that have a chunk ci, in batch order; a lone one is followed by an unscored copy
+        (ttt_chunk), which _check_sums keeps out of the counts."""
         ctx, C = self._ttt, self.h.ttt_chunk_size
         ci = ctx["ci"]
         ctx["ci"] += 1
         active = [(s, n) for s, n in ctx["batch"] if ci * C < n]
-        ce, target = ce.view(len(active), -1), target.view(len(active), -1)
-        logits = logits.view(len(active), -1, logits.size(-1))
+        ce, target, logits = ce.view(-1, C), target.view(-1, C), logits.view(-1, C, logits.size(-1))
+        assert len(ce) == max(len(active), 2), "one row per document with a chunk ci (two for a lone one)"
         for r, (s, n) in enumerate(active):
             for i in range(ci * C, min((ci + 1) * C, n)):
                 k, j = i - ci * C, s + i + 1
@@ -499,7 +503,7 @@ def ttt_direct(monkeypatch, h, val, batch, variant=None, seed=7, lr=None, ce_var
     bank = tg.LoRABank(len(batch), len(sum(model.layer_plan(True), [])), h)
     if same_init:  # every document starts from the adapters of the first
         with torch.no_grad():
-            for a in bank.a:
+            for a in bank.a.values():
                 a.copy_(a[:1].expand_as(a))
     opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr if lr is None else lr, betas=(0.0, h.ttt_beta2),
                             eps=1e-10, weight_decay=h.ttt_weight_decay)
@@ -692,7 +696,7 @@ def test_head_logits_are_a_full_vocabulary_distribution(tmp_path):
     cu = torch.tensor([0, 24, 48], dtype=torch.int32)
     bank = tg.LoRABank(2, len(sum(model.layer_plan(True), [])), h)
     with torch.no_grad():
-        for b in bank.b:
+        for b in bank.b.values():
             b.normal_(generator=g)
         _, head = bank.select(torch.tensor([1, 0]))
         hid = model.hidden(ids, cu, 24)
@@ -756,7 +760,7 @@ def test_ttt_scores_sum_to_one_over_the_vocabulary(tmp_path, monkeypatch, varian
         for group in range(0, V, 8):
             batch = [(t, C + 1) for t in starts[group:group + 8]]  # chunk 1 scores only the value v
             rec, bank = ttt_direct(monkeypatch, h, copies, batch, ce_variant=ce, same_init=True)
-            assert bank.b[-1].abs().max() > 0  # the head adapter was trained before chunk 1
+            assert bank.b["head"].abs().max() > 0  # the head adapter was trained before chunk 1
             scores = rec.scores()
             assert len({scores[t + 1] for t, _ in batch}) == 1  # the copies are identical up to v
             total += sum(math.exp(-scores[t + C + 1]) for t, _ in batch)
@@ -795,7 +799,7 @@ def test_scored_losses_are_log_softmax_of_the_full_vocabulary(tmp_path, monkeypa
 def reset_keeping_b(self, warm_a):
     """A reset that forgets to zero B: the next batch starts from the previous batch's adapters."""
     with torch.no_grad():
-        for a in self.a:
+        for a in self.a.values():
             if not warm_a:
                 a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5)
 
@@ -830,7 +834,7 @@ def test_fresh_or_reset_lora_bank_is_the_eval_forward(tmp_path, monkeypatch, var
 
     same()  # fresh: B is created zero
     with torch.no_grad():  # as after TTT steps on a batch
-        for a, b in zip(bank.a, bank.b):
+        for a, b in zip(bank.a.values(), bank.b.values()):
             a.normal_(generator=g)
             b.normal_(generator=g)
     for warm_a in (True, False):
@@ -935,3 +939,73 @@ def test_phased_ttt_with_fewer_ttt_documents_than_phases(tmp_path, monkeypatch, 
     val = make_val(lengths)
     rec, out = run_phased(monkeypatch, h, val)
     assert_single_pass(rec, out, val)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. The TTT warm-up (compiles TTT's graphs inside the eval timer): no val data, nothing kept
+# ---------------------------------------------------------------------------------------
+
+
+def test_ttt_warmup_reads_no_val_data_and_leaves_the_model_bit_identical(tmp_path, monkeypatch):
+    """It is given no val set (only its own random tokens), runs a TTT step and a global SGD
+    step that does move the base weights, and leaves every weight, buffer and the RNG as they
+    were."""
+    assert list(inspect.signature(tg.ttt_warmup).parameters) == ["model", "h", "rt"]
+    h = make_h(tmp_path)
+    val = make_val()
+    model = make_model(h)
+    rt = tg.Runtime(h)  # seeds the RNG
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    seen, moved, stepped = [], [], []
+
+    def ttt(model_, batch, val_, bank, opt, h_, sums):
+        seen.append(val_.tokens)
+        REAL.ttt_batch(model_, batch, val_, bank, opt, h_, sums)
+        stepped.append(bool(opt.state))
+
+    def sgd(model_, stream, h_, rt_):
+        seen.append(stream)
+        REAL.global_sgd(model_, stream, h_, rt_)
+        moved.append(any(not torch.equal(v, before[k]) for k, v in model_.state_dict().items()))
+
+    monkeypatch.setattr(tg, "ttt_batch", ttt)
+    monkeypatch.setattr(tg, "global_sgd", sgd)
+    tg.ttt_warmup(model, h, rt)
+    assert stepped == [True] and moved == [True]  # not vacuous
+    assert not any(np.shares_memory(t, val.tokens) for t in seen)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "the warm-up changed the model"
+    assert torch.equal(torch.get_rng_state(), rng), "the warm-up changed the RNG"
+
+
+def rng_not_restored(**kwargs):
+    """A warm-up whose LoRA draws use up the RNG that phased TTT's adapters draw from next."""
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("variant", ["correct", "rng_not_restored"])
+def test_phased_ttt_after_the_warmup_is_phased_ttt_without_it(tmp_path, monkeypatch, variant):
+    """The warm-up carries nothing into the score: phased TTT after it scores every target
+    exactly as phased TTT alone (weights, adapter draws, optimizer states)."""
+    h = make_h(tmp_path)
+    val = make_val()
+    if variant == "rng_not_restored":
+        monkeypatch.setattr(torch.random, "fork_rng", rng_not_restored)
+
+    def run(warm):
+        model = make_model(h)
+        rt = tg.Runtime(h)
+        torch.manual_seed(1234)
+        if warm:
+            tg.ttt_warmup(model, h, rt)
+        rec = Recorder(monkeypatch, model, val, h)
+        out = tg.phased_ttt(model, h, rt, val, math.inf)
+        assert_single_pass(rec, out, val)
+        return rec.scores(), out
+
+    def same():
+        (warm, out_warm), (cold, out_cold) = run(True), run(False)  # the warm-up before any Recorder
+        moved = sorted(j for j in cold if warm[j] != cold[j])
+        assert not moved and out_warm == out_cold, f"the warm-up changed the scores of targets {moved[:12]}"
+    check(variant, same, "the warm-up changed")

@@ -156,3 +156,55 @@ def test_compiled_step_has_no_graph_break_or_recompile():
     tg.use_attention_backend("sdpa", torch.device("cuda"))
     assert not dyn.counters["graph_break"], dict(dyn.counters["graph_break"])
     assert dyn.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path):
+    """Phased TTT on the compiled model in the eval's order (diagnostic, warm-up on random tokens,
+    TTT) at the record's TTT settings, under fail_on_recompile: chunks of 1 to 64 documents in
+    windows of 64 to 2048 tokens, global SGD and the leftovers' windows compile nothing after the
+    warm-up and break no graph, and the score matches eager TTT's. Prints both times (-s)."""
+    import math
+    import time
+
+    import numpy as np
+    import torch._dynamo.utils as dyn
+
+    h = tg.Hyperparameters(vocab_size=512, log_dir=str(tmp_path), run_id="ttt", ttt_max_doc_tokens=4000,
+                           phased_ttt_prefix_docs=96)
+    tg.use_attention_backend("auto", torch.device("cuda"))
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(6.2, 1.0, 200), 20, 6000).astype(int)  # FineWeb-like: median ~500
+    tokens = np.concatenate([np.r_[tg.BOS_ID, rng.integers(2, 512, n - 1)] for n in lengths]).astype(np.uint16)
+    val = tg.ValSet(tokens, np.ones(len(tokens), dtype=np.int64))
+    torch._dynamo.reset()
+    dyn.counters.clear()
+    scores, seconds = {}, {}
+    for compiled in (False, True):
+        torch.manual_seed(1)
+        model = tg.GPT(h)
+        with torch.no_grad():  # leave the zero-init state so every block contributes
+            for p in model.parameters():
+                if p.role == "matrix":
+                    p.add_(torch.randn_like(p) * 0.02)
+        rt = tg.Runtime(h)
+        rt.compile = compiled
+        model = rt.place(model)
+        tg.eval_val(model, h, rt, val)  # evaluate_artifact's diagnostic: the eval graphs
+        with tg.ttt_compile_mode(h, rt):
+            t0 = time.perf_counter()
+            if compiled:
+                tg.ttt_warmup(model, h, rt)
+                graphs = dyn.counters["stats"]["unique_graphs"]
+            t1 = time.perf_counter()
+            torch.manual_seed(1234)
+            with torch.compiler.set_stance("fail_on_recompile" if compiled else "default"):
+                scores[compiled] = tg.phased_ttt(model, h, rt, val, math.inf)
+            torch.cuda.synchronize()
+            seconds[compiled] = (t1 - t0, time.perf_counter() - t1)
+    tg.use_attention_backend("sdpa", torch.device("cuda"))
+    print(f"phased TTT on {len(lengths)} documents: eager {seconds[False][1]:.1f}s, compiled {seconds[True][1]:.1f}s "
+          f"after a {seconds[True][0]:.1f}s warm-up; val_loss eager {scores[False][0]:.5f} compiled {scores[True][0]:.5f}")
+    assert not dyn.counters["graph_break"], dict(dyn.counters["graph_break"])
+    assert dyn.counters["stats"]["unique_graphs"] == graphs
+    assert scores[True][2] == scores[False][2] == len(tokens) - 1
+    assert abs(scores[True][0] - scores[False][0]) < 1e-2 * scores[False][0]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from helpers_train import final_val, make_model, run_script, script_env, tiny_dataset, tiny_h, train_losses
+from helpers_train import final_val, parse_train_log, make_model, run_script, script_env, tiny_dataset, tiny_h, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +192,19 @@ def test_two_ranks_evaluate_like_one(eval_runs):
         assert a[3] == b[3], label  # scored targets
         tol = 5e-4 if label == "quantized_ttt_phased" else 1e-6  # TTT gains 0.014 bpb here
         assert b[1] == pytest.approx(a[1], abs=tol) and b[2] == pytest.approx(a[2], abs=tol), (label, a, b)
+
+
+def test_eval_stages_line_on_one_and_two_ranks(eval_runs):
+    """`eval_stages:` names each stage that ran (no TTT warm-up: nothing is compiled on the CPU) with
+    its seconds, and the documents TTT and the windows scored, over all ranks."""
+    for name, out in eval_runs.items():
+        r = parse_train_log(out)
+        stages, ttt = r["eval_stages"], r["ttt"]
+        ran = ["ttt", "leftover", "sliding", "total", "ttt_docs", "fallback_docs"] if ttt else ["sliding", "total"]
+        assert list(stages) == ["load", "quantized", *ran], (name, stages)
+        assert stages["total"] == r["total_eval_s"]
+        if ttt:
+            assert (stages["ttt_docs"], stages["fallback_docs"]) == (ttt["ttt_docs"], ttt["long_docs_sliding"]), name
 
 
 def test_bench_mode_times_both_loop_phases_and_skips_gptq_and_eval(tmp_path_factory, data):

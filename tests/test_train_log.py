@@ -53,13 +53,15 @@ def test_synthetic_full_log_with_extra_fields():
     assert r["runtime"] == dict(line="torch 2.9.1+cu128 cuda 12.8 gpu NVIDIA H100 80GB HBM3 x 8", torch="2.9.1+cu128",
                                 cuda="12.8", gpu="NVIDIA H100 80GB HBM3", gpus=8)
     assert r["gptq_s"] == 8.4 and r["train_plus_gptq_s"] == 596.4
+    assert r["eval_stages"] == dict(load=0.7, quantized=2.6, ttt_warmup=41.3, ttt=340.2, leftover=15.0, total=480.0,
+                                    ttt_docs=49990, fallback_docs=10)
 
 
 def test_final_score_falls_back_to_sliding_then_quantized():
     r = parse_train_log(make_log(ttt=False, final_loss=2.9, final_bpb=1.1))
     assert (r["final_stage"], r["final_loss"], r["ttt"], r["ttt_loss"]) == ("sliding", 2.9, None, None)
     r = parse_train_log(make_log(ttt=False, sliding=False, final_loss=2.9, final_bpb=1.1))
-    assert r["final_stage"] == "quantized" and r["final_bpb"] == 1.12
+    assert r["final_stage"] == "quantized" and r["final_bpb"] == 1.12 and r["eval_stages"] is None
 
 
 def test_crashed_run_and_stdout_capture():

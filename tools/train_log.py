@@ -40,6 +40,8 @@ Keys (None when absent unless said otherwise):
   artifact_bytes, code_bytes (the counted, compressed code), code_bytes_uncompressed, total_bytes
   over_cap          bool: the "!!! OVER THE CAP" line was logged
   total_eval_s, peak_mem_mib (whole run, else training), train_peak_mem_mib
+  eval_stages       {name: value} from `eval_stages: load:0.9s quantized:2.6s ... total:339.1s ttt_docs:N
+                    fallback_docs:M`: seconds (float) per evaluation stage, document counts (int)
   ttt               {total_docs, ttt_docs, long_docs_sliding, prefix_docs, num_phases, boundaries,
                      batches, batches_logged, phases_done, phases_skipped, leftover_docs,
                      leftover_past_deadline, phases: [{phase, scored_docs (pd), sgd_docs (gd)}]}
@@ -95,6 +97,7 @@ CODE_RAW_LINE = re.compile(r"^Code size \(uncompressed\): (\d+) bytes", re.M)
 CODE_LINE = re.compile(r"^Code size \(compressed\): (\d+) bytes", re.M)
 TOTAL_LINE = re.compile(r"^Total submission size \S+: (\d+) bytes", re.M)
 OVER_CAP_LINE = re.compile(r"^!!! OVER THE CAP", re.M)
+EVAL_STAGES_LINE = re.compile(r"^eval_stages: (.*)$", re.M)
 EVAL_TOTAL_LINE = re.compile(r"^total_eval_time: ?" + NUM + "s", re.M)
 PEAK_RUN_LINE = re.compile(r"^peak memory allocated \(whole run\): (\d+) MiB", re.M)
 PEAK_TRAIN_LINE = re.compile(r"^peak memory allocated: (\d+) MiB", re.M)
@@ -284,6 +287,9 @@ def parse_train_log(text: str) -> dict:
     r["over_cap"] = bool(OVER_CAP_LINE.search(body))
     m = _last(EVAL_TOTAL_LINE, body)
     r["total_eval_s"] = _num(m and m[1])
+    m = _last(EVAL_STAGES_LINE, body)
+    r["eval_stages"] = m and {k: float(v[:-1]) if v.endswith("s") else int(v)
+                              for k, v in (f.split(":", 1) for f in m[1].split())}
     m_run, m_train = _last(PEAK_RUN_LINE, body), _last(PEAK_TRAIN_LINE, body)
     r["train_peak_mem_mib"] = _int(m_train and m_train[1])
     r["peak_mem_mib"] = _int(m_run[1]) if m_run else r["train_peak_mem_mib"]

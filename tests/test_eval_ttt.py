@@ -1,0 +1,275 @@
+"""Phased TTT's pieces (train_gpt.py): ttt_plan (the schedule), ttt_chunk (a chunk's host arrays),
+LoRABank's adapters by name, and TTT through the compiled block graphs on the CPU: after the
+warm-up (random tokens) no chunk shape compiles anything, and the scores are the eager ones.
+The legality of the whole (every target once, score before update) is tests/test_eval_legality.py."""
+import functools
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from test_eval_legality import V, make_h, make_model, make_val
+
+
+@pytest.fixture(autouse=True)
+def _cpu_env():
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_spans(rng, n_docs, longest):
+    lengths = rng.integers(1, longest, n_docs)
+    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    return [(int(s), int(n)) for s, n in zip(starts, lengths)]
+
+
+# ---------------------------------------------------------------------------------------
+# ttt_plan
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("trial", range(6))
+def test_ttt_plan_partitions_the_documents(tmp_path, world_size, trial):
+    """TTT documents longest first in full batches (the last may be short), dealt round-robin;
+    the long ones split over ranks; phase boundaries distinct, positive and within the prefix."""
+    rng = np.random.default_rng(trial)
+    spans = random_spans(rng, int(rng.integers(0, 60)), 90)
+    h = make_h(tmp_path, ttt_batch_size=int(rng.integers(1, 9)), ttt_max_doc_tokens=int(rng.integers(1, 100)),
+               phased_ttt_prefix_docs=int(rng.integers(0, 70)), phased_ttt_num_phases=int(rng.integers(0, 6)))
+    plans = [tg.ttt_plan(spans, h, r, world_size) for r in range(world_size)]
+    p = plans[0]
+    short = [sp for sp in spans if sp[1] <= h.ttt_max_doc_tokens]
+    assert p.docs == sorted(short, key=lambda sp: (-sp[1], sp[0]))
+    assert sum(p.batches, []) == p.docs
+    assert all(len(b) == h.ttt_batch_size for b in p.batches[:-1]) and all(p.batches)
+    for q in plans:  # the same schedule on every rank
+        assert (q.docs, q.batches, q.boundaries) == (p.docs, p.batches, p.boundaries)
+    runs = Counter(bi for q in plans for bi, m in enumerate(q.mine) if m)
+    assert runs == Counter(range(len(p.batches))), "every batch runs on exactly one rank"
+    assert all(q.mine[bi] == (bi % world_size == r) for r, q in enumerate(plans) for bi in range(len(q.batches)))
+    left = [sp for q in plans for sp in q.leftover]
+    assert sorted(left) == sorted(sp for sp in spans if sp[1] > h.ttt_max_doc_tokens), "long documents once each"
+    prefix = min(h.phased_ttt_prefix_docs, len(p.docs))
+    b = p.boundaries
+    assert b == sorted(set(b)) and all(0 < x <= prefix for x in b) and len(b) <= h.phased_ttt_num_phases
+    assert (b[-1] == prefix) if prefix and h.phased_ttt_num_phases else not b
+
+
+def test_ttt_plan_of_the_legality_stream(tmp_path):
+    val = make_val()
+    plan = tg.ttt_plan(tg.document_spans(val.tokens), make_h(tmp_path), 1, 2)
+    assert [[n for _, n in b] for b in plan.batches] == [[40, 37, 33], [30, 25, 20], [16, 12, 9], [5, 3, 1]]  # the last document has one target less
+    assert plan.mine == [False, True, False, True] and plan.boundaries == [2, 4]
+    assert [n for _, n in plan.leftover] == [70]  # 45 is rank 0's
+
+
+# ---------------------------------------------------------------------------------------
+# ttt_chunk
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("C, W", [(4, 16), (5, 12), (48, 130), (7, 7)])
+def test_ttt_chunk_rows_windows_and_weights(C, W):
+    """Each document's chunk ci: targets ci*C+1.., their inputs at `pos` in a row that holds the
+    document's last <= W tokens up to the chunk's end (nothing later, nothing of another
+    document); every target valid once over the chunks; training weights the chunk's mean for a
+    document with a later chunk; a lone document gets an unscored copy of its row."""
+    val = make_val((12, 45, 30, 3, 1, 40, 20, 70, 9, 25, 16, 37, 33, 6, 300))
+    spans = tg.document_spans(val.tokens)
+    batch = [spans[i] for i in (14, 1, 3, 7, 4, 11)]  # not sorted: ttt_chunk must not rely on it
+    scored = Counter()
+    for ci in range(max(-(-n // C) for _, n in batch)):
+        ch = tg.ttt_chunk(val, batch, ci, C, W)
+        active = [b for b, (_, n) in enumerate(batch) if ci * C < n]
+        assert list(ch.rows) == (active * 2 if len(active) == 1 else active)
+        R, T = ch.x.shape
+        assert T % 64 == 0 and ch.pos.shape == ch.targets.shape == ch.valid.shape == ch.weight.shape == (R, C)
+        for r, b in enumerate(ch.rows):
+            s, n = batch[b]
+            e = min((ci + 1) * C, n)
+            w0, k = max(0, e - W), e - ci * C
+            assert np.array_equal(ch.x[r, :e - w0], val.tokens[s + w0:s + e]) and not ch.x[r, e - w0:].any()
+            assert tg.BOS_ID not in ch.x[r, 1:e - w0]
+            # the input at pos of target j is token j-1, and the row ends at the chunk's last input
+            assert np.array_equal(ch.x[r, ch.pos[r, :k]], val.tokens[s + ci * C:s + e])
+            if r >= len(active):  # the lone document's copy
+                assert not (ch.valid[r].any() or ch.weight[r].any() or ch.nbytes[r].any())
+                continue
+            assert np.array_equal(ch.targets[r, :k], val.tokens[s + ci * C + 1:s + e + 1])
+            assert np.array_equal(ch.valid[r], np.arange(C) < k)
+            assert np.array_equal(ch.nbytes[r, :k], val.target_bytes[s + ci * C + 1:s + e + 1])
+            assert not ch.nbytes[r, k:].any()
+            assert ch.weight[r].sum() == pytest.approx(1.0 if e < n else 0.0)
+            assert np.all(ch.weight[r][k:] == 0)
+            scored.update(range(s + ci * C + 1, s + e + 1))
+    assert scored == Counter(j for s, n in batch for j in range(s + 1, s + n + 1)), "every target once"
+
+
+# ---------------------------------------------------------------------------------------
+# LoRABank: adapters by name
+# ---------------------------------------------------------------------------------------
+
+
+def test_lora_bank_selects_adapters_by_name(tmp_path):
+    h = make_h(tmp_path)
+    model = make_model(h)
+    n_slots = len(sum(model.layer_plan(True), []))
+    bank = tg.LoRABank(3, n_slots, h)
+    with torch.no_grad():
+        for b in bank.b.values():
+            b.normal_()
+    idx = torch.tensor([2, 0])
+    slots, head = bank.select(idx)
+    d, r, kv = h.model_dim, h.ttt_lora_rank, h.num_kv_heads * h.model_dim // h.num_heads
+    outs = dict(q=d, k=kv, v=kv, o=d, mlp=d)
+    assert len(slots) == n_slots
+    for s, ad in enumerate(slots):
+        assert isinstance(ad, tg.Adapters) and ad.attn == (ad.q, ad.k, ad.v, ad.o)
+        for name in tg.Adapters._fields:
+            a, b = getattr(ad, name)
+            assert a.shape == (2, r, d) and b.shape == (2, outs[name], r)
+            assert torch.equal(a, bank.a[f"{s}_{name}"][idx])
+            assert torch.equal(b, bank.b[f"{s}_{name}"][idx] * h.ttt_lora_alpha / r)
+    assert head[1].shape == (2, V, r) and torch.equal(head[0], bank.a["head"][idx])
+    # every named adapter is wired into the forward: its B alone moves the hidden states
+    ids = torch.randint(4, V, (2, 24), generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, 24, 48], dtype=torch.int32)
+    with torch.no_grad():
+        base = model.hidden(ids, cu, 24)
+        for name in tg.Adapters._fields:
+            bank.reset(warm_a=True)
+            bank.b[f"0_{name}"].normal_()
+            assert not torch.equal(model.hidden(ids, cu, 24, bank.select(idx)[0]), base), name
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled TTT: one graph per block for every chunk shape
+# ---------------------------------------------------------------------------------------
+
+
+def dense_attention(q, k, v, cu_seqlens, max_len, window, bound):
+    """SDPA with one mask over the row built from cu_seqlens on the device: the reference SDPA
+    path reads cu_seqlens on the host (a graph break per block, and shapes the compiled code would
+    specialize on); this one traces like the GPU's attention ops."""
+    pos = torch.arange(q.size(0), device=q.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), pos, right=True)
+    delta = pos[:, None] - pos[None, :]
+    mask = (seq[:, None] == seq[None, :]) & (delta >= 0)
+    if window is not None:
+        mask &= delta <= window
+    groups = q.size(1) // k.size(1)
+    q, k, v = (t.transpose(0, 1) for t in (q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1)
+
+
+# Chunks of 32 in windows of up to 192: rows of 64, 128 and 192 tokens, 1 to 3 documents (a lone
+# one padded to 2), and long documents (> 260 targets) left to the windows. CPU inductor guards
+# the row length at 256 (its C++ reductions), so windows stay below that here.
+COMPILED = dict(ttt_chunk_size=32, ttt_eval_seq_len=192, ttt_max_doc_tokens=260, eval_seq_len=64,
+                val_batch_tokens=128, global_ttt_chunk_tokens=128, global_ttt_seq_len=64, phased_ttt_prefix_docs=4)
+COMPILED_LENGTHS = (200, 37, 150, 300, 95, 12, 64, 130, 5, 40)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path, monkeypatch, backend):
+    """The evaluation's order on a compiled model: the quantized diagnostic, the TTT warm-up on
+    random tokens, then phased TTT (chunks of every shape, global SGD, the leftovers' windows)
+    under fail_on_recompile: nothing compiles after the warm-up, no graph breaks, and the score
+    equals the eager model's."""
+    import torch._dynamo.utils as dyn
+
+    h = make_h(tmp_path, **COMPILED)
+    val = make_val(COMPILED_LENGTHS)
+    monkeypatch.setattr(tg, "attention", dense_attention)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    torch._dynamo.reset()
+    dyn.counters.clear()
+    scores = {}
+    try:
+        for compiled in (False, True):
+            model = make_model(h)
+            rt = tg.Runtime(h)
+            rt.compile = compiled
+            if compiled:
+                model.compile_regions()
+            tg.eval_val(model, h, rt, val)  # evaluate_artifact's diagnostic: the eval graphs
+            with tg.ttt_compile_mode(h, rt):
+                if compiled:
+                    tg.ttt_warmup(model, h, rt)
+                    graphs = dyn.counters["stats"]["unique_graphs"]
+                torch.manual_seed(1234)
+                with torch.compiler.set_stance("fail_on_recompile" if compiled else "default"):
+                    scores[compiled] = tg.phased_ttt(model, h, rt, val, math.inf)
+    finally:
+        torch._dynamo.reset()
+    assert not dyn.counters["graph_break"], dict(dyn.counters["graph_break"])
+    assert dyn.counters["stats"]["unique_graphs"] == graphs
+    assert scores[True][2] == scores[False][2] == len(val.tokens) - 1
+    assert scores[True][0] == pytest.approx(scores[False][0], rel=1e-4)
+
+
+def test_ttt_compile_mode(tmp_path):
+    """TTT_COMPILE=1: the dynamic sources while TTT runs (and only then); 0: eager; no compiled
+    model: nothing changes."""
+    import torch._dynamo.eval_frame as ef
+
+    rt = tg.Runtime(make_h(tmp_path))
+    before = torch.compiler.config.dynamic_sources
+    for compiled, ttt_compile, sources, stance in ((True, True, tg.TTT_DYNAMIC_SOURCES, "default"),
+                                                   (True, False, before, "force_eager"),
+                                                   (False, True, before, "default")):
+        rt.compile = compiled
+        with tg.ttt_compile_mode(make_h(tmp_path, ttt_compile=ttt_compile), rt):
+            assert (torch.compiler.config.dynamic_sources, ef._stance.stance) == (sources, stance)
+        assert (torch.compiler.config.dynamic_sources, ef._stance.stance) == (before, "default")
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate_artifact: the warm-up inside the timer, one line of stage times
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ttt_compile", [True, False])
+def test_evaluate_artifact_warms_up_before_ttt_and_logs_each_stage(tmp_path, monkeypatch, ttt_compile):
+    """On a compiled run: load, quantized diagnostic, TTT warm-up (TTT_COMPILE=1) and phased TTT
+    under ttt_compile_mode, then the sliding diagnostic on a reload; `eval_stages:` gives each
+    stage's seconds and the documents scored by TTT and by windows."""
+    import torch._dynamo.eval_frame as ef
+
+    from helpers_train import parse_train_log
+
+    h = make_h(tmp_path, ttt_compile=ttt_compile)
+    val = make_val()
+    rt = tg.Runtime(h)
+    rt.compile = True  # the model is not compiled: only the modes around TTT are checked
+    calls = []
+
+    def spy(name, fn):
+        def call(*args, **kwargs):
+            calls.append((name, torch.compiler.config.dynamic_sources, ef._stance.stance))
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(tg, name, call)
+
+    monkeypatch.setattr(tg, "load_artifact_model", lambda h_, rt_: calls.append(("load", "", "")) or make_model(h_))
+    for name in ("eval_val", "ttt_warmup", "phased_ttt"):
+        spy(name, getattr(tg, name))
+    tg.evaluate_artifact(h, rt, val)
+    mode = (tg.TTT_DYNAMIC_SOURCES, "default") if ttt_compile else ("", "force_eager")
+    expect = [("load", "", ""), ("eval_val", "", "default")] + [("ttt_warmup", *mode)] * ttt_compile + \
+        [("phased_ttt", *mode), ("load", "", ""), ("eval_val", "", "default")]
+    assert calls == expect
+    r = parse_train_log((tmp_path / "logs" / "legality.txt").read_text())
+    stages = r["eval_stages"]
+    assert list(stages) == ["load", "quantized"] + ["ttt_warmup"] * ttt_compile + \
+        ["ttt", "leftover", "sliding", "total", "ttt_docs", "fallback_docs"]
+    assert stages["ttt_docs"] + stages["fallback_docs"] == r["ttt"]["total_docs"] == len(tg.document_spans(val.tokens))
+    assert stages["fallback_docs"] == r["ttt"]["leftover_docs"] == r["ttt"]["long_docs_sliding"] == 2
+    seconds = [v for k, v in stages.items() if k not in ("total", "ttt_docs", "fallback_docs")]
+    assert min(seconds) >= 0 and sum(seconds) <= stages["total"] + 0.5 and stages["total"] == r["total_eval_s"]
