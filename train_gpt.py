@@ -2406,10 +2406,7 @@ def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
             with autocast:
                 loss = model(*packed_batch(piece, h.global_ttt_seq_len, rt.device))
             loss.backward()
-            all_reduce_grads(params, rt)
-            torch.nn.utils.clip_grad_norm_(params, h.global_ttt_grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step([opt], params, rt, h.global_ttt_grad_clip)
     for p in params:
         p.requires_grad_(False)
 
