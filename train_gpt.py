@@ -2266,6 +2266,35 @@ def build_row(val: ValSet, row, row_tokens):
     return x, y, b, np.array(starts + [row_tokens], dtype=np.int32)
 
 
+class TTTChunk(NamedTuple):
+    rows: np.ndarray  # [R] documents (batch indices)
+    x: np.ndarray  # [R, T] each one's last <= TTT_EVAL_SEQ_LEN tokens up to the chunk's end
+    pos: np.ndarray  # [R, C] where the chunk's targets are predicted in the row
+    targets: np.ndarray  # [R, C]
+    valid: np.ndarray  # [R, C] 1 = scored
+    weight: np.ndarray  # [R, C] the training loss: the chunk's mean, for documents with a later chunk
+    nbytes: np.ndarray  # [R, C]
+
+
+def ttt_chunk(val: ValSet, batch, ci, C, W) -> TTTChunk:
+    """Chunk ci (targets ci*C+1 .. (ci+1)*C) of the documents of a TTT batch that have one, on the
+    host. A lone document's row gets an unscored, untrained copy: a batch of 1 would specialize
+    the compiled graphs (0/1 specialization) and recompile them."""
+    active = [b for b, (_, n) in enumerate(batch) if ci * C < n]
+    rows = active * 2 if len(active) == 1 else active
+    ends = [min((ci + 1) * C, batch[b][1]) for b in rows]
+    T = -(-max(min(e, W) for e in ends) // 64) * 64  # whole 64-token tiles
+    x, pos, targets, nbytes = (np.zeros((len(rows), n), dtype=np.int64) for n in (T, C, C, C))
+    valid, weight = (np.zeros((len(rows), C), dtype=np.float32) for _ in range(2))
+    for r, (b, e) in enumerate(zip(rows, ends)):
+        (s, n), w0, k = batch[b], max(0, e - W), e - ci * C
+        x[r, :e - w0], pos[r, :k] = val.tokens[s + w0:s + e], np.arange(ci * C - w0, e - w0)
+        if r < len(active):
+            targets[r, :k], nbytes[r, :k] = val.tokens[s + ci * C + 1:s + e + 1], val.target_bytes[s + ci * C + 1:s + e + 1]
+            valid[r, :k], weight[r, :k] = 1.0, 1.0 / k if e < n else 0.0
+    return TTTChunk(np.array(rows, dtype=np.int64), x, pos, targets, valid, weight, nbytes)
+
+
 @torch.no_grad()
 def eval_windows(model, h: Hyperparameters, rt: Runtime, val: ValSet, windows, split_ranks=True):
     """Sum of (loss nats, scored targets, bytes) over the windows; rows are split over ranks
@@ -2332,35 +2361,6 @@ class LoRABank(nn.Module):
         """(per-slot Adapters, head adapter) of the documents idx."""
         slots = [Adapters(*(self.adapter(f"{s}_{name}", idx) for name in Adapters._fields)) for s in range(self.n_slots)]
         return slots, self.adapter("head", idx)
-
-
-class TTTChunk(NamedTuple):
-    rows: np.ndarray  # [R] documents (batch indices)
-    x: np.ndarray  # [R, T] each one's last <= TTT_EVAL_SEQ_LEN tokens up to the chunk's end
-    pos: np.ndarray  # [R, C] where the chunk's targets are predicted in the row
-    targets: np.ndarray  # [R, C]
-    valid: np.ndarray  # [R, C] 1 = scored
-    weight: np.ndarray  # [R, C] the training loss: the chunk's mean, for documents with a later chunk
-    nbytes: np.ndarray  # [R, C]
-
-
-def ttt_chunk(val: ValSet, batch, ci, C, W) -> TTTChunk:
-    """Chunk ci (targets ci*C+1 .. (ci+1)*C) of the documents of a TTT batch that have one, on the
-    host. A lone document's row gets an unscored, untrained copy: a batch of 1 would specialize
-    the compiled graphs (0/1 specialization) and recompile them."""
-    active = [b for b, (_, n) in enumerate(batch) if ci * C < n]
-    rows = active * 2 if len(active) == 1 else active
-    ends = [min((ci + 1) * C, batch[b][1]) for b in rows]
-    T = -(-max(min(e, W) for e in ends) // 64) * 64  # whole 64-token tiles
-    x, pos, targets, nbytes = (np.zeros((len(rows), n), dtype=np.int64) for n in (T, C, C, C))
-    valid, weight = (np.zeros((len(rows), C), dtype=np.float32) for _ in range(2))
-    for r, (b, e) in enumerate(zip(rows, ends)):
-        (s, n), w0, k = batch[b], max(0, e - W), e - ci * C
-        x[r, :e - w0], pos[r, :k] = val.tokens[s + w0:s + e], np.arange(ci * C - w0, e - w0)
-        if r < len(active):
-            targets[r, :k], nbytes[r, :k] = val.tokens[s + ci * C + 1:s + e + 1], val.target_bytes[s + ci * C + 1:s + e + 1]
-            valid[r, :k], weight[r, :k] = 1.0, 1.0 / k if e < n else 0.0
-    return TTTChunk(np.array(rows, dtype=np.int64), x, pos, targets, valid, weight, nbytes)
 
 
 def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums):
@@ -2436,13 +2436,13 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     """Phased TTT (LEAD, SPEC 5.3) run by ttt_plan: documents up to TTT_MAX_DOC_TOKENS targets,
     longest first, in batches dealt round-robin to ranks, get per-document LoRA TTT; after the
     first b_k documents are scored (b_k = PREFIX*k/PHASES) the base model takes a global SGD pass
-    over exactly those.
-    Longer documents, and every batch not started in time, are scored by windows on the adapted
-    base model at the end: every target is still scored exactly once. A batch or phase starts only
-    if it and then disjoint windows (the cheapest legal scoring) over this rank's unscored documents
-    are predicted to end by the deadline, at token_s seconds per window token (measured by the
-    disjoint eval); the leftovers get sliding windows if those are predicted to fit. stats (if
-    given) gets the documents TTT scored and those left to windows (all ranks), and the windows' seconds."""
+    over exactly those. Longer documents, and every batch not started in time, are scored by
+    windows on the adapted base model at the end: every target is still scored exactly once. A
+    batch or phase starts only if it and then disjoint windows (the cheapest legal scoring) over
+    this rank's unscored documents are predicted to end by the deadline, at token_s seconds per
+    window token (measured by the disjoint eval); the leftovers get sliding windows if those are
+    predicted to fit. stats, if given, gets the documents scored by TTT and by windows (all
+    ranks) and the windows' seconds."""
     model.requires_grad_(False)
     spans = document_spans(val.tokens)
     plan = ttt_plan(spans, h, rt.rank, rt.world_size)

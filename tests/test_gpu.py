@@ -1,5 +1,6 @@
 """GPU-only checks (skipped without CUDA): the fused xIELU kernel and the attention backends
-against float64 / SDPA references. Run on the device: python3 -m pytest -q tests/test_gpu.py"""
+against float64 / SDPA references, compiled training and TTT without graph breaks or recompiles.
+Run on the device: python3 -m pytest -q tests/test_gpu.py"""
 import pytest
 import torch
 
