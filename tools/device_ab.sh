@@ -9,17 +9,7 @@
 # Example: bash tools/device_ab.sh start 0 fused=FUSED_MLP=1 unfused=FUSED_MLP=0
 set -u
 W=/tmp/ab
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-train_only() {  # name env...: train, then stop the process once training has ended
-  local name=$1; shift
-  (exec env RUN_ID=$name "$@" python3 train_gpt.py > $W/$name.log 2>&1) &
-  echo $! > $W/$name.pid
-  while alive $W/$name.pid; do
-    grep -q "^training:" $W/$name.log && { sleep 1; kill "$(cat $W/$name.pid)"; break; }
-    sleep 2
-  done
-  echo "$name done" >> $W/status
-}
+source "$(dirname "$0")/device_lib.sh"
 chain() {
   if [ "${SKIP_TEST_GPU:-0}" != 1 ]; then
     python3 -m pytest -q tests/test_gpu.py > $W/test_gpu.log 2>&1; echo "test_gpu exit $?" >> $W/status
@@ -28,7 +18,7 @@ chain() {
   for spec in "$@"; do
     local name=${spec%%=*} envs=${spec#*=}
     IFS=, read -r -a extra <<< "$envs"
-    train_only "$name" ITERATIONS=$steps ENABLE_LOOPING_AT=0.5 TRAIN_LOG_EVERY=1 MAX_WALLCLOCK_SECONDS=0 \
+    train_only "$name" . ITERATIONS=$steps ENABLE_LOOPING_AT=0.5 TRAIN_LOG_EVERY=1 MAX_WALLCLOCK_SECONDS=0 \
       GPTQ_RESERVE_SECONDS=0 "${extra[@]}"
   done
   if [ "${PROFILE:-0}" = 1 ]; then  # wall vs summed kernel time per step, without CUDA graphs

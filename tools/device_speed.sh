@@ -10,17 +10,7 @@
 set -u
 W=/tmp/speed
 root=$(pwd)
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-train_only() {  # name dir env...: train, then stop the process once training has ended (no GPTQ/eval)
-  local name=$1 dir=$2; shift 2
-  (cd "$dir" && exec env CUDA_VISIBLE_DEVICES=0 RUN_ID=$name "$@" python3 train_gpt.py > $W/$name.log 2>&1) &
-  echo $! > $W/$name.pid
-  while alive $W/$name.pid; do
-    grep -q "^training:" $W/$name.log && { sleep 2; kill "$(cat $W/$name.pid)"; break; }
-    sleep 2
-  done
-  echo "$name done" >> $W/status
-}
+source "$(dirname "$0")/device_lib.sh"
 gpu0_chain() {
   while alive /tmp/sbs/ours.pid; do sleep 3; done
   cp /tmp/sbs/ours.log $W/bench_proxy.log; echo "bench_proxy done" >> $W/status
@@ -28,8 +18,8 @@ gpu0_chain() {
   echo "test_gpu exit $?" >> $W/status
   same=(ITERATIONS=50 ENABLE_LOOPING_AT=0.5 TRAIN_LOG_EVERY=1 MAX_WALLCLOCK_SECONDS=0 GPTQ_RESERVE_SECONDS=0)
   mkdir -p $W/old && cp .bench/old_train_gpt.py $W/old/train_gpt.py
-  train_only math_old $W/old "${same[@]}"
-  train_only math_new "$root" "${same[@]}"
+  train_only math_old $W/old CUDA_VISIBLE_DEVICES=0 "${same[@]}"
+  train_only math_new "$root" CUDA_VISIBLE_DEVICES=0 "${same[@]}"
   env CUDA_VISIBLE_DEVICES=0 RUN_ID=bench_786k TRAIN_BATCH_TOKENS=786432 BENCH_STEPS=10 python3 train_gpt.py \
     > $W/bench_786k.log 2>&1; echo "bench_786k exit $?" >> $W/status
   env CUDA_VISIBLE_DEVICES=0 RUN_ID=bench_leaky MLP_ACT=leaky_relu2 BENCH_STEPS=30 python3 train_gpt.py \

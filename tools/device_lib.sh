@@ -1,0 +1,12 @@
+# Shell functions the device scripts share (source it; W = the folder for logs, pids and status).
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+train_only() {  # name dir env...: train in dir, then stop the process once training has ended (no GPTQ/eval)
+  local name=$1 dir=$2; shift 2
+  (cd "$dir" && exec env RUN_ID=$name "$@" python3 train_gpt.py > $W/$name.log 2>&1) &
+  echo $! > $W/$name.pid
+  while alive $W/$name.pid; do
+    grep -qs "^training:" $W/$name.log && { sleep 1; kill "$(cat $W/$name.pid)"; break; }
+    sleep 2
+  done
+  echo "$name done" >> $W/status
+}
