@@ -386,8 +386,11 @@ class Runtime:
         """True on every rank if `flag` is true on any: one decision that all ranks follow."""
         return bool(self.all_reduce(torch.tensor(float(flag), device=self.device), "max").item())
 
-    def close(self):
-        if self.distributed:
+    def close(self, ok=False):
+        """ok: every rank got here; else (an error) no barrier that the failed rank would never reach."""
+        if self.distributed and dist.is_initialized():
+            if ok:
+                dist.barrier()  # no rank tears gloo/NCCL down while another still uses it (a CPU CI abort)
             dist.destroy_process_group()
 
 
@@ -2681,13 +2684,15 @@ def main():
         rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         compile_s = compile_warmup(model, h, rt, train_files)
         if h.bench_steps > 0:
-            return benchmark(model, h, rt, train_files, compile_s)
+            benchmark(model, h, rt, train_files, compile_s)
+            return rt.close(ok=True)
         _, train_ms = train_model(model, h, rt, train_files, val, training_budget(model, h, rt, train_files), ckpt)
         qstate = quantize_model(model, h, rt, train_files, train_ms)
         timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, h, rt, val), rt)
         write_artifact(qstate, h, rt)
         del model, qstate
         evaluate_artifact(h, rt, val)
+        rt.close(ok=True)
     except ConfigError as e:
         fail(f"config error: {e}", 2)
     except (DataError, FileNotFoundError) as e:
