@@ -389,8 +389,8 @@ class Runtime:
     def close(self, ok=False):
         """ok: every rank got here; else (an error) no barrier that the failed rank would never reach."""
         if self.distributed and dist.is_initialized():
-            if ok:
-                dist.barrier()  # no rank tears gloo/NCCL down while another still uses it (a CPU CI abort)
+            if ok and dist.get_backend() == "gloo":
+                dist.barrier()  # no rank tears gloo down while another still uses it (an abort at exit in CPU CI)
             dist.destroy_process_group()
 
 
@@ -2517,8 +2517,10 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     rt.log(f"ttt_leftover: {len(leftover)} documents scored by {'sliding' if stride < h.eval_seq_len else 'disjoint'} "
            f"windows (too long, or past the deadline: {'yes' if stopped else 'no'})")
     if stats is not None:
+        rt.sync()
+        leftover_s = time.perf_counter() - t1  # this rank's, before waiting for the others in all_reduce
         n_docs = rt.all_reduce(torch.tensor([n_ttt, len(leftover)], device=rt.device))
-        stats.update(zip(("ttt_docs", "fallback_docs"), n_docs.tolist()), leftover_s=time.perf_counter() - t1)
+        stats.update(zip(("ttt_docs", "fallback_docs"), n_docs.tolist()), leftover_s=leftover_s)
     return summarize(sums, rt)
 
 
