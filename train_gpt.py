@@ -1159,6 +1159,10 @@ class GPT(nn.Module):
         torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
         pack = cu_seqlens, torch.tensor([max_seqlen], dtype=torch.int32)
         x0 = rms_norm(self.embed(ids, cu_seqlens))
+        if lora is not None:
+            # TTT: the frozen embedding would give the first block an input without grad, and a
+            # graph of its own (compiled graphs are specialized on requires_grad).
+            x0.requires_grad_()
         x = x0.clone()  # distinct from x0, else the first block compiles its own aliased graph
         enc, dec = self.layer_plan(looping)
         skips, lanes, loop_entries = [], None, 0

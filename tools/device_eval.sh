@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Eval timing and TTT variants on the device (issue 11), one chain of jobs per GPU, detached, so a
+# lease's calls can poll them (carry .bench, plus the folder of any artifact named; repo root):
+#   bash tools/device_eval.sh start GPU JOB...   returns at once; runs the JOBs in turn on GPU
+#   bash tools/device_eval.sh wait [S]           polls up to S s (default 540) until every chain has
+#        finished, prints each job's eval lines, copies logs (one tgz) and trained artifacts to $OUT
+# JOB is KIND:NAME[=ENV,ENV...]:
+#   train   train_gpt.py's full pipeline (proxy config: train, GPTQ, eval), artifact in $W/NAME.pgq
+#   eval    tools/eval_artifact.py --precompile --compile-times on the proxy val
+#   fweval  the same on a FineWeb-shaped rank's val (tools/eval_workload.py, 6,250 documents), with a
+#           timing stand-in artifact made from the untrained model (--make-artifact; scores mean nothing)
+# eval jobs read ARTIFACT_PATH from their ENV, e.g. ARTIFACT_PATH=/tmp/evaldev/base.pgq (a train job's).
+# Example: bash tools/device_eval.sh start 0 fweval:fw=EVAL_BUDGET_SECONDS=1200
+#          bash tools/device_eval.sh start 1 train:base
+set -u
+W=/tmp/evaldev
+source "$(dirname "$0")/device_lib.sh"
+job() {  # KIND:NAME[=ENV,...]
+  local kind=${1%%:*} rest=${1#*:}
+  local name=${rest%%=*} envs=""
+  [ "$rest" != "$name" ] && envs=${rest#*=}
+  local extra=(); [ -n "$envs" ] && IFS=, read -r -a extra <<< "$envs"
+  case $kind in
+  train) env RUN_ID=$name ARTIFACT_PATH=$W/$name.pgq "${extra[@]}" python3 train_gpt.py > $W/$name.log 2>&1 ;;
+  eval) env RUN_ID=$name "${extra[@]}" python3 tools/eval_artifact.py --precompile --compile-times > $W/$name.log 2>&1 ;;
+  fweval) env RUN_ID=$name DATA_PATH=/tmp/fwval ARTIFACT_PATH=$W/$name.timing GPTQ_CALIBRATION_TOKENS=262144 \
+            "${extra[@]}" python3 tools/eval_artifact.py --make-artifact --precompile --compile-times > $W/$name.log 2>&1 ;;
+  *) echo "unknown job kind $kind" > $W/$name.log; false ;;
+  esac
+  echo "$name exit $?" >> $W/status
+}
+chain() {
+  for j in "$@"; do job "$j"; done
+  echo "chain $CUDA_VISIBLE_DEVICES finished" >> $W/status
+}
+case "${1:-}" in
+start)
+  shift; gpu=$1; shift
+  mkdir -p $W
+  source .bench/device_prep.sh
+  if [[ "$*" == *fweval:* ]] && [ ! -f /tmp/fwval/fineweb_val_000000.bin ]; then
+    python3 tools/eval_workload.py "$DATA_PATH" /tmp/fwval --link-train > $W/workload.txt 2>&1
+  fi
+  export -f chain job; export W CUDA_VISIBLE_DEVICES=$gpu
+  echo "chain $gpu" >> $W/chains
+  setsid bash -c 'chain "$@"' chain "$@" > $W/chain$gpu.out 2>&1 < /dev/null &
+  echo "chain started on GPU $gpu: $*"
+  ;;
+wait)
+  end=$((SECONDS + ${2:-540}))
+  done_all() { [ "$(grep -c finished $W/status 2>/dev/null)" -ge "$(wc -l < $W/chains)" ]; }
+  while [ $SECONDS -lt $end ] && ! done_all; do sleep 5; done
+  cat $W/status 2>/dev/null
+  for f in $W/*.log; do
+    echo "== $(basename $f .log)"
+    grep -hE "^compile_warmup|^training:|val_bpb|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|Error|error" $f | tail -14
+  done
+  mkdir -p "${OUT:-/tmp/out}"
+  tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude='*.pgq' -C /tmp evaldev 2>/dev/null
+  cp $W/*.pgq "${OUT:-/tmp/out}/" 2>/dev/null
+  if done_all; then echo "all finished"; else echo "still running: call wait again"; fi
+  ;;
+*) echo "usage: device_eval.sh start GPU KIND:NAME[=ENV,...]... | wait [seconds]"; exit 2 ;;
+esac

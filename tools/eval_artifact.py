@@ -1,0 +1,93 @@
+"""Evaluate an artifact on its own (issue 11): train_gpt.py's scored evaluation (evaluate_artifact:
+load, quantized diagnostic, TTT warm-up, phased TTT, leftover windows), timed from reading the
+artifact, with no training. Same environment variables as train_gpt.py: ARTIFACT_PATH names the
+artifact, DATA_PATH the val shard (e.g. tools/eval_workload.py's FineWeb-shaped one).
+
+    python3 tools/eval_artifact.py [--make-artifact] [--precompile] [--compile-times] [--sgd-eager]
+
+--make-artifact  first write ARTIFACT_PATH from the untrained model (seeded init, GPTQ on train
+               shards in DATA_PATH): a timing stand-in, its scores mean nothing.
+--precompile   first compile the eval graphs outside the timer on a throwaway model and two rows
+               of val, as the training run's pre-quantization diagnostic does before the eval timer
+               starts (without it: a separate eval process, where every compile counts).
+--compile-times  after the eval, print Dynamo/Inductor's compile seconds by phase, and the
+               seconds of the first TTT batch and global SGD step (the warm-up's two parts).
+--sgd-eager    global SGD (its warm-up step too) runs eager: an A/B of compiling it.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train_gpt as tg  # noqa: E402
+
+
+def timed_first_calls(names, seconds):
+    """Wrap train_gpt's functions `names` so that each one's first call's seconds land in `seconds`."""
+    for name in names:
+        fn = getattr(tg, name)
+
+        def wrapper(*args, _fn=fn, _name=name, **kwargs):
+            if _name in seconds:
+                return _fn(*args, **kwargs)
+            t = time.perf_counter()
+            out = _fn(*args, **kwargs)
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            seconds[_name] = time.perf_counter() - t
+            return out
+
+        setattr(tg, name, wrapper)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--make-artifact", action="store_true")
+    ap.add_argument("--precompile", action="store_true")
+    ap.add_argument("--compile-times", action="store_true")
+    ap.add_argument("--sgd-eager", action="store_true")
+    args = ap.parse_args(argv)
+    h = tg.Hyperparameters.from_env()
+    if not args.make_artifact and not os.path.isfile(h.artifact_path):
+        sys.exit(f"error: ARTIFACT_PATH={h.artifact_path} is not a file")
+    rt = tg.Runtime(h, new_log=True)
+    try:
+        if args.make_artifact:
+            model = tg.GPT(h).to(rt.device)
+            sys.argv[0] = tg.__file__  # the code bytes write_artifact counts: train_gpt.py's
+            tg.write_artifact(tg.quantize_model(model, h, rt, tg.shard_files(h.data_path, "train"), 0.0), h, rt)
+            del model
+        val = tg.load_val_set(h, tg.build_sentencepiece_luts(tg.load_tokenizer(h), h.vocab_size))
+        rt.log(f"eval_artifact: {h.artifact_path} val_tokens:{len(val.tokens)} world_size:{rt.world_size} "
+               f"attention_backend:{rt.attn_backend} compile:{rt.compile}")
+        if args.precompile:
+            t0 = time.perf_counter()
+            n = 2 * h.val_batch_tokens + 1
+            tg.eval_val(rt.place(tg.GPT(h)), h, rt, tg.ValSet(val.tokens[:n], val.target_bytes[:n]))
+            rt.sync()
+            rt.log(f"eval_artifact: eval graphs precompiled in {time.perf_counter() - t0:.1f}s (outside the timer)")
+        if args.sgd_eager:
+            compiled_sgd = tg.global_sgd
+
+            def eager_sgd(*a, **k):
+                with torch.compiler.set_stance("force_eager"):
+                    return compiled_sgd(*a, **k)
+
+            tg.global_sgd = eager_sgd
+        seconds = {}
+        if args.compile_times:
+            timed_first_calls(("ttt_batch", "global_sgd"), seconds)
+        tg.evaluate_artifact(h, rt, val)
+        if args.compile_times:
+            rt.log("eval_artifact: first calls (the warm-up's parts): " +
+                   " ".join(f"{k}:{v:.1f}s" for k, v in seconds.items()))
+            rt.log(str(torch._dynamo.utils.compile_times(repr="str", aggregate=True)))
+        rt.close(ok=True)
+    finally:
+        rt.close()
+
+
+if __name__ == "__main__":
+    main()
