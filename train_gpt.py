@@ -2180,13 +2180,18 @@ def load_artifact_model(h: Hyperparameters, rt: Runtime):
     """A fresh model built from the artifact file alone: unpack, dequantize, load strictly."""
     if rt.distributed:
         dist.barrier()
-    t0 = time.perf_counter()
+    t = [time.perf_counter()]
     with open(h.artifact_path, "rb") as f:
         qstate = unpack_artifact(f.read())
+    t.append(time.perf_counter())
     model = GPT(h)
+    t.append(time.perf_counter())
     model.load_state_dict(dequantize_state(qstate, model.state_dict(), h.lqer_group), strict=True)
     model = rt.place(model)
-    rt.log(f"artifact:loaded {h.artifact_path} into a fresh model in {time.perf_counter() - t0:.1f}s")
+    rt.sync()
+    t.append(time.perf_counter())
+    rt.log(f"artifact:loaded {h.artifact_path} into a fresh model in {t[-1] - t[0]:.1f}s (read and unpack "
+           f"{t[1] - t[0]:.1f}s, build {t[2] - t[1]:.1f}s, dequantize and place {t[3] - t[2]:.1f}s)")
     return model
 
 
@@ -2342,15 +2347,16 @@ class LoRABank(nn.Module):
     batch. Every adapter reads a model_dim input (the block's normed input, or the final hidden
     state). Output scale alpha/rank."""
 
-    def __init__(self, n_docs, n_slots, h: Hyperparameters):
+    def __init__(self, n_docs, n_slots, h: Hyperparameters, device=None):
         super().__init__()
         d, r = h.model_dim, h.ttt_lora_rank
         kv = h.num_kv_heads * (d // h.num_heads)
         outs = {f"{s}_{name}": n for s in range(n_slots) for name, n in zip(Adapters._fields, (d, kv, kv, d, d))}
         outs["head"] = h.vocab_size
         self.n_docs, self.n_slots, self.scale = n_docs, n_slots, h.ttt_lora_alpha / r
-        self.a = nn.ParameterDict({k: nn.Parameter(torch.empty(n_docs, r, d)) for k in outs})
-        self.b = nn.ParameterDict({k: nn.Parameter(torch.zeros(n_docs, n, r)) for k, n in outs.items()})
+        # Built where it runs: ~470M values, 2.5 s to draw on the CPU and copy over.
+        self.a = nn.ParameterDict({k: nn.Parameter(torch.empty(n_docs, r, d, device=device)) for k in outs})
+        self.b = nn.ParameterDict({k: nn.Parameter(torch.zeros(n_docs, n, r, device=device)) for k, n in outs.items()})
         self.reset(warm_a=False)
 
     @torch.no_grad()
@@ -2362,10 +2368,13 @@ class LoRABank(nn.Module):
                 a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5)
 
     def adapter(self, key, idx):
-        return self.a[key][idx], self.b[key][idx] * self.scale
+        a, b = self.a[key], self.b[key]
+        # All documents: a view, not a gather (whose backward is a zero fill and a scatter per adapter);
+        # a plain tensor like the gather's, so the compiled graphs see the same input type.
+        return (a.view(a.shape), b * self.scale) if idx is None else (a[idx], b[idx] * self.scale)
 
     def select(self, idx):
-        """(per-slot Adapters, head adapter) of the documents idx."""
+        """(per-slot Adapters, head adapter) of the documents idx (None: all, in order)."""
         slots = [Adapters(*(self.adapter(f"{s}_{name}", idx) for name in Adapters._fields)) for s in range(self.n_slots)]
         return slots, self.adapter("head", idx)
 
@@ -2381,7 +2390,7 @@ def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums):
         rows, x, pos, targets, valid, weight, nbytes = (to_device(a, device) for a in chunk)
         n, T = chunk.x.shape
         cu = torch.arange(n + 1, device=device, dtype=torch.int32) * T
-        lora, head = bank.select(rows)
+        lora, head = bank.select(None if np.array_equal(chunk.rows, np.arange(bank.n_docs)) else rows)
         with bf16_autocast(device):
             hid = model.hidden(x, cu, T, lora)[torch.arange(n, device=device)[:, None], pos]
             logits = model.head_logits(hid, head)
@@ -2478,11 +2487,11 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
                 left += mine[bi]
             else:
                 if bank is None or bank.n_docs != len(batch):
-                    bank = LoRABank(len(batch), n_slots, h).to(rt.device)
+                    bank = LoRABank(len(batch), n_slots, h, rt.device)
                 else:
                     bank.reset(h.ttt_warm_start_a)
                 opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
-                                        weight_decay=h.ttt_weight_decay)
+                                        weight_decay=h.ttt_weight_decay, fused=rt.device.type == "cuda")
                 ttt_batch(model, batch, val, bank, opt, h, sums)
                 n_ttt += len(batch)
                 rt.sync()  # the batch's device time: ttt_batch itself never waits for the device
@@ -2557,9 +2566,9 @@ def ttt_warmup(model, h: Hyperparameters, rt: Runtime):
     tokens = np.random.default_rng(0).integers(0, h.vocab_size, max(n * (2 * C + 1), h.global_ttt_chunk_tokens) + 1)
     noise = ValSet(tokens, np.zeros(len(tokens), dtype=np.int64))
     model.requires_grad_(False)
-    with torch.random.fork_rng(devices=[]):
-        bank = LoRABank(n, len(sum(model.layer_plan(True), [])), h).to(rt.device)
-    opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr)
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        bank = LoRABank(n, len(sum(model.layer_plan(True), [])), h, rt.device)
+    opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, fused=rt.device.type == "cuda")
     batch = [(i * (2 * C + 1), 2 * C) for i in range(n)]
     ttt_batch(model, batch, noise, bank, opt, h, torch.zeros(3, dtype=torch.float64, device=rt.device))
     del bank, opt

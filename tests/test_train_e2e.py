@@ -4,6 +4,7 @@ stops the run, eval_val scores every target once independently of how windows ar
 the sliding diagnostic after TTT scores the unadapted model."""
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,13 +151,17 @@ EVAL_ENV = dict(ITERATIONS=3, WARMUP_STEPS=0, SLIDING_EVAL=1, EVAL_STRIDE=64, EV
                 GLOBAL_TTT_SEQ_LEN=128, GLOBAL_TTT_LR=0.05)
 
 
+EVAL_WORK = {}  # eval_runs' work folders (logs, artifact)
+
+
 @pytest.fixture(scope="module")
 def eval_runs(tmp_path_factory, data):
     """The whole evaluation with TTT on 1 and 2 ranks (gloo), and without TTT on 1 rank."""
     runs = {name: run(tmp_path_factory, data, name, nproc=n, TTT_ENABLED=t, **EVAL_ENV)
             for name, n, t in (("ttt1", 1, 1), ("ttt2", 2, 1), ("plain", 1, 0))}
-    for name, (rc, out, _) in runs.items():
+    for name, (rc, out, work) in runs.items():
         assert rc == 0, name + "\n" + out[-4000:]
+        EVAL_WORK[name] = work
     return {name: out for name, (_, out, _) in runs.items()}
 
 
@@ -243,3 +248,39 @@ def test_flops_per_token_counts_matmuls_of_every_pass_and_the_head(tmp_path):
     for looping, passes in ((False, h.num_layers), (True, h.num_layers + 1)):
         expected = 3 * (2 * (passes * per_layer + h.vocab_size * d) + 4 * d * passes * pairs)
         assert flops[looping] == pytest.approx(expected)
+
+
+def run_eval_artifact(work, data, *flags, **env):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "eval_artifact.py"), *flags]
+    return subprocess.run(cmd, env=script_env(work, *data, **env), cwd=work, capture_output=True, text=True, timeout=240)
+
+
+def test_eval_artifact_scores_a_runs_artifact_like_the_run(eval_runs, data):
+    """tools/eval_artifact.py on the artifact of the TTT run: the same evaluation stages, the same
+    quantized score (TTT's adapters start from other random draws: close, not equal), and the
+    seconds of the warm-up's two first calls."""
+    work = EVAL_WORK["ttt1"]
+    r = run_eval_artifact(work, data, "--precompile", "--compile-times", TTT_ENABLED=1, RUN_ID="alone", **EVAL_ENV)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    run_log = eval_runs["ttt1"]
+    assert eval_score(out, "diagnostic quantized")[1:] == eval_score(run_log, "diagnostic quantized")[1:]
+    alone, in_run = eval_score(out, "quantized_ttt_phased"), eval_score(run_log, "quantized_ttt_phased")
+    assert alone[3] == in_run[3] and alone[2] == pytest.approx(in_run[2], abs=2e-3)
+    assert list(parse_train_log(out)["eval_stages"]) == list(parse_train_log(run_log)["eval_stages"])
+    assert re.search(r"^eval_artifact: first calls \(the warm-up's parts\): ttt_batch:\S+s global_sgd:\S+s$", out, re.M)
+
+
+def test_eval_artifact_makes_a_timing_artifact_and_counts_train_gpt_code(tmp_path, data):
+    """--make-artifact writes ARTIFACT_PATH from the untrained model and evaluates it; the code bytes
+    it reports are train_gpt.py's, not the tool's."""
+    r = run_eval_artifact(tmp_path, data, "--make-artifact", RUN_ID="made", TTT_ENABLED=0)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert (tmp_path / "final_model.pgq").is_file()
+    raw = len(Path(tg.__file__).read_bytes())
+    assert re.search(rf"^Code size \(uncompressed\): {raw} bytes$", out, re.M)
+    assert re.search(r"^diagnostic quantized val_loss:", out, re.M) and "quantized_ttt_phased" not in out

@@ -58,7 +58,7 @@ wait)
     grep -hE "^compile_warmup|^training:|val_bpb|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== prof|Error|error" $f | tail -14
   done
   mkdir -p "${OUT:-/tmp/out}"
-  tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude='*.pgq' -C /tmp evaldev 2>/dev/null
+  tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude='*.pgq' --exclude='*.timing' -C /tmp evaldev 2>/dev/null
   cp $W/*.pgq "${OUT:-/tmp/out}/" 2>/dev/null
   if done_all; then echo "all finished"; else echo "still running: call wait again"; fi
   ;;

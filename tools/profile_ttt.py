@@ -28,10 +28,12 @@ def main():
     noise = tg.ValSet(tokens, np.zeros(len(tokens), dtype=np.int64))
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
 
-    def run(length):
-        bank = tg.LoRABank(n, n_slots, h).to(rt.device)
-        opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
-                                weight_decay=h.ttt_weight_decay)
+    bank = tg.LoRABank(n, n_slots, h, rt.device)
+    opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
+                            weight_decay=h.ttt_weight_decay, fused=rt.device.type == "cuda")
+
+    def run(length):  # as phased_ttt: one bank and optimizer, reset per batch
+        bank.reset(h.ttt_warm_start_a)
         tg.ttt_batch(model, [(i * (length + 1), length) for i in range(n)], noise, bank, opt, h, sums)
         rt.sync()
 
