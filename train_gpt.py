@@ -168,6 +168,7 @@ class Hyperparameters:
     ttt_enabled: bool = True
     ttt_compile: bool = True  # 0: TTT eager (the fallback if its compiled graphs fail)
     ttt_batch_size: int = 64
+    ttt_batch_grow: int = 1  # short documents' batches up to this many times TTT_BATCH_SIZE (ttt_plan)
     ttt_chunk_size: int = 48
     ttt_eval_seq_len: int = 2048
     ttt_max_doc_tokens: int = 16384
@@ -234,7 +235,7 @@ class Hyperparameters:
                     "NUM_KV_HEADS MLP_MULT TRAIN_LOG_EVERY WORLD_SIZE TTT_CHUNK_SIZE TTT_EVAL_SEQ_LEN TTT_LORA_RANK "
                     "TTT_LORA_ALPHA GLOBAL_TTT_CHUNK_TOKENS GLOBAL_TTT_SEQ_LEN GLOBAL_TTT_GRAD_CLIP GPTQ_BLOCK_SIZE "
                     "GATE_WIDTH LOGIT_SOFTCAP ROPE_BASE MUON_BACKEND_STEPS GRAM_NS_RATIO ADAM_EPS ATTN_CLIP_SIGMAS "
-                    "MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS LQER_RANK EVAL_BUDGET_SECONDS ITERATIONS TTT_BATCH_SIZE").split():
+                    "MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS LQER_RANK EVAL_BUDGET_SECONDS ITERATIONS TTT_BATCH_SIZE TTT_BATCH_GROW").split():
             need(getattr(self, key.lower()) > 0, key, "must be positive")
         for key in ("LOCAL_WINDOW_SIZE_EARLY LOCAL_WINDOW_SIZE_LATE LOCAL_WINDOW_SPLIT NUM_LOOPS WARMUP_STEPS VAL_LOSS_EVERY "
                     "MAX_WALLCLOCK_SECONDS XSA_LAST_N LOOP_TRUNC_BWD ENABLE_LOOPING_AT SPARSE_ATTN_GATE_SCALE MATRIX_LR "
@@ -2432,7 +2433,7 @@ class TTTPlan:
     """Phased TTT's schedule (ttt_plan)."""
 
     docs: list  # documents of up to TTT_MAX_DOC_TOKENS targets, longest first
-    batches: list  # docs in TTT_BATCH_SIZE slices, in processing order
+    batches: list  # docs in slices of TTT_BATCH_SIZE (up to x TTT_BATCH_GROW for short ones), in processing order
     mine: list  # per batch: this rank runs it (batches are dealt round-robin)
     leftover: list  # this rank's share of the longer documents, scored by windows at the end
     boundaries: list  # global SGD phase k trains on docs[:boundaries[k]], once those are scored
@@ -2440,7 +2441,16 @@ class TTTPlan:
 
 def ttt_plan(spans, h: Hyperparameters, rank, world_size) -> TTTPlan:
     docs = sorted((sp for sp in spans if sp[1] <= h.ttt_max_doc_tokens), key=lambda sp: (-sp[1], sp[0]))
-    batches = [docs[i:i + h.ttt_batch_size] for i in range(0, len(docs), h.ttt_batch_size)]
+    # A chunk step of short documents is bound by the host, not the GPU: batch k <= TTT_BATCH_GROW
+    # times as many while documents x row length stay within TTT_BATCH_SIZE x TTT_EVAL_SEQ_LEN (the
+    # longest rows' memory). A document's updates do not depend on the others in its batch, but a
+    # new batch size means a new bank: no warm-started A there.
+    batches, i = [], 0
+    while i < len(docs):
+        row = -(-min(docs[i][1], h.ttt_eval_seq_len) // 64) * 64
+        n = h.ttt_batch_size * max(1, min(h.ttt_batch_grow, h.ttt_eval_seq_len // row))
+        batches.append(docs[i:i + n])
+        i += n
     prefix = min(h.phased_ttt_prefix_docs, len(docs))
     # Distinct, non-empty prefixes: with fewer documents than phases some would repeat or be 0.
     boundaries = sorted({prefix * k // h.phased_ttt_num_phases for k in range(1, h.phased_ttt_num_phases + 1)} - {0})

@@ -488,6 +488,23 @@ def test_phased_ttt_is_causal(tmp_path, monkeypatch, variant):
         "a document in the global-SGD prefix does not influence documents scored after the phase"
 
 
+@pytest.mark.parametrize("variant", ["correct", "two_pass_ttt"])
+def test_grown_ttt_batches_are_causal_and_single_pass(tmp_path, monkeypatch, variant):
+    """TTT_BATCH_GROW: short documents in batches of up to k x TTT_BATCH_SIZE (here 2x: rows of 64
+    in windows of 128). Every target is still scored once and only from its past, and a broken
+    ttt_batch is still caught."""
+    h = make_h(tmp_path, ttt_batch_grow=3, ttt_eval_seq_len=128)
+    val = make_val()
+    run = lambda v: run_phased(monkeypatch, h, v, ttt_variant=two_pass_ttt if variant == "two_pass_ttt" else None)
+    rec, out = run(val)
+    assert [[n for _, n in b] for b in rec.ttt_batches] == [[40, 37, 33, 30, 25, 20], [16, 12, 9, 5, 3, 1]]
+    positions = [doc_start(val, 40) + 13, doc_start(val, 30) + 4, doc_start(val, 16) + 9, doc_start(val, 70) + 40]
+    causal = lambda: assert_causal(lambda v: run(v)[0], val, positions, ttt_allowed(val), "phased_ttt")
+    check(variant, causal, "saw the future")
+    if variant == "correct":
+        assert_single_pass(rec, out, val)
+
+
 # ---------------------------------------------------------------------------------------
 # 2. Score before update (TTT per-document LoRA)
 # ---------------------------------------------------------------------------------------

@@ -37,18 +37,26 @@ def random_spans(rng, n_docs, longest):
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("trial", range(6))
 def test_ttt_plan_partitions_the_documents(tmp_path, world_size, trial):
-    """TTT documents longest first in full batches (the last may be short), dealt round-robin;
-    the long ones split over ranks; phase boundaries distinct, positive and within the prefix."""
+    """TTT documents longest first in full batches (the last may be short) of TTT_BATCH_SIZE, or k <=
+    TTT_BATCH_GROW times that where k rows of the batch's longest fit in one TTT_EVAL_SEQ_LEN,
+    dealt round-robin; the long ones split over ranks; phase boundaries distinct, positive and
+    within the prefix."""
     rng = np.random.default_rng(trial)
-    spans = random_spans(rng, int(rng.integers(0, 60)), 90)
-    h = make_h(tmp_path, ttt_batch_size=int(rng.integers(1, 9)), ttt_max_doc_tokens=int(rng.integers(1, 100)),
-               phased_ttt_prefix_docs=int(rng.integers(0, 70)), phased_ttt_num_phases=int(rng.integers(0, 6)))
+    spans = random_spans(rng, int(rng.integers(0, 120)), 300)
+    W = int(rng.choice([16, 128, 256, 512]))
+    h = make_h(tmp_path, ttt_batch_size=int(rng.integers(1, 9)), ttt_max_doc_tokens=int(rng.integers(1, 300)),
+               phased_ttt_prefix_docs=int(rng.integers(0, 70)), phased_ttt_num_phases=int(rng.integers(0, 6)),
+               ttt_eval_seq_len=W, ttt_batch_grow=int(rng.integers(1, 5)))
     plans = [tg.ttt_plan(spans, h, r, world_size) for r in range(world_size)]
     p = plans[0]
     short = [sp for sp in spans if sp[1] <= h.ttt_max_doc_tokens]
     assert p.docs == sorted(short, key=lambda sp: (-sp[1], sp[0]))
-    assert sum(p.batches, []) == p.docs
-    assert all(len(b) == h.ttt_batch_size for b in p.batches[:-1]) and all(p.batches)
+    assert sum(p.batches, []) == p.docs and all(p.batches)
+    for i, b in enumerate(p.batches):
+        row = -(-min(b[0][1], W) // 64) * 64
+        k = max(1, min(h.ttt_batch_grow, W // row))
+        assert len(b) == k * h.ttt_batch_size or i == len(p.batches) - 1 and len(b) <= k * h.ttt_batch_size
+        assert k == 1 or len(b) * row <= h.ttt_batch_size * W  # the longest rows' memory bound
     for q in plans:  # the same schedule on every rank
         assert (q.docs, q.batches, q.boundaries) == (p.docs, p.batches, p.boundaries)
     runs = Counter(bi for q in plans for bi, m in enumerate(q.mine) if m)
