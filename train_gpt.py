@@ -186,6 +186,7 @@ class Hyperparameters:
     global_ttt_chunk_tokens: int = 32768
     global_ttt_seq_len: int = 2048
     global_ttt_grad_clip: float = 1.0
+    global_ttt_cuda_graph: bool = False  # global SGD's forward + backward replayed as CUDA graphs (compiled runs)
     # distributed (set by torchrun)
     rank: int = 0
     world_size: int = 1
@@ -1145,9 +1146,10 @@ class GPT(nn.Module):
             # it also stops leaks between sliding windows or TTT rows packed side by side.
             gate = torch.sigmoid(F.linear(e[..., :self.h.gate_width], self.smear_w))
             prev = F.pad(e[:, :-1], (0, 0, 1, 0))
-            # Sequence starts by index_fill, not a boolean mask, which would sync the host.
-            keep = torch.ones(ids.numel(), device=ids.device, dtype=e.dtype).index_fill_(0, cu_seqlens[:-1].long(), 0)
-            e = e + self.smear_lambda * gate * prev * keep.view(*ids.shape, 1)
+            # Sequence starts by index_fill, not a boolean mask, which would sync the host; one slot past
+            # the end takes the starts of empty padding sequences (sgd_step_graphs).
+            keep = torch.ones(ids.numel() + 1, device=ids.device, dtype=e.dtype).index_fill_(0, cu_seqlens[:-1].long(), 0)
+            e = e + self.smear_lambda * gate * prev * keep[:-1].view(*ids.shape, 1)
         return e
 
     def hidden(self, ids, cu_seqlens, max_seqlen, lora=None, looping=True):
@@ -2404,6 +2406,51 @@ def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums):
             opt.zero_grad(set_to_none=True)
 
 
+def sgd_step_graphs(model, params, h: Hyperparameters):
+    """GLOBAL_TTT_CUDA_GRAPH=1: global SGD's forward + backward as one CUDA graph per packing size.
+    Its steps (4,096 tokens a rank on 8 GPUs) are bound by the host: ~62 ms each for ~5-10 ms of
+    kernels. Fixed addresses: cu_seqlens padded with empty sequences to a power of two (>= 64),
+    attention's longest sequence bounded by GLOBAL_TTT_SEQ_LEN, gradients in kept buffers (None
+    for parameters the forward does not reach, as without graphs). Returns run(x, y, cu)."""
+    graphs, bufs, pool = {}, [torch.zeros_like(p) for p in params], torch.cuda.graph_pool_handle()
+
+    def fwd_bwd(x, y, cu):
+        with bf16_autocast(x.device):
+            model(x, y, cu, h.global_ttt_seq_len).backward()
+
+    def point_grads(used):
+        for p, b, u in zip(params, bufs, used):
+            p.grad = b if u else None
+
+    def run(x, y, cu):
+        n = max(64, 1 << (cu.numel() - 1).bit_length())
+        if n not in graphs:
+            static = x.clone(), y.clone(), F.pad(cu, (0, n - cu.numel()), value=x.numel())
+            for p in params:
+                p.grad = None
+            side = torch.cuda.Stream()  # capture wants a warm-up on a side stream; its gradients are dropped
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fwd_bwd(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            used = [p.grad is not None for p in params]
+            point_grads(used)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                fwd_bwd(*static)
+            graphs[n] = graph, static, used
+        graph, (sx, sy, scu), used = graphs[n]
+        point_grads(used)
+        torch._foreach_zero_([b for b, u in zip(bufs, used) if u])
+        sx.copy_(x)
+        sy.copy_(y)
+        scu[:cu.numel()].copy_(cu)
+        scu[cu.numel():].fill_(x.numel())
+        graph.replay()
+
+    return run
+
+
 def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
     """Phase step of phased TTT (PR #1610/#1626): SGD on all base weights over already-scored
     documents, GLOBAL_TTT_CHUNK_TOKENS per step split over ranks, cosine LR per chunk,
@@ -2415,14 +2462,19 @@ def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
     autocast = bf16_autocast(rt.device)
+    graphed = sgd_step_graphs(model, params, h) if h.global_ttt_cuda_graph and rt.compile else None
     for _ in range(h.global_ttt_epochs):
         for ci in range(n):
             for g in opt.param_groups:
                 g["lr"] = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n - 1, 1)))
             piece = stream[ci * chunk + rt.rank * per_rank:ci * chunk + (rt.rank + 1) * per_rank + 1].astype(np.int64)
-            with autocast:
-                loss = model(*packed_batch(piece, h.global_ttt_seq_len, rt.device))
-            loss.backward()
+            x, y, cu, max_len = packed_batch(piece, h.global_ttt_seq_len, rt.device)
+            if graphed:
+                graphed(x, y, cu)
+            else:
+                with autocast:
+                    loss = model(x, y, cu, max_len)
+                loss.backward()
             optimizer_step([opt], params, rt, h.global_ttt_grad_clip)
     for p in params:
         p.requires_grad_(False)
@@ -2437,6 +2489,15 @@ class TTTPlan:
     mine: list  # per batch: this rank runs it (batches are dealt round-robin)
     leftover: list  # this rank's share of the longer documents, scored by windows at the end
     boundaries: list  # global SGD phase k trains on docs[:boundaries[k]], once those are scored
+
+
+def ttt_batch_work(batch, W, C):
+    """Row tokens of a TTT batch (longest first): chunk ci runs its documents' rows (at least 2) at
+    the longest's length, whole 64-token tiles up to W (ttt_chunk)."""
+    ns = np.array([n for _, n in batch])
+    ci = np.arange(-(-ns[0] // C))
+    rows = np.maximum(2, (ns[None, :] > ci[:, None] * C).sum(1))
+    return int((rows * -(-np.minimum((ci + 1) * C, min(ns[0], W)) // 64) * 64).sum())
 
 
 def ttt_plan(spans, h: Hyperparameters, rank, world_size) -> TTTPlan:
@@ -2482,7 +2543,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     # First estimates (forward + backward ~ 3 forwards), then the measured durations.
     batch_s = 3 * token_s * sum(window_tokens(n, h.ttt_eval_seq_len, h.ttt_chunk_size) for _, n in batches[0]) \
         if batches else 0.0
-    sgd_token_s, calibrated = None, False
+    sgd_token_s, calibrated, prev_work = None, False, 0
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     bank, phase, done, t0, stopped, n_ttt = None, 0, 0, time.perf_counter(), False, 0
     n_slots = len(sum(model.layer_plan(True), []))
@@ -2491,12 +2552,17 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
         progress.update(bi)
         if plan.mine[bi]:
             t1 = time.perf_counter()
-            if stopped or t1 + batch_s + token_s * (after[bi] + left) > deadline:
+            # Longest first, the next batch costs at most the last, unless it has more row tokens
+            # (TTT_BATCH_GROW: twice the documents at about the same length).
+            work = ttt_batch_work(batch, h.ttt_eval_seq_len, h.ttt_chunk_size)
+            cost = batch_s * max(1.0, work / prev_work) if prev_work else batch_s
+            if stopped or t1 + cost + token_s * (after[bi] + left) > deadline:
                 stopped = True
                 leftover += batch
                 left += mine[bi]
             else:
                 if bank is None or bank.n_docs != len(batch):
+                    bank = opt = None  # the old bank and its optimizer state go first
                     bank = LoRABank(len(batch), n_slots, h, rt.device)
                 else:
                     bank.reset(h.ttt_warm_start_a)
@@ -2511,7 +2577,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
                     # eager with TTT_COMPILE=0) runs others: rescale it once by the first batch's
                     # measured/predicted time (the proxy, eager: 2-3x).
                     token_s *= max(1.0, elapsed / batch_s)
-                calibrated, batch_s = True, elapsed  # longest first: the next batch costs at most this
+                calibrated, batch_s, prev_work = True, elapsed, work
         done += len(batch)
         if bi % 10 == 0 or bi == len(batches) - 1:
             rt.log(f"ttp: b{bi + 1}/{len(batches)} docs:{done} dl:{batch[-1][1]}-{batch[0][1]} t:{time.perf_counter() - t0:.1f}s")
@@ -2523,7 +2589,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
             if not rt.any_rank(stopped or t1 + sgd_s + token_s * (after[bi] + left) > deadline):
                 global_sgd(model, stream, h, rt)
                 sgd_token_s = (time.perf_counter() - t1) / len(stream)
-                bank = None  # fresh adapters on the adapted base
+                bank = opt = None  # fresh adapters on the adapted base
                 rt.log(f"ttpp: phase:{phase + 1}/{len(boundaries)} pd:{done} gd:{boundaries[phase]} "
                        f"sgd:{time.perf_counter() - t1:.1f}s t:{time.perf_counter() - t0:.1f}s")
             else:

@@ -683,6 +683,38 @@ def test_phased_ttt_bounded_by_predicted_cost_stays_legal(tmp_path, monkeypatch,
         assert not rec.ttt_batches and not calls
 
 
+def test_a_grown_batch_is_predicted_by_its_row_tokens(tmp_path, monkeypatch):
+    """TTT_BATCH_GROW: after 2 documents of 66-70 tokens (rows of 128) come 4 of 61-64 (rows of 64):
+    about twice the work of the batch before, which the deadline check must not take for an upper
+    bound. With each batch taking time in proportion to its row tokens, no batch ends past the
+    deadline that the windows' estimate leaves room for."""
+    h = make_h(tmp_path, ttt_batch_size=2, ttt_batch_grow=2, ttt_eval_seq_len=128, ttt_max_doc_tokens=100,
+               phased_ttt_num_phases=0)
+    val = make_val((70, 66, 64, 63, 62, 61, 30, 20))
+    clock, ends, rate = FakeClock(), [], 1e-4
+    monkeypatch.setattr(tg, "time", clock)
+
+    def timed(inner):
+        def ttt(model_, batch, *args):
+            inner(model_, batch, *args)
+            clock.now += rate * tg.ttt_batch_work(batch, h.ttt_eval_seq_len, h.ttt_chunk_size)
+            ends.append(clock.now)
+        return ttt
+
+    model = make_model(h)
+    rec = Recorder(monkeypatch, model, val, h, ttt_variant=timed)
+    work = [tg.ttt_batch_work(b, h.ttt_eval_seq_len, h.ttt_chunk_size) for b in tg.ttt_plan(
+        tg.document_spans(val.tokens), h, 0, 1).batches[:2]]
+    assert work[1] > 1.5 * work[0]
+    # token_s: the first batch predicted exactly (3 x token_s per window token of its documents)
+    first = sum(tg.window_tokens(n, h.ttt_eval_seq_len, h.ttt_chunk_size) for n in (70, 66))
+    deadline = rate * (work[0] + 1.5 * work[0])
+    out = tg.phased_ttt(model, h, tg.Runtime(h), val, deadline, token_s=rate * work[0] / (3 * first))
+    assert_single_pass(rec, out, val)
+    assert ends and max(ends) <= deadline, (ends, deadline)
+    assert [[n for _, n in b] for b in rec.ttt_batches] == [[70, 66]]
+
+
 def test_phased_ttt_rescales_the_eval_rate_by_the_first_batch(tmp_path, monkeypatch):
     """The rate measured on the (compiled) disjoint eval underestimates the eager TTT and leftover
     scoring: the first batch's measured time (1 per batch here) over its prediction (3 x 1e-4 x

@@ -78,6 +78,21 @@ def test_ttt_plan_of_the_legality_stream(tmp_path):
     assert [n for _, n in plan.leftover] == [70]  # 45 is rank 0's
 
 
+@pytest.mark.parametrize("trial", range(8))
+def test_ttt_batch_work_counts_the_chunks_row_tokens(trial):
+    """ttt_batch_work (phased_ttt's cost ratio between batches) is the sum of ttt_chunk's row
+    shapes over the batch's chunks."""
+    rng = np.random.default_rng(trial)
+    C, W = int(rng.choice([4, 32, 48])), int(rng.choice([64, 128, 2048]))
+    lengths = sorted(rng.integers(1, 3 * W, int(rng.integers(1, 9))).tolist(), reverse=True)
+    tokens = rng.integers(4, V, sum(lengths) + len(lengths) + 1)
+    val = tg.ValSet(tokens, np.zeros(len(tokens), dtype=np.int64))
+    starts = np.cumsum([0] + [n + 1 for n in lengths[:-1]])
+    batch = [(int(s), n) for s, n in zip(starts, lengths)]
+    rows = sum(tg.ttt_chunk(val, batch, ci, C, W).x.size for ci in range(-(-lengths[0] // C)))
+    assert tg.ttt_batch_work(batch, W, C) == rows
+
+
 # ---------------------------------------------------------------------------------------
 # ttt_chunk
 # ---------------------------------------------------------------------------------------
@@ -155,6 +170,42 @@ def test_lora_bank_selects_adapters_by_name(tmp_path):
             bank.reset(warm_a=True)
             bank.b[f"0_{name}"].normal_()
             assert not torch.equal(model.hidden(ids, cu, 24, bank.select(idx)[0]), base), name
+
+
+def test_lora_bank_all_documents_are_views_equal_to_the_gather(tmp_path):
+    """select(None) (every document of the batch in the chunk, in order) gives the adapters of
+    select(arange): the same forward and the same gradients in the bank, without gathers."""
+    h = make_h(tmp_path)
+    model = make_model(h)
+    bank = tg.LoRABank(2, len(sum(model.layer_plan(True), [])), h)
+    with torch.no_grad():
+        for b in bank.b.values():
+            b.normal_()
+    ids = torch.randint(4, V, (2, 24), generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, 24, 48], dtype=torch.int32)
+    out = []
+    for idx in (None, torch.arange(2)):
+        slots, head = bank.select(idx)
+        assert all(t.grad_fn is not None and not isinstance(t, torch.nn.Parameter) for ad in slots for t in ad.q)
+        model.head_logits(model.hidden(ids, cu, 24, slots), head).square().mean().backward()
+        out.append([p.grad.clone() for p in bank.parameters()])
+        bank.zero_grad()
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(*out))
+
+
+def test_ttt_forward_gives_the_first_block_a_grad_tracking_input(tmp_path):
+    """Under TTT (frozen model, adapters) every block's input tracks grad, the first one's too:
+    compiled graphs are specialized on requires_grad, so one without would compile its own graph."""
+    h = make_h(tmp_path)
+    model = make_model(h).requires_grad_(False)
+    bank = tg.LoRABank(2, len(sum(model.layer_plan(True), [])), h)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, args: seen.append(args[0][0].requires_grad if m.parallel
+                                                                    else args[0].requires_grad))
+    ids = torch.randint(4, V, (2, 24), generator=torch.Generator().manual_seed(0))
+    model.hidden(ids, torch.tensor([0, 24, 48], dtype=torch.int32), 24, bank.select(None)[0])
+    assert seen and all(seen), seen
 
 
 # ---------------------------------------------------------------------------------------

@@ -196,6 +196,25 @@ def test_documents_in_a_packed_row_are_isolated(looping):
             assert doc_leaks(model, row, starts, k, cu, seed=k, looping=looping) == set(), f"document {k} leaked"
 
 
+@pytest.mark.parametrize("looping", [False, True])
+def test_empty_padding_sequences_change_nothing(looping):
+    """Global SGD's CUDA graphs pad cu_seqlens with empty sequences at the row's end (fixed
+    addresses): the loss and every gradient equal the unpadded row's, SmearGate included."""
+    h = tiny_h()
+    row, _ = packed_row(h.vocab_size)
+    x, y = torch.from_numpy(row[:-1]).view(1, -1), torch.from_numpy(row[1:]).view(1, -1)
+    cu = torch.from_numpy(tg.packed_cu_seqlens(row[:-1], h.train_seq_len))
+    padded = torch.nn.functional.pad(cu, (0, 64 - cu.numel()), value=x.numel())
+    out = []
+    for c in (cu, padded):
+        model = make_model(h, seed=4)
+        loss = model(x, y, c, h.train_seq_len, looping)
+        loss.backward()
+        out.append((loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]))
+    (l0, g0), (l1, g1) = out
+    assert torch.equal(l0, l1) and len(g0) == len(g1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
 def disable_smear_mask(monkeypatch):
     """Turn the SmearGate's document mask off while attention keeps the real cu_seqlens: embed
     sees a single sequence spanning the row (or, for a BOS-id based mask, BOS moved to an id

@@ -4,7 +4,7 @@
 #   bash tools/device_eval.sh start GPU JOB...   returns at once; runs the JOBs in turn on GPU
 #   bash tools/device_eval.sh wait [S]           polls up to S s (default 540) until every chain has
 #        finished, prints each job's eval lines, copies logs (one tgz) and trained artifacts to $OUT
-# JOB is KIND:NAME[=ENV,ENV...]:
+# JOB is KIND:NAME[=ENV,ENV...] (NAMEs unique within a lease: each is a log and a RUN_ID):
 #   train   train_gpt.py's full pipeline (proxy config: train, GPTQ, eval), artifact in $W/NAME.pgq
 #   eval    tools/eval_artifact.py --precompile --compile-times on the proxy val
 #   fweval  the same on a FineWeb-shaped rank's val (tools/eval_workload.py, 6,250 documents), with a
@@ -49,6 +49,7 @@ start)
   echo "chain started on GPU $gpu: $*"
   ;;
 wait)
+  [ -f $W/chains ] || { echo "no chain started (device_eval.sh start GPU JOB...)"; exit 2; }
   end=$((SECONDS + ${2:-540}))
   done_all() { [ "$(grep -c finished $W/status 2>/dev/null)" -ge "$(wc -l < $W/chains)" ]; }
   while [ $SECONDS -lt $end ] && ! done_all; do sleep 5; done
