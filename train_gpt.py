@@ -2415,7 +2415,8 @@ def sgd_step_graphs(model, params, h: Hyperparameters):
     graphs, bufs, pool = {}, [torch.zeros_like(p) for p in params], torch.cuda.graph_pool_handle()
 
     def fwd_bwd(x, y, cu):
-        with bf16_autocast(x.device):
+        # No autocast cast cache: a capture must record every cast (torch's CUDA-graph notes).
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             model(x, y, cu, h.global_ttt_seq_len).backward()
 
     def point_grads(used):
