@@ -2413,11 +2413,13 @@ def sgd_step_graphs(model, params, h: Hyperparameters):
     attention's longest sequence bounded by GLOBAL_TTT_SEQ_LEN, gradients in kept buffers (None
     for parameters the forward does not reach, as without graphs). Returns run(x, y, cu)."""
     graphs, bufs, pool = {}, [torch.zeros_like(p) for p in params], torch.cuda.graph_pool_handle()
+    side = torch.cuda.Stream()  # capture wants a warm-up on a side stream (one: one cuBLAS workspace)
 
     def fwd_bwd(x, y, cu):
-        # No autocast cast cache: a capture must record every cast (torch's CUDA-graph notes).
+        # No autocast cast cache: a capture must record every cast; backward outside autocast, as unrolled.
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            model(x, y, cu, h.global_ttt_seq_len).backward()
+            loss = model(x, y, cu, h.global_ttt_seq_len)
+        loss.backward()
 
     def point_grads(used):
         for p, b, u in zip(params, bufs, used):
@@ -2429,10 +2431,9 @@ def sgd_step_graphs(model, params, h: Hyperparameters):
             static = x.clone(), y.clone(), F.pad(cu, (0, n - cu.numel()), value=x.numel())
             for p in params:
                 p.grad = None
-            side = torch.cuda.Stream()  # capture wants a warm-up on a side stream; its gradients are dropped
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                fwd_bwd(*static)
+                fwd_bwd(*static)  # its gradients are dropped
             torch.cuda.current_stream().wait_stream(side)
             used = [p.grad is not None for p in params]
             point_grads(used)
@@ -2463,7 +2464,9 @@ def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
     autocast = bf16_autocast(rt.device)
-    graphed = sgd_step_graphs(model, params, h) if h.global_ttt_cuda_graph and rt.compile else None
+    # The SDPA reference path reads cu_seqlens on the host: no capture there.
+    graphed = sgd_step_graphs(model, params, h) if h.global_ttt_cuda_graph and rt.compile and \
+        ATTENTION_BACKEND in ("varlen", "fa3") else None
     for _ in range(h.global_ttt_epochs):
         for ci in range(n):
             for g in opt.param_groups:

@@ -213,15 +213,17 @@ def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path):
 
 def test_global_sgd_cuda_graphs_match_the_plain_steps(tmp_path):
     """GLOBAL_TTT_CUDA_GRAPH=1 replays global SGD's compiled forward + backward: the weight updates
-    of a few 4,096-token steps (packings in two cu_seqlens buckets) equal the plain compiled steps'
-    within bf16 noise, and the model's parameters are the ones the optimizer moved."""
+    of a few 4,096-token steps (packings in two cu_seqlens buckets, switching back and forth) equal
+    the plain compiled steps' within bf16 noise, and the model's parameters are the ones the
+    optimizer moved."""
     import numpy as np
 
     h = tg.Hyperparameters(vocab_size=512, log_dir=str(tmp_path), run_id="sgd", global_ttt_chunk_tokens=4096,
                            global_ttt_lr=0.01)
     tg.use_attention_backend("auto", torch.device("cuda"))
     rng = np.random.default_rng(0)
-    lengths = np.r_[rng.integers(20, 400, 60), rng.integers(2, 30, 300)]  # the last steps: > 64 sequences
+    # steps of < 64 sequences, then of > 64 (a second bucket), then < 64 again; the last step has lr 0
+    lengths = np.r_[rng.integers(20, 400, 30), rng.integers(2, 30, 300), rng.integers(20, 400, 60)]
     tokens = np.concatenate([np.r_[tg.BOS_ID, rng.integers(2, 512, n - 1)] for n in lengths]).astype(np.uint16)
     deltas = {}
     for graphed in (False, True):
