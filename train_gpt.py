@@ -2382,6 +2382,12 @@ class LoRABank(nn.Module):
         return slots, self.adapter("head", idx)
 
 
+def ttt_optimizer(bank, h: Hyperparameters, rt: Runtime):
+    """AdamW over a LoRA bank: phased TTT's, its warm-up's (same settings) and the profiler's."""
+    return torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
+                             weight_decay=h.ttt_weight_decay, fused=rt.device.type == "cuda")
+
+
 def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums):
     """Score-first LoRA TTT over one batch of documents, chunk by chunk: chunk ci of every
     document is scored with adapters trained on that document's chunks < ci only, then (if not
@@ -2570,8 +2576,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
                     bank = LoRABank(len(batch), n_slots, h, rt.device)
                 else:
                     bank.reset(h.ttt_warm_start_a)
-                opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
-                                        weight_decay=h.ttt_weight_decay, fused=rt.device.type == "cuda")
+                opt = ttt_optimizer(bank, h, rt)
                 ttt_batch(model, batch, val, bank, opt, h, sums)
                 n_ttt += len(batch)
                 rt.sync()  # the batch's device time: ttt_batch itself never waits for the device
@@ -2648,7 +2653,7 @@ def ttt_warmup(model, h: Hyperparameters, rt: Runtime):
     model.requires_grad_(False)
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
         bank = LoRABank(n, len(sum(model.layer_plan(True), [])), h, rt.device)
-    opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, fused=rt.device.type == "cuda")
+    opt = ttt_optimizer(bank, h, rt)
     batch = [(i * (2 * C + 1), 2 * C) for i in range(n)]
     ttt_batch(model, batch, noise, bank, opt, h, torch.zeros(3, dtype=torch.float64, device=rt.device))
     del bank, opt

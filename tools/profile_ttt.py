@@ -29,8 +29,7 @@ def main():
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
 
     bank = tg.LoRABank(n, n_slots, h, rt.device)
-    opt = torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
-                            weight_decay=h.ttt_weight_decay, fused=rt.device.type == "cuda")
+    opt = tg.ttt_optimizer(bank, h, rt)
 
     def run(length):  # as phased_ttt: one bank and optimizer, reset per batch
         bank.reset(h.ttt_warm_start_a)
