@@ -39,6 +39,17 @@ def test_fused_xielu_matches_reference(layer, m):
     assert rel_err(gc, gc_r) < 1e-2
 
 
+def perturbed_gpt(h):
+    """GPT(h) on the CPU (seed 1) with its matrices moved off the zero init, so every block contributes."""
+    torch.manual_seed(1)
+    model = tg.GPT(h)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.role == "matrix":
+                p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
 def random_packed(n_seq, max_len, heads=8, kv_heads=4, d=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, max_len, (n_seq,), generator=g)
@@ -181,12 +192,7 @@ def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path):
     dyn.counters.clear()
     scores, seconds = {}, {}
     for compiled in (False, True):
-        torch.manual_seed(1)
-        model = tg.GPT(h)
-        with torch.no_grad():  # leave the zero-init state so every block contributes
-            for p in model.parameters():
-                if p.role == "matrix":
-                    p.add_(torch.randn_like(p) * 0.02)
+        model = perturbed_gpt(h)
         rt = tg.Runtime(h)
         rt.compile = compiled
         model = rt.place(model)
@@ -227,12 +233,7 @@ def test_global_sgd_cuda_graphs_match_the_plain_steps(tmp_path):
     tokens = np.concatenate([np.r_[tg.BOS_ID, rng.integers(2, 512, n - 1)] for n in lengths]).astype(np.uint16)
     deltas = {}
     for graphed in (False, True):
-        torch.manual_seed(1)
-        model = tg.GPT(h)
-        with torch.no_grad():  # leave the zero-init state so every block contributes
-            for p in model.parameters():
-                if p.role == "matrix":
-                    p.add_(torch.randn_like(p) * 0.02)
+        model = perturbed_gpt(h)
         rt = tg.Runtime(h)
         model = rt.place(model)
         before = torch.cat([p.detach().float().flatten() for p in model.parameters()])
