@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -167,6 +168,7 @@ class Hyperparameters:
     eval_budget_seconds: float = 600.0
     ttt_enabled: bool = True
     ttt_compile: bool = True  # 0: TTT eager (the fallback if its compiled graphs fail)
+    ttt_cuda_graph: bool = True  # TTT chunk steps replayed as CUDA graphs (StepGraphs)
     ttt_batch_size: int = 64
     ttt_batch_grow: int = 1  # short documents' batches up to this many times TTT_BATCH_SIZE (ttt_plan)
     ttt_chunk_size: int = 48
@@ -186,7 +188,8 @@ class Hyperparameters:
     global_ttt_chunk_tokens: int = 32768
     global_ttt_seq_len: int = 2048
     global_ttt_grad_clip: float = 1.0
-    global_ttt_cuda_graph: bool = False  # global SGD's forward + backward replayed as CUDA graphs (compiled runs)
+    global_ttt_cuda_graph: bool = True  # global SGD's forward + backward replayed as CUDA graphs
+    global_ttt_compile: bool = False  # 1: global SGD compiled (~80 s of compile for ~2x faster kernels)
     # distributed (set by torchrun)
     rank: int = 0
     world_size: int = 1
@@ -2187,7 +2190,8 @@ def load_artifact_model(h: Hyperparameters, rt: Runtime):
     with open(h.artifact_path, "rb") as f:
         qstate = unpack_artifact(f.read())
     t.append(time.perf_counter())
-    model = GPT(h)
+    with rt.device:  # its random init is overwritten, and on the device's host its CPU QRs took ~13 s
+        model = GPT(h)
     t.append(time.perf_counter())
     model.load_state_dict(dequantize_state(qstate, model.state_dict(), h.lqer_group), strict=True)
     model = rt.place(model)
@@ -2384,32 +2388,134 @@ class LoRABank(nn.Module):
 
 def ttt_optimizer(bank, h: Hyperparameters, rt: Runtime):
     """AdamW over a LoRA bank: phased TTT's, its warm-up's (same settings) and the profiler's."""
+    fused = rt.device.type == "cuda"
     return torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
-                             weight_decay=h.ttt_weight_decay, fused=rt.device.type == "cuda")
+                             weight_decay=h.ttt_weight_decay, fused=fused, capturable=fused and h.ttt_cuda_graph)
 
 
-def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums):
+@torch.no_grad()
+def ttt_reset(bank, opt, warm_a):
+    """A new batch on the same bank: adapters reset (LoRABank.reset) and the optimizer's state zeroed
+    in place, which is a fresh optimizer's first step; tensors keep their addresses (StepGraphs)."""
+    bank.reset(warm_a)
+    for state in opt.state.values():
+        for t in state.values():
+            t.zero_()
+
+
+def ttt_row_bucket(T, W):
+    """TTT_CUDA_GRAPH's row lengths: 64, 128, 192, 256, 384, 512, 768, ... (<= 1.5x the length),
+    at most W rounded up to whole 64-token tiles: few shapes, so few graphs."""
+    b = 1 << max(6, (T - 1).bit_length())
+    return min(3 * b // 4 if b >= 256 and 3 * b // 4 >= T else b, -(-W // 64) * 64)
+
+
+def pad_chunk(chunk: TTTChunk, n_rows, T) -> TTTChunk:
+    """The chunk with n_rows rows of T tokens: rows padded at the end (causal: no real token sees
+    them), extra rows copy the first document's index with nothing scored or trained."""
+    extra = n_rows - len(chunk.rows)
+    rows, x = np.r_[chunk.rows, np.full(extra, chunk.rows[0])], np.pad(chunk.x, ((0, extra), (0, T - chunk.x.shape[1])))
+    return TTTChunk(rows, x, *(np.pad(a, ((0, extra), (0, 0))) for a in chunk[2:]))
+
+
+def ttt_step(model, bank, opt, inputs, view, train, sums):
+    """One TTT chunk step on the device: score the chunk (into sums) with the documents' adapters
+    (view: the whole bank in order), then, if train, one AdamW step on its training loss."""
+    rows, x, pos, targets, valid, weight, nbytes = inputs
+    n, T = x.shape
+    cu = torch.arange(n + 1, device=x.device, dtype=torch.int32) * T
+    lora, head = bank.select(None if view else rows)
+    # No cast cache: a CUDA graph capture must record every cast (same values).
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda, cache_enabled=False):
+        hid = model.hidden(x, cu, T, lora)[torch.arange(n, device=x.device)[:, None], pos]
+        logits = model.head_logits(hid, head)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    with torch.no_grad():
+        sums += torch.stack([(ce.double() * valid).sum(), valid.sum().double(), nbytes.sum().double()])
+    if train:
+        (ce * weight).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def can_capture(rt: Runtime):
+    """CUDA graphs need CUDA and an attention backend that never reads cu_seqlens on the host (SDPA does)."""
+    return rt.device.type == "cuda" and ATTENTION_BACKEND in ("varlen", "fa3")
+
+
+def ttt_step_graphs(h: Hyperparameters, rt: Runtime):
+    """A new bank's StepGraphs (TTT_CUDA_GRAPH=1 where it can capture), or None: plain steps."""
+    return StepGraphs(capture=True) if h.ttt_cuda_graph and can_capture(rt) else None
+
+
+class StepGraphs:
+    """TTT_CUDA_GRAPH=1: chunk steps of one bank replayed as CUDA graphs, one per (view, train, rows,
+    row length) of the padded chunk (pad_chunk; ttt_row_bucket), captured when a shape comes the
+    second time (the first runs plain: a shape seen once costs no capture). A chunk step of short
+    documents is bound by the host (~2,200 launches for ~40 ms of kernels); replayed, it is not.
+    One memory pool: no graph's output outlives its replay (scores add into sums in place,
+    gradients are freed inside, optimizer state was made by a plain step). capture=False (CPU, the
+    SDPA backend, which reads cu_seqlens on the host): plain steps on the same padded shapes."""
+
+    def __init__(self, capture):
+        self.capture, self.graphs, self.seen = capture, {}, Counter()
+        if capture:
+            self.pool, self.side = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+
+    def on_side(self, fn):
+        # Capture is on a side stream, warmed by a plain step there first (its cuBLAS workspace).
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            fn()
+        torch.cuda.current_stream().wait_stream(self.side)
+
+    def run(self, key, chunk: TTTChunk, step, device):
+        if key in self.graphs:
+            graph, static = self.graphs[key]
+            for t, a in zip(static, chunk):
+                t.copy_(torch.from_numpy(a).pin_memory(), non_blocking=True)
+            graph.replay()
+            return
+        inputs = tuple(to_device(a, device) for a in chunk)
+        self.seen[key] += 1
+        if not self.capture or self.seen[key] == 1 and len(self.seen) > 1:
+            step(inputs)
+        elif self.seen[key] == 1:
+            self.on_side(lambda: step(inputs))
+        else:
+            graph = torch.cuda.CUDAGraph()
+
+            def capture():
+                graph.capture_begin(pool=self.pool)
+                try:
+                    step(inputs)
+                finally:
+                    graph.capture_end()
+            self.on_side(capture)
+            self.graphs[key] = graph, inputs
+            graph.replay()
+
+
+def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums, graphs=None):
     """Score-first LoRA TTT over one batch of documents, chunk by chunk: chunk ci of every
     document is scored with adapters trained on that document's chunks < ci only, then (if not
     its last chunk) the adapters take one step on it. No host sync: whether a step follows is
-    known on the host."""
+    known on the host. graphs (StepGraphs): the steps on padded shapes, replayed."""
     device = sums.device
     for ci in range(max(-(-n // h.ttt_chunk_size) for _, n in batch)):
         chunk = ttt_chunk(val, batch, ci, h.ttt_chunk_size, h.ttt_eval_seq_len)
-        rows, x, pos, targets, valid, weight, nbytes = (to_device(a, device) for a in chunk)
+        view = np.array_equal(chunk.rows, np.arange(bank.n_docs))
+        train = bool(chunk.weight.any())
+
+        def step(inputs):
+            ttt_step(model, bank, opt, inputs, view, train, sums)
+        if graphs is None:
+            step(tuple(to_device(a, device) for a in chunk))
+            continue
         n, T = chunk.x.shape
-        cu = torch.arange(n + 1, device=device, dtype=torch.int32) * T
-        lora, head = bank.select(None if np.array_equal(chunk.rows, np.arange(bank.n_docs)) else rows)
-        with bf16_autocast(device):
-            hid = model.hidden(x, cu, T, lora)[torch.arange(n, device=device)[:, None], pos]
-            logits = model.head_logits(hid, head)
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-        with torch.no_grad():
-            sums += torch.stack([(ce.double() * valid).sum(), valid.sum().double(), nbytes.sum().double()])
-        if chunk.weight.any():
-            (ce * weight).sum().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        chunk = pad_chunk(chunk, n if view else max(n, min(bank.n_docs, 1 << (n - 1).bit_length())),
+                          ttt_row_bucket(T, h.ttt_eval_seq_len))
+        graphs.run((chunk.x.shape, view, train, sums.data_ptr()), chunk, step, device)
 
 
 def sgd_step_graphs(model, params, h: Hyperparameters):
@@ -2470,22 +2576,22 @@ def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
     autocast = bf16_autocast(rt.device)
-    # The SDPA reference path reads cu_seqlens on the host: no capture there.
-    graphed = sgd_step_graphs(model, params, h) if h.global_ttt_cuda_graph and rt.compile and \
-        ATTENTION_BACKEND in ("varlen", "fa3") else None
-    for _ in range(h.global_ttt_epochs):
-        for ci in range(n):
-            for g in opt.param_groups:
-                g["lr"] = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n - 1, 1)))
-            piece = stream[ci * chunk + rt.rank * per_rank:ci * chunk + (rt.rank + 1) * per_rank + 1].astype(np.int64)
-            x, y, cu, max_len = packed_batch(piece, h.global_ttt_seq_len, rt.device)
-            if graphed:
-                graphed(x, y, cu)
-            else:
-                with autocast:
-                    loss = model(x, y, cu, max_len)
-                loss.backward()
-            optimizer_step([opt], params, rt, h.global_ttt_grad_clip)
+    graphed = sgd_step_graphs(model, params, h) if h.global_ttt_cuda_graph and can_capture(rt) else None
+    # GLOBAL_TTT_COMPILE=0: no compile of SGD's own graphs (~80 s on the H200); replayed, no host cost either.
+    with contextlib.nullcontext() if h.global_ttt_compile else torch.compiler.set_stance("force_eager"):
+        for _ in range(h.global_ttt_epochs):
+            for ci in range(n):
+                for g in opt.param_groups:
+                    g["lr"] = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n - 1, 1)))
+                piece = stream[ci * chunk + rt.rank * per_rank:ci * chunk + (rt.rank + 1) * per_rank + 1]
+                x, y, cu, max_len = packed_batch(piece.astype(np.int64), h.global_ttt_seq_len, rt.device)
+                if graphed:
+                    graphed(x, y, cu)
+                else:
+                    with autocast:
+                        loss = model(x, y, cu, max_len)
+                    loss.backward()
+                optimizer_step([opt], params, rt, h.global_ttt_grad_clip)
     for p in params:
         p.requires_grad_(False)
 
@@ -2555,7 +2661,10 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
         if batches else 0.0
     sgd_token_s, calibrated, prev_work = None, False, 0
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    bank, phase, done, t0, stopped, n_ttt = None, 0, 0, time.perf_counter(), False, 0
+    bank, phase, done, t0, stopped, n_ttt, fresh_a = None, 0, 0, time.perf_counter(), False, 0, False
+    if (h.ttt_cuda_graph or h.global_ttt_cuda_graph) and not can_capture(rt):
+        rt.log(f"ttt: no CUDA graphs on {rt.device.type} with {ATTENTION_BACKEND} attention (TTT_CUDA_GRAPH, "
+               "GLOBAL_TTT_CUDA_GRAPH): plain steps")
     n_slots = len(sum(model.layer_plan(True), []))
     progress = Progress(rt, "ttt batches", len(batches))
     for bi, batch in enumerate(batches):
@@ -2572,12 +2681,14 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
                 left += mine[bi]
             else:
                 if bank is None or bank.n_docs != len(batch):
-                    bank = opt = None  # the old bank and its optimizer state go first
+                    bank = opt = graphs = None  # the old bank, its optimizer state and graphs go first
                     bank = LoRABank(len(batch), n_slots, h, rt.device)
+                    opt = ttt_optimizer(bank, h, rt)
+                    graphs = ttt_step_graphs(h, rt)
                 else:
-                    bank.reset(h.ttt_warm_start_a)
-                opt = ttt_optimizer(bank, h, rt)
-                ttt_batch(model, batch, val, bank, opt, h, sums)
+                    ttt_reset(bank, opt, h.ttt_warm_start_a and not fresh_a)
+                fresh_a = False
+                ttt_batch(model, batch, val, bank, opt, h, sums, graphs)
                 n_ttt += len(batch)
                 rt.sync()  # the batch's device time: ttt_batch itself never waits for the device
                 elapsed = time.perf_counter() - t1
@@ -2598,7 +2709,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
             if not rt.any_rank(stopped or t1 + sgd_s + token_s * (after[bi] + left) > deadline):
                 global_sgd(model, stream, h, rt)
                 sgd_token_s = (time.perf_counter() - t1) / len(stream)
-                bank = opt = None  # fresh adapters on the adapted base
+                fresh_a = True  # fresh adapters on the adapted base: A re-drawn, as in a new bank
                 rt.log(f"ttpp: phase:{phase + 1}/{len(boundaries)} pd:{done} gd:{boundaries[phase]} "
                        f"sgd:{time.perf_counter() - t1:.1f}s t:{time.perf_counter() - t0:.1f}s")
             else:

@@ -156,12 +156,12 @@ class Recorder:
             self._check_sums(n0, sums, "eval_windows")
             return sums
 
-        def rec_ttt(model_, batch, val_, bank, opt, h_, sums):
+        def rec_ttt(model_, batch, val_, bank, opt, h_, sums, graphs=None):
             n0, C = len(self.log), h_.ttt_chunk_size
             self._ttt = {"batch": list(batch), "ci": 0}
             local = torch.zeros_like(sums)
             try:
-                REAL.ttt_batch(model_, batch, val_, bank, opt, h_, local)
+                REAL.ttt_batch(model_, batch, val_, bank, opt, h_, local, graphs)
             finally:
                 ctx, self._ttt = self._ttt, None
             assert ctx["ci"] == max(-(-n // C) for _, n in batch), "one scoring CE per chunk expected"
@@ -307,23 +307,23 @@ def unmasked_embed(self, ids, cu_seqlens):
 
 def two_pass_ttt(inner):
     """Adapts the LoRA on the whole document first (unscored), then scores it: update before score."""
-    def ttt(model, batch, val, bank, opt, h, sums):
-        REAL.ttt_batch(model, batch, val, bank, opt, h, torch.zeros_like(sums))
-        inner(model, batch, val, bank, opt, h, sums)
+    def ttt(model, batch, val, bank, opt, h, sums, graphs=None):
+        REAL.ttt_batch(model, batch, val, bank, opt, h, torch.zeros_like(sums), graphs)
+        inner(model, batch, val, bank, opt, h, sums, graphs)
     return ttt
 
 
 def double_scoring_ttt(inner):
-    def ttt(model, batch, val, bank, opt, h, sums):
-        inner(model, batch, val, bank, opt, h, sums)
-        inner(model, batch, val, bank, opt, h, sums)
+    def ttt(model, batch, val, bank, opt, h, sums, graphs=None):
+        inner(model, batch, val, bank, opt, h, sums, graphs)
+        inner(model, batch, val, bank, opt, h, sums, graphs)
     return ttt
 
 
 def window_truncated_ttt(inner):
     """Forgets the targets of a document beyond the TTT window."""
-    def ttt(model, batch, val, bank, opt, h, sums):
-        inner(model, [(s, min(n, h.ttt_eval_seq_len)) for s, n in batch], val, bank, opt, h, sums)
+    def ttt(model, batch, val, bank, opt, h, sums, graphs=None):
+        inner(model, [(s, min(n, h.ttt_eval_seq_len)) for s, n in batch], val, bank, opt, h, sums, graphs)
     return ttt
 
 
@@ -1008,9 +1008,9 @@ def test_ttt_warmup_reads_no_val_data_and_leaves_the_model_bit_identical(tmp_pat
     rng = torch.get_rng_state()
     seen, moved, stepped = [], [], []
 
-    def ttt(model_, batch, val_, bank, opt, h_, sums):
+    def ttt(model_, batch, val_, bank, opt, h_, sums, graphs=None):
         seen.append(val_.tokens)
-        REAL.ttt_batch(model_, batch, val_, bank, opt, h_, sums)
+        REAL.ttt_batch(model_, batch, val_, bank, opt, h_, sums, graphs)
         stepped.append(bool(opt.state))
 
     def sgd(model_, stream, h_, rt_):

@@ -135,6 +135,90 @@ def test_ttt_chunk_rows_windows_and_weights(C, W):
     assert scored == Counter(j for s, n in batch for j in range(s + 1, s + n + 1)), "every target once"
 
 
+def test_ttt_row_bucket_few_lengths_within_1_5x():
+    """TTT_CUDA_GRAPH's row lengths: whole 64-token tiles, at least the row, at most 1.5x it (2x
+    up to 256), at most the window: 10 lengths for every row up to 2,048."""
+    for W in (2048, 2000, 130, 64):
+        top = -(-W // 64) * 64
+        buckets = {tg.ttt_row_bucket(T, W) for T in range(64, top + 1, 64)}
+        for T in range(64, top + 1, 64):
+            b = tg.ttt_row_bucket(T, W)
+            assert b % 64 == 0 and T <= b <= top and (b <= 1.5 * T or b <= 2 * T <= 512)
+        assert max(buckets) == top
+    assert sorted({tg.ttt_row_bucket(T, 2048) for T in range(64, 2049, 64)}) == \
+        [64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+
+
+def test_pad_chunk_adds_only_unscored_untrained_tokens():
+    val = make_val((12, 45, 30, 3, 1, 40, 20, 70, 9, 25, 16, 37, 33, 6, 300))
+    spans = tg.document_spans(val.tokens)
+    batch = [spans[i] for i in (14, 1, 7)]
+    ch = tg.ttt_chunk(val, batch, 9, 5, 130)  # documents 0 and 1 have a chunk 9
+    p = tg.pad_chunk(ch, 4, 192)
+    R, T = ch.x.shape
+    assert p.x.shape == (4, 192) and all(a.shape == (4, 5) for a in p[2:])
+    assert list(p.rows) == list(ch.rows) + [ch.rows[0]] * (4 - R)
+    assert np.array_equal(p.x[:R, :T], ch.x) and not p.x[:, T:].any() and not p.x[R:].any()
+    for a, b in zip(p[2:], ch[2:]):
+        assert np.array_equal(a[:R], b) and not a[R:].any()
+
+
+def test_padded_ttt_steps_score_and_adapt_as_the_plain_ones(tmp_path, monkeypatch):
+    """TTT_CUDA_GRAPH=1's StepGraphs without capture (the CPU: the padded shapes its graphs use, run plain):
+    rows padded to the batch's bank size or a power of two and to ttt_row_bucket lengths, over
+    batches, phases, a grown batch and a lone document; the scores are the unpadded run's."""
+    h = make_h(tmp_path, ttt_batch_size=6, ttt_eval_seq_len=400, ttt_max_doc_tokens=400, ttt_chunk_size=16,
+               ttt_batch_grow=2, phased_ttt_prefix_docs=8, phased_ttt_num_phases=2)
+    val = make_val((330, 260, 200, 150, 140, 90, 70, 45, 40, 37, 33, 30, 25, 20, 16, 12, 9, 5, 3, 1))
+    shapes, plain_shapes = Counter(), Counter()
+    step = tg.ttt_step
+
+    def spy(model, bank, opt, inputs, view, train, sums):
+        (shapes if h.ttt_cuda_graph else plain_shapes)[inputs[1].shape, bank.n_docs] += 1
+        return step(model, bank, opt, inputs, view, train, sums)
+    monkeypatch.setattr(tg, "ttt_step", spy)
+    assert tg.ttt_step_graphs(h, tg.Runtime(h)) is None  # no capture on the CPU: plain steps, no padding
+    monkeypatch.setattr(tg, "ttt_step_graphs", lambda h_, rt: tg.StepGraphs(capture=False) if h_.ttt_cuda_graph else None)
+    out = {}
+    for graphed in (False, True):
+        h.ttt_cuda_graph = graphed
+        model = make_model(h)
+        torch.manual_seed(1234)
+        out[graphed] = tg.phased_ttt(model, h, tg.Runtime(h), val, math.inf)
+    assert sum(shapes.values()) == sum(plain_shapes.values())
+    assert {s[0][1] for s in shapes} == {64, 128, 192, 256, 384} and 320 in {s[0][1] for s in plain_shapes}
+    assert any(s[0][0] > r[0][0] for s in shapes for r in plain_shapes), "no row was padded"
+    assert out[True][2] == out[False][2] == len(val.tokens) - 1
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+    assert out[True][1] == pytest.approx(out[False][1], rel=1e-6)
+
+
+def test_ttt_reset_is_a_fresh_optimizer_on_the_same_tensors(tmp_path):
+    """phased_ttt keeps one bank and optimizer while the batch size holds (StepGraphs replays on
+    their addresses): after ttt_reset a batch adapts exactly as with a fresh optimizer."""
+    h = make_h(tmp_path, ttt_batch_size=2)
+    val = make_val()
+    spans = tg.document_spans(val.tokens)
+    model = make_model(h).requires_grad_(False)
+    rt = tg.Runtime(h)
+    n_slots = len(sum(model.layer_plan(True), []))
+    torch.manual_seed(0)
+    bank = tg.LoRABank(2, n_slots, h)
+    opt = tg.ttt_optimizer(bank, h, rt)
+    sums = torch.zeros(3, dtype=torch.float64)
+    tg.ttt_batch(model, [spans[5], spans[2]], val, bank, opt, h, sums)
+    ptrs = [p.data_ptr() for p in bank.parameters()] + [t.data_ptr() for st in opt.state.values() for t in st.values()]
+    tg.ttt_reset(bank, opt, warm_a=True)
+    assert ptrs == [p.data_ptr() for p in bank.parameters()] + \
+        [t.data_ptr() for st in opt.state.values() for t in st.values()]
+    fresh = tg.LoRABank(2, n_slots, h)
+    fresh.load_state_dict(bank.state_dict())
+    for b in (bank, fresh):
+        tg.ttt_batch(model, [spans[11], spans[12]], val, b, opt if b is bank else tg.ttt_optimizer(fresh, h, rt), h, sums)
+    for p, q in zip(bank.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+
+
 # ---------------------------------------------------------------------------------------
 # LoRABank: adapters by name
 # ---------------------------------------------------------------------------------------
@@ -288,6 +372,25 @@ def test_ttt_compile_mode(tmp_path):
         with tg.ttt_compile_mode(make_h(tmp_path, ttt_compile=ttt_compile), rt):
             assert (torch.compiler.config.dynamic_sources, ef._stance.stance) == (sources, stance)
         assert (torch.compiler.config.dynamic_sources, ef._stance.stance) == (before, "default")
+
+
+@pytest.mark.parametrize("sgd_compile", [True, False])
+def test_global_sgd_runs_eager_with_global_ttt_compile_0(tmp_path, monkeypatch, sgd_compile):
+    """GLOBAL_TTT_COMPILE=0: global SGD's forward runs under the force_eager stance (none of its
+    graphs compiles), then the stance is back; 1: the stance it was called in. The steps are the
+    same either way."""
+    import torch._dynamo.eval_frame as ef
+
+    h = make_h(tmp_path, global_ttt_compile=sgd_compile, global_ttt_chunk_tokens=64)
+    rt = tg.Runtime(h)
+    model, stances = make_model(h), []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: stances.append(ef._stance.stance) or forward(*a, **k))
+    before = [p.detach().clone() for p in model.parameters()]
+    tg.global_sgd(model, make_val().tokens[:257], h, rt)
+    assert stances == ["default" if sgd_compile else "force_eager"] * 4
+    assert ef._stance.stance == "default"
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 # ---------------------------------------------------------------------------------------

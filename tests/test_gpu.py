@@ -170,28 +170,36 @@ def test_compiled_step_has_no_graph_break_or_recompile():
     assert dyn.counters["stats"]["unique_graphs"] == graphs
 
 
-def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path):
+def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path, monkeypatch):
     """Phased TTT on the compiled model in the eval's order (diagnostic, warm-up on random tokens,
     TTT) at the record's TTT settings, under fail_on_recompile: chunks of 1 to 64 documents in
     windows of 64 to 2048 tokens, global SGD and the leftovers' windows compile nothing after the
-    warm-up and break no graph, and the score matches eager TTT's. Prints both times (-s)."""
+    warm-up and break no graph, and the score matches eager TTT's; so does it with CUDA graphs
+    (TTT_CUDA_GRAPH=1: padded chunk steps captured and replayed; global SGD eager and replayed),
+    which capture some graphs. Prints the times (-s)."""
+    import dataclasses
     import math
     import time
 
     import numpy as np
     import torch._dynamo.utils as dyn
 
-    h = tg.Hyperparameters(vocab_size=512, log_dir=str(tmp_path), run_id="ttt", ttt_max_doc_tokens=4000,
-                           phased_ttt_prefix_docs=96)
+    h0 = tg.Hyperparameters(vocab_size=512, log_dir=str(tmp_path), run_id="ttt", ttt_max_doc_tokens=4000,
+                            phased_ttt_prefix_docs=96)
     tg.use_attention_backend("auto", torch.device("cuda"))
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(6.2, 1.0, 200), 20, 6000).astype(int)  # FineWeb-like: median ~500
     tokens = np.concatenate([np.r_[tg.BOS_ID, rng.integers(2, 512, n - 1)] for n in lengths]).astype(np.uint16)
     val = tg.ValSet(tokens, np.ones(len(tokens), dtype=np.int64))
+    step_graphs, real_step_graphs = [], tg.StepGraphs
+    monkeypatch.setattr(tg, "StepGraphs", lambda capture: step_graphs.append(real_step_graphs(capture)) or step_graphs[-1])
     torch._dynamo.reset()
     dyn.counters.clear()
-    scores, seconds = {}, {}
-    for compiled in (False, True):
+    scores, seconds, recompiled = {}, {}, {}
+    plain = dict(ttt_cuda_graph=False, global_ttt_cuda_graph=False, global_ttt_compile=True)
+    graphed = dict(ttt_cuda_graph=True, global_ttt_cuda_graph=True, global_ttt_compile=False)  # the defaults
+    for mode, compiled, kw in (("eager", False, plain), ("compiled", True, plain), ("graphs", True, graphed)):
+        h = dataclasses.replace(h0, **kw)
         model = perturbed_gpt(h)
         rt = tg.Runtime(h)
         rt.compile = compiled
@@ -201,27 +209,33 @@ def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path):
             t0 = time.perf_counter()
             if compiled:
                 tg.ttt_warmup(model, h, rt)
-                graphs = dyn.counters["stats"]["unique_graphs"]
+            graphs = dyn.counters["stats"]["unique_graphs"]
             t1 = time.perf_counter()
             torch.manual_seed(1234)
             with torch.compiler.set_stance("fail_on_recompile" if compiled else "default"):
-                scores[compiled] = tg.phased_ttt(model, h, rt, val, math.inf)
+                scores[mode] = tg.phased_ttt(model, h, rt, val, math.inf)
             torch.cuda.synchronize()
-            seconds[compiled] = (t1 - t0, time.perf_counter() - t1)
+            seconds[mode] = (t1 - t0, time.perf_counter() - t1)
+            recompiled[mode] = dyn.counters["stats"]["unique_graphs"] - graphs
     tg.use_attention_backend("sdpa", torch.device("cuda"))
-    print(f"phased TTT on {len(lengths)} documents: eager {seconds[False][1]:.1f}s, compiled {seconds[True][1]:.1f}s "
-          f"after a {seconds[True][0]:.1f}s warm-up; val_loss eager {scores[False][0]:.5f} compiled {scores[True][0]:.5f}")
+    print(f"phased TTT on {len(lengths)} documents: " + ", ".join(
+        f"{m} {seconds[m][1]:.1f}s after a {seconds[m][0]:.1f}s warm-up, val_loss {scores[m][0]:.5f}" for m in scores) +
+        f"; CUDA graphs captured: {sum(len(g.graphs) for g in step_graphs)}")
+    assert sum(len(g.graphs) for g in step_graphs) > 0
     assert not dyn.counters["graph_break"], dict(dyn.counters["graph_break"])
-    assert dyn.counters["stats"]["unique_graphs"] == graphs
-    assert scores[True][2] == scores[False][2] == len(tokens) - 1
-    assert abs(scores[True][0] - scores[False][0]) < 1e-2 * scores[False][0]
+    assert recompiled["compiled"] == recompiled["graphs"] == 0
+    for mode in ("compiled", "graphs"):
+        assert scores[mode][2] == scores["eager"][2] == len(tokens) - 1
+        assert abs(scores[mode][0] - scores["eager"][0]) < 1e-2 * scores["eager"][0], mode
 
 
 def test_global_sgd_cuda_graphs_match_the_plain_steps(tmp_path):
-    """GLOBAL_TTT_CUDA_GRAPH=1 replays global SGD's compiled forward + backward: the weight updates
-    of a few 4,096-token steps (packings in two cu_seqlens buckets, switching back and forth) equal
-    the plain compiled steps' within bf16 noise, and the model's parameters are the ones the
-    optimizer moved."""
+    """GLOBAL_TTT_CUDA_GRAPH=1 replays global SGD's forward + backward, compiled or eager
+    (GLOBAL_TTT_COMPILE=0): the weight updates of a few 4,096-token steps (packings in two
+    cu_seqlens buckets, switching back and forth) equal the plain compiled steps' within bf16
+    noise, as do the plain eager steps', and the model's parameters are the ones the optimizer moved."""
+    import time
+
     import numpy as np
 
     h = tg.Hyperparameters(vocab_size=512, log_dir=str(tmp_path), run_id="sgd", global_ttt_chunk_tokens=4096,
@@ -232,16 +246,20 @@ def test_global_sgd_cuda_graphs_match_the_plain_steps(tmp_path):
     lengths = np.r_[rng.integers(20, 400, 30), rng.integers(2, 30, 300), rng.integers(20, 400, 60)]
     tokens = np.concatenate([np.r_[tg.BOS_ID, rng.integers(2, 512, n - 1)] for n in lengths]).astype(np.uint16)
     deltas = {}
-    for graphed in (False, True):
+    for graphed, compiled in ((False, True), (True, True), (True, False), (False, False)):
         model = perturbed_gpt(h)
         rt = tg.Runtime(h)
         model = rt.place(model)
         before = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-        h.global_ttt_cuda_graph = graphed
+        h.global_ttt_cuda_graph, h.global_ttt_compile = graphed, compiled
         with tg.ttt_compile_mode(h, rt):
+            t0 = time.perf_counter()
             tg.global_sgd(model, tokens, h, rt)
-        torch.cuda.synchronize()
-        deltas[graphed] = torch.cat([p.detach().float().flatten() for p in model.parameters()]) - before
+            torch.cuda.synchronize()
+        print(f"global SGD graphed={graphed} compiled={compiled}: {time.perf_counter() - t0:.2f}s")
+        deltas[graphed, compiled] = torch.cat([p.detach().float().flatten() for p in model.parameters()]) - before
     tg.use_attention_backend("sdpa", torch.device("cuda"))
-    assert deltas[False].abs().max() > 0
-    assert rel_err(deltas[True], deltas[False]) < 5e-2
+    ref = deltas.pop((False, True))
+    assert ref.abs().max() > 0
+    for key, d in deltas.items():
+        assert rel_err(d, ref) < 5e-2, key

@@ -9,7 +9,8 @@
 #   eval    tools/eval_artifact.py --precompile --compile-times on the proxy val
 #   fweval  the same on a FineWeb-shaped rank's val (tools/eval_workload.py, 6,250 documents), with a
 #           timing stand-in artifact made from the untrained model (--make-artifact; scores mean nothing)
-#   prof    tools/profile_ttt.py (TTT ms/step by document length, a profiled batch, eager global SGD)
+#   gputest tests/test_gpu.py (-s: its printed timings)
+#   prof    tools/profile_ttt.py (TTT ms/step by document length, a profiled batch, global SGD)
 # eval jobs read ARTIFACT_PATH from their ENV, e.g. ARTIFACT_PATH=/tmp/evaldev/base.pgq (a train job's).
 # Example: bash tools/device_eval.sh start 0 fweval:fw=EVAL_BUDGET_SECONDS=1200
 #          bash tools/device_eval.sh start 1 train:base
@@ -26,6 +27,7 @@ job() {  # KIND:NAME[=ENV,...]
   eval) env RUN_ID=$name "${extra[@]}" python3 tools/eval_artifact.py --precompile --compile-times > $W/$name.log 2>&1 ;;
   fweval) env RUN_ID=$name DATA_PATH=/tmp/fwval ARTIFACT_PATH=$W/$name.timing GPTQ_CALIBRATION_TOKENS=262144 \
             "${extra[@]}" python3 tools/eval_artifact.py --make-artifact --precompile --compile-times > $W/$name.log 2>&1 ;;
+  gputest) env "${extra[@]}" python3 -m pytest -q -s tests/test_gpu.py > $W/$name.log 2>&1 ;;
   prof) env PHASED_TTT_PREFIX_DOCS=0 "${extra[@]}" python3 tools/profile_ttt.py > $W/$name.log 2>&1 ;;
   *) echo "unknown job kind $kind" > $W/$name.log; false ;;
   esac
@@ -51,12 +53,12 @@ start)
 wait)
   [ -f $W/chains ] || { echo "no chain started (device_eval.sh start GPU JOB...)"; exit 2; }
   end=$((SECONDS + ${2:-540}))
-  done_all() { [ "$(grep -c finished $W/status 2>/dev/null)" -ge "$(wc -l < $W/chains)" ]; }
+  done_all() { [ "$(cat $W/status 2>/dev/null | grep -c finished)" -ge "$(wc -l < $W/chains)" ]; }
   while [ $SECONDS -lt $end ] && ! done_all; do sleep 5; done
   cat $W/status 2>/dev/null
   for f in $W/*.log; do
     echo "== $(basename $f .log)"
-    grep -hE "^compile_warmup|^training:|val_bpb|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== prof|Error|error" $f | tail -14
+    grep -hE "^compile_warmup|^training:|val_bpb|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== prof|^phased TTT on|passed|failed|Error|error" $f | tail -14
   done
   mkdir -p "${OUT:-/tmp/out}"
   tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude='*.pgq' --exclude='*.timing' -C /tmp evaldev 2>/dev/null

@@ -1,8 +1,10 @@
 """Time phased TTT's chunk steps on the GPU (issue 11): ms per step for TTT batches of documents of
-a few lengths (random tokens, untrained model, compiled as in the eval), wall vs summed kernel time
-of the steps of one batch under the profiler, and the top kernels; then global SGD's ms/step eager
-at SGD_TOKENS (default 4096: a rank's share of GLOBAL_TTT_CHUNK_TOKENS on 8 GPUs) per step. Same
-environment variables as train_gpt.py (PHASED_TTT_PREFIX_DOCS=0 skips compiling global SGD).
+a few lengths (random tokens, untrained model, compiled and replayed as in the eval; TTT_CUDA_GRAPH=0:
+not replayed), wall vs summed kernel time of the steps of one batch under the profiler, and the top
+kernels; then global SGD's ms/step at SGD_TOKENS (default 4096: a rank's share of
+GLOBAL_TTT_CHUNK_TOKENS on 8 GPUs) per step, compiled or eager and replayed or not as
+GLOBAL_TTT_COMPILE and GLOBAL_TTT_CUDA_GRAPH say. Same environment variables as train_gpt.py
+(PHASED_TTT_PREFIX_DOCS=0 skips global SGD in the warm-up; device_eval.sh's prof jobs set it).
     python3 tools/profile_ttt.py [LENGTH...]     (default 96 480 2096)"""
 import dataclasses
 import os
@@ -30,10 +32,11 @@ def main():
 
     bank = tg.LoRABank(n, n_slots, h, rt.device)
     opt = tg.ttt_optimizer(bank, h, rt)
+    graphs = tg.ttt_step_graphs(h, rt)  # TTT_CUDA_GRAPH=1 (default): replayed steps
 
     def run(length):  # as phased_ttt: one bank and optimizer, reset per batch
-        bank.reset(h.ttt_warm_start_a)
-        tg.ttt_batch(model, [(i * (length + 1), length) for i in range(n)], noise, bank, opt, h, sums)
+        tg.ttt_reset(bank, opt, h.ttt_warm_start_a)
+        tg.ttt_batch(model, [(i * (length + 1), length) for i in range(n)], noise, bank, opt, h, sums, graphs)
         rt.sync()
 
     with tg.ttt_compile_mode(h, rt):
@@ -41,7 +44,8 @@ def main():
         tg.ttt_warmup(model, h, rt)
         print(f"warm-up {time.perf_counter() - t0:.1f}s", flush=True)
         for length in lengths:
-            run(length)  # a chunk shape's first run may still autotune
+            for _ in range(2 if graphs else 1):
+                run(length)  # a chunk shape's first run may still autotune; with graphs the second captures
             t0 = time.perf_counter()
             run(length)
             steps = -(-length // C)
@@ -64,13 +68,13 @@ def main():
               f"{e.self_device_time_total / max(e.count, 1):8.1f}  {e.key[:100]}")
     cpu = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU), key=lambda e: -e.self_cpu_time_total)
     sgd_h = dataclasses.replace(h, global_ttt_chunk_tokens=int(os.environ.get("SGD_TOKENS", "4096")))
-    with torch.compiler.set_stance("force_eager"):
-        for sgd_steps in (2, 20):
-            t0 = time.perf_counter()
-            tg.global_sgd(model, tokens[:sgd_steps * sgd_h.global_ttt_chunk_tokens + 1], sgd_h, rt)
-            rt.sync()
-        print(f"global SGD eager: {1000 * (time.perf_counter() - t0) / sgd_steps:.1f} ms/step at "
-              f"{sgd_h.global_ttt_chunk_tokens} tokens/step")
+    for sgd_steps in (2, 20):
+        t0 = time.perf_counter()
+        tg.global_sgd(model, tokens[:sgd_steps * sgd_h.global_ttt_chunk_tokens + 1], sgd_h, rt)
+        rt.sync()
+    print(f"global SGD {'compiled' if h.global_ttt_compile else 'eager'}{' replayed' * h.global_ttt_cuda_graph}: "
+          f"{1000 * (time.perf_counter() - t0) / sgd_steps:.1f} ms/step at {sgd_h.global_ttt_chunk_tokens} tokens/step "
+          "(graphs captured again per call)")
     print(f"\n{'cpu ms/step':>11} {'calls/step':>10}  op (self CPU time)")
     for e in cpu[:15]:
         print(f"{e.self_cpu_time_total / 1000 / steps:11.2f} {e.count / steps:10.0f}  {e.key[:100]}")
