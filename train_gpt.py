@@ -2190,7 +2190,9 @@ def load_artifact_model(h: Hyperparameters, rt: Runtime):
     with open(h.artifact_path, "rb") as f:
         qstate = unpack_artifact(f.read())
     t.append(time.perf_counter())
-    with rt.device:  # its random init is overwritten, and on the device's host its CPU QRs took ~13 s
+    # Built where it runs: its random init is overwritten (on the device's host its CPU QRs took ~13 s),
+    # and draws nothing from the device's RNG, which TTT's LoRA draws then find as before.
+    with rt.device, torch.random.fork_rng([rt.device]) if rt.device.type == "cuda" else contextlib.nullcontext():
         model = GPT(h)
     t.append(time.perf_counter())
     model.load_state_dict(dequantize_state(qstate, model.state_dict(), h.lqer_group), strict=True)
@@ -2390,7 +2392,8 @@ def ttt_optimizer(bank, h: Hyperparameters, rt: Runtime):
     """AdamW over a LoRA bank: phased TTT's, its warm-up's (same settings) and the profiler's."""
     fused = rt.device.type == "cuda"
     return torch.optim.AdamW(bank.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=1e-10,
-                             weight_decay=h.ttt_weight_decay, fused=fused, capturable=fused and h.ttt_cuda_graph)
+                             weight_decay=h.ttt_weight_decay, fused=fused,
+                             capturable=fused and h.ttt_cuda_graph and can_capture(rt))
 
 
 @torch.no_grad()
@@ -2463,7 +2466,8 @@ class StepGraphs:
             self.pool, self.side = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
 
     def on_side(self, fn):
-        # Capture is on a side stream, warmed by a plain step there first (its cuBLAS workspace).
+        # Capture is on a side stream, warmed by the bank's first (plain) step there: cuBLAS keeps a
+        # workspace per handle and stream (the autograd thread's too), better made outside a capture.
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
             fn()
@@ -2756,8 +2760,8 @@ def ttt_warmup(model, h: Hyperparameters, rt: Runtime):
     """Compile phased TTT's graphs on random tokens (never val data), so that no TTT batch pays
     for a compile and the first one calibrates the cost predictions: a full TTT batch of two-chunk
     documents (the kernels are tuned on its sizes; a step) with a throwaway bank and optimizer, and
-    a global SGD step whose update is undone bit for bit. The RNG (LoRA draws) is restored too:
-    the run after it is the run without it."""
+    (GLOBAL_TTT_COMPILE=1) a global SGD step whose update is undone bit for bit. The RNG (LoRA
+    draws) is restored too: the run after it is the run without it."""
     C, n = h.ttt_chunk_size, h.ttt_batch_size
     tokens = np.random.default_rng(0).integers(0, h.vocab_size, max(n * (2 * C + 1), h.global_ttt_chunk_tokens) + 1)
     noise = ValSet(tokens, np.zeros(len(tokens), dtype=np.int64))
@@ -2768,7 +2772,7 @@ def ttt_warmup(model, h: Hyperparameters, rt: Runtime):
     batch = [(i * (2 * C + 1), 2 * C) for i in range(n)]
     ttt_batch(model, batch, noise, bank, opt, h, torch.zeros(3, dtype=torch.float64, device=rt.device))
     del bank, opt
-    if h.phased_ttt_prefix_docs * h.phased_ttt_num_phases > 0:
+    if h.global_ttt_compile and h.phased_ttt_prefix_docs * h.phased_ttt_num_phases > 0:  # eager: nothing to compile
         saved = [p.detach().clone() for p in model.parameters()]
         global_sgd(model, tokens[:h.global_ttt_chunk_tokens + 1], h, rt)
         with torch.no_grad():

@@ -995,12 +995,13 @@ def test_phased_ttt_with_fewer_ttt_documents_than_phases(tmp_path, monkeypatch, 
 # ---------------------------------------------------------------------------------------
 
 
-def test_ttt_warmup_reads_no_val_data_and_leaves_the_model_bit_identical(tmp_path, monkeypatch):
-    """It is given no val set (only its own random tokens), runs a TTT step and a global SGD
-    step that does move the base weights, and leaves every weight, buffer and the RNG as they
-    were."""
+@pytest.mark.parametrize("sgd_compile", [True, False])
+def test_ttt_warmup_reads_no_val_data_and_leaves_the_model_bit_identical(tmp_path, monkeypatch, sgd_compile):
+    """It is given no val set (only its own random tokens), runs a TTT step and (GLOBAL_TTT_COMPILE=1:
+    something to compile) a global SGD step that does move the base weights, and leaves every
+    weight, buffer and the RNG as they were."""
     assert list(inspect.signature(tg.ttt_warmup).parameters) == ["model", "h", "rt"]
-    h = make_h(tmp_path)
+    h = make_h(tmp_path, global_ttt_compile=sgd_compile)
     val = make_val()
     model = make_model(h)
     rt = tg.Runtime(h)  # seeds the RNG
@@ -1021,7 +1022,7 @@ def test_ttt_warmup_reads_no_val_data_and_leaves_the_model_bit_identical(tmp_pat
     monkeypatch.setattr(tg, "ttt_batch", ttt)
     monkeypatch.setattr(tg, "global_sgd", sgd)
     tg.ttt_warmup(model, h, rt)
-    assert stepped == [True] and moved == [True]  # not vacuous
+    assert stepped == [True] and moved == [True] * sgd_compile  # not vacuous
     assert not any(np.shares_memory(t, val.tokens) for t in seen)
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items()), "the warm-up changed the model"

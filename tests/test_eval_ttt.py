@@ -193,9 +193,11 @@ def test_padded_ttt_steps_score_and_adapt_as_the_plain_ones(tmp_path, monkeypatc
     assert out[True][1] == pytest.approx(out[False][1], rel=1e-6)
 
 
-def test_ttt_reset_is_a_fresh_optimizer_on_the_same_tensors(tmp_path):
+@pytest.mark.parametrize("warm_a", [True, False])
+def test_ttt_reset_is_a_fresh_bank_and_optimizer_on_the_same_tensors(tmp_path, warm_a):
     """phased_ttt keeps one bank and optimizer while the batch size holds (StepGraphs replays on
-    their addresses): after ttt_reset a batch adapts exactly as with a fresh optimizer."""
+    their addresses): after ttt_reset B is zero, A is kept (warm) or drawn as a new bank draws it,
+    and the next batch adapts exactly as with a fresh optimizer."""
     h = make_h(tmp_path, ttt_batch_size=2)
     val = make_val()
     spans = tg.document_spans(val.tokens)
@@ -207,16 +209,39 @@ def test_ttt_reset_is_a_fresh_optimizer_on_the_same_tensors(tmp_path):
     opt = tg.ttt_optimizer(bank, h, rt)
     sums = torch.zeros(3, dtype=torch.float64)
     tg.ttt_batch(model, [spans[5], spans[2]], val, bank, opt, h, sums)
+    trained_a = [a.detach().clone() for a in bank.a.values()]
     ptrs = [p.data_ptr() for p in bank.parameters()] + [t.data_ptr() for st in opt.state.values() for t in st.values()]
-    tg.ttt_reset(bank, opt, warm_a=True)
+    rng = torch.get_rng_state()
+    tg.ttt_reset(bank, opt, warm_a=warm_a)
     assert ptrs == [p.data_ptr() for p in bank.parameters()] + \
         [t.data_ptr() for st in opt.state.values() for t in st.values()]
+    assert all(not b.any() for b in bank.b.values())
+    torch.set_rng_state(rng)
+    drawn = tg.LoRABank(2, n_slots, h)  # what a new bank would draw here
+    for a, t, d in zip(bank.a.values(), trained_a, drawn.a.values()):
+        assert torch.equal(a, t if warm_a else d)
     fresh = tg.LoRABank(2, n_slots, h)
-    fresh.load_state_dict(bank.state_dict())
+    fresh.load_state_dict({**{f"a.{k}": a for k, a in zip(bank.a.keys(), trained_a if warm_a else drawn.a.values())},
+                           **{f"b.{k}": torch.zeros_like(b) for k, b in bank.b.items()}})
     for b in (bank, fresh):
         tg.ttt_batch(model, [spans[11], spans[12]], val, b, opt if b is bank else tg.ttt_optimizer(fresh, h, rt), h, sums)
     for p, q in zip(bank.parameters(), fresh.parameters()):
         assert torch.equal(p, q)
+
+
+def test_first_batch_after_a_global_sgd_phase_draws_new_adapters(tmp_path, monkeypatch):
+    """With warm-started A (the default), every batch on a kept bank keeps A except the first one
+    after a global SGD phase: fresh adapters on the adapted base, as a new bank would have."""
+    h = make_h(tmp_path, ttt_warm_start_a=True, phased_ttt_prefix_docs=9, phased_ttt_num_phases=2)
+    calls, reset = [], tg.LoRABank.reset
+    monkeypatch.setattr(tg.LoRABank, "reset", lambda self, warm_a: calls.append(("reset", warm_a)) or reset(self, warm_a))
+    sgd = tg.global_sgd
+    monkeypatch.setattr(tg, "global_sgd", lambda *a: calls.append(("sgd",)) or sgd(*a))
+    torch.manual_seed(1234)
+    tg.phased_ttt(make_model(h), h, tg.Runtime(h), make_val(), math.inf)
+    # batches [40 37 33] [30 25 20] [16 12 9] [5 3 1] on one bank; phases over 4 and 9 documents run
+    # once those are scored: after the second and the third batch
+    assert calls == [("reset", False), ("reset", True), ("sgd",), ("reset", False), ("sgd",), ("reset", False)]
 
 
 # ---------------------------------------------------------------------------------------

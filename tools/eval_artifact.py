@@ -3,7 +3,7 @@ load, quantized diagnostic, TTT warm-up, phased TTT, leftover windows), timed fr
 artifact, with no training. Same environment variables as train_gpt.py: ARTIFACT_PATH names the
 artifact, DATA_PATH the val shard (e.g. tools/eval_workload.py's FineWeb-shaped one).
 
-    python3 tools/eval_artifact.py [--make-artifact] [--precompile] [--compile-times] [--sgd-eager]
+    python3 tools/eval_artifact.py [--make-artifact] [--precompile] [--compile-times]
 
 --make-artifact  first write ARTIFACT_PATH from the untrained model (seeded init, GPTQ on train
                shards in DATA_PATH): a timing stand-in, its scores mean nothing.
@@ -11,8 +11,9 @@ artifact, DATA_PATH the val shard (e.g. tools/eval_workload.py's FineWeb-shaped 
                of val, as the training run's pre-quantization diagnostic does before the eval timer
                starts (without it: a separate eval process, where every compile counts).
 --compile-times  after the eval, print Dynamo/Inductor's compile seconds by phase, and the
-               seconds of the first TTT batch and global SGD step (the warm-up's two parts).
---sgd-eager    global SGD (its warm-up step too) runs eager: an A/B of compiling it.
+               seconds of the first TTT batch and global SGD call (the warm-up's; with
+               GLOBAL_TTT_COMPILE=0 the warm-up has no global SGD step: the first phase's).
+(GLOBAL_TTT_COMPILE=1 is the A/B of compiling global SGD.)
 """
 import argparse
 import os
@@ -47,7 +48,6 @@ def main(argv=None):
     ap.add_argument("--make-artifact", action="store_true")
     ap.add_argument("--precompile", action="store_true")
     ap.add_argument("--compile-times", action="store_true")
-    ap.add_argument("--sgd-eager", action="store_true")
     args = ap.parse_args(argv)
     h = tg.Hyperparameters.from_env()
     if not args.make_artifact and not os.path.isfile(h.artifact_path):
@@ -68,20 +68,12 @@ def main(argv=None):
             tg.eval_val(rt.place(tg.GPT(h)), h, rt, tg.ValSet(val.tokens[:n], val.target_bytes[:n]))
             rt.sync()
             rt.log(f"eval_artifact: eval graphs precompiled in {time.perf_counter() - t0:.1f}s (outside the timer)")
-        if args.sgd_eager:
-            compiled_sgd = tg.global_sgd
-
-            def eager_sgd(*a, **k):
-                with torch.compiler.set_stance("force_eager"):
-                    return compiled_sgd(*a, **k)
-
-            tg.global_sgd = eager_sgd
         seconds = {}
         if args.compile_times:
             timed_first_calls(("ttt_batch", "global_sgd"), seconds)
         tg.evaluate_artifact(h, rt, val)
         if args.compile_times:
-            rt.log("eval_artifact: first calls (the warm-up's parts): " +
+            rt.log("eval_artifact: first calls: " +
                    " ".join(f"{k}:{v:.1f}s" for k, v in seconds.items()))
             rt.log(str(torch._dynamo.utils.compile_times(repr="str", aggregate=True)))
         rt.close(ok=True)
