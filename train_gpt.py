@@ -175,6 +175,7 @@ class Hyperparameters:
     ttt_eval_seq_len: int = 2048
     ttt_max_doc_tokens: int = 16384
     ttt_lora_rank: int = 80
+    ttt_lora_targets: str = "q,k,v,o,mlp,head"  # the adapted projections (PR #1953's no_qv: k,o,mlp,head)
     ttt_lora_alpha: float = 144.0
     ttt_lora_lr: float = 1e-4
     ttt_beta2: float = 0.99
@@ -253,6 +254,9 @@ class Hyperparameters:
         need(self.attn_gate in ("out", "sparse", "none"), "ATTN_GATE", "expected out, sparse or none")
         need(self.mlp_act in ("xielu", "leaky_relu2"), "MLP_ACT", "expected xielu or leaky_relu2")
         need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"), "ATTN_BACKEND", "expected auto, fa3, varlen or sdpa")
+        targets = self.ttt_lora_targets.split(",")
+        need(set(targets) <= {"q", "k", "v", "o", "mlp", "head"} and len(set(targets)) == len(targets),
+             "TTT_LORA_TARGETS", "expected distinct names from q, k, v, o, mlp, head, comma-separated")
         need(self.world_size >= 1 and 0 <= self.rank < self.world_size, "RANK", "must lie in [0, WORLD_SIZE)")
         need(self.micro_batches % self.world_size == 0, "MICRO_BATCHES", f"must be divisible by WORLD_SIZE={self.world_size}")
         need(self.train_batch_tokens % self.micro_batches == 0, "TRAIN_BATCH_TOKENS",
@@ -2352,16 +2356,19 @@ def eval_val(model, h: Hyperparameters, rt: Runtime, val: ValSet, stride=None):
 
 class LoRABank(nn.Module):
     """Per-document LoRA adapters, by name: q, k, v, o and mlp of every virtual layer slot
-    ("{slot}_{name}") plus the tied head ("head", PR #1530), stacked over the documents of a TTT
-    batch. Every adapter reads a model_dim input (the block's normed input, or the final hidden
+    ("{slot}_{name}") plus the tied head ("head", PR #1530), those of TTT_LORA_TARGETS, stacked over
+    the documents of a TTT batch. Every adapter reads a model_dim input (the block's normed input, or the final hidden
     state). Output scale alpha/rank."""
 
     def __init__(self, n_docs, n_slots, h: Hyperparameters, device=None):
         super().__init__()
         d, r = h.model_dim, h.ttt_lora_rank
         kv = h.num_kv_heads * (d // h.num_heads)
-        outs = {f"{s}_{name}": n for s in range(n_slots) for name, n in zip(Adapters._fields, (d, kv, kv, d, d))}
-        outs["head"] = h.vocab_size
+        targets = h.ttt_lora_targets.split(",")
+        outs = {f"{s}_{name}": n for s in range(n_slots) for name, n in zip(Adapters._fields, (d, kv, kv, d, d))
+                if name in targets}
+        if "head" in targets:
+            outs["head"] = h.vocab_size
         self.n_docs, self.n_slots, self.scale = n_docs, n_slots, h.ttt_lora_alpha / r
         # Built where it runs: ~470M values, 2.5 s to draw on the CPU and copy over.
         self.a = nn.ParameterDict({k: nn.Parameter(torch.empty(n_docs, r, d, device=device)) for k in outs})
@@ -2377,6 +2384,8 @@ class LoRABank(nn.Module):
                 a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5)
 
     def adapter(self, key, idx):
+        if key not in self.a:
+            return None  # not a TTT_LORA_TARGETS projection: add_lora leaves it as it is
         a, b = self.a[key], self.b[key]
         # All documents: a view, not a gather (whose backward is a zero fill and a scatter per adapter);
         # a plain tensor like the gather's, so the compiled graphs see the same input type.

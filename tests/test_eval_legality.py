@@ -604,6 +604,21 @@ class FakeClock:
         return ttt
 
 
+@pytest.mark.parametrize("targets", ["k,o,mlp,head", "q"])
+def test_phased_ttt_with_fewer_lora_targets_scores_every_target_once_and_adapts(tmp_path, monkeypatch, targets):
+    """TTT_LORA_TARGETS (PR #1953's no_qv, or one projection): still every target exactly once and
+    only from its past; the adapters still move the score, and differently from all six targets."""
+    h = make_h(tmp_path, ttt_lora_targets=targets)
+    val = make_val()
+    rec, out = run_phased(monkeypatch, h, val)
+    assert_single_pass(rec, out, val)
+    positions = [doc_start(val, 40) + 13, doc_start(val, 30) + 4]
+    assert_causal(lambda v: run_phased(monkeypatch, h, v)[0], val, positions, ttt_allowed(val), "phased_ttt")
+    frozen = run_phased(monkeypatch, make_h(tmp_path, ttt_lora_targets=targets, ttt_lora_lr=0.0), val)[1]
+    full = run_phased(monkeypatch, make_h(tmp_path), val)[1]
+    assert abs(out[0] - frozen[0]) > 1e-4 and abs(out[0] - full[0]) > 1e-4
+
+
 @pytest.mark.parametrize("deadline", ["never", "passed", "mid"])
 @pytest.mark.parametrize("variant", ["correct", "double_scoring_ttt", "window_truncated_ttt", "overlapping_windows"])
 def test_phased_ttt_scores_every_target_exactly_once(tmp_path, monkeypatch, variant, deadline):

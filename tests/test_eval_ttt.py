@@ -281,6 +281,17 @@ def test_lora_bank_selects_adapters_by_name(tmp_path):
             assert not torch.equal(model.hidden(ids, cu, 24, bank.select(idx)[0]), base), name
 
 
+def test_lora_bank_holds_only_the_ttt_lora_targets(tmp_path):
+    """TTT_LORA_TARGETS=k,o,mlp,head (PR #1953's no_qv): the bank holds those adapters only and
+    hands None (no update) for q and v."""
+    h = make_h(tmp_path, ttt_lora_targets="k,o,mlp,head")
+    bank = tg.LoRABank(3, 2, h)
+    assert sorted(bank.a.keys()) == sorted(f"{s}_{n}" for s in range(2) for n in ("k", "o", "mlp")) + ["head"]
+    slots, head = bank.select(torch.tensor([2, 0]))
+    assert all(a.q is None and a.v is None and a.k[0].shape == (2, h.ttt_lora_rank, h.model_dim) for a in slots)
+    assert head is not None and tg.LoRABank(3, 2, make_h(tmp_path, ttt_lora_targets="q")).select(None)[1] is None
+
+
 def test_lora_bank_all_documents_are_views_equal_to_the_gather(tmp_path):
     """select(None) (every document of the batch in the chunk, in order) gives the adapters of
     select(arange): the same forward and the same gradients in the bank, without gathers."""

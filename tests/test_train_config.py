@@ -42,6 +42,10 @@ BAD = [
     ({"ATTN_GATE": "gated"}, "ATTN_GATE"),
     ({"MLP_ACT": "gelu"}, "MLP_ACT"),
     ({"ATTN_BACKEND": "flash"}, "ATTN_BACKEND"),
+    ({"TTT_LORA_TARGETS": "q,x"}, "TTT_LORA_TARGETS"),
+    ({"TTT_LORA_TARGETS": ""}, "TTT_LORA_TARGETS"),
+    ({"TTT_LORA_TARGETS": "k,k"}, "TTT_LORA_TARGETS"),
+    ({"TTT_LORA_TARGETS": "k, o"}, "TTT_LORA_TARGETS"),
     ({"TRAIN_BATCH_TOKENS": "1000", "MICRO_BATCHES": "8", "TRAIN_SEQ_LEN": "64"}, "TRAIN_BATCH_TOKENS"),  # 125/micro
     ({"TRAIN_BATCH_TOKENS": "1001"}, "TRAIN_BATCH_TOKENS"),  # not divisible by MICRO_BATCHES
     ({"TRAIN_BATCH_TOKENS": "3072", "MICRO_BATCHES": "3", "TRAIN_SEQ_LEN": "1024", "WORLD_SIZE": "2"}, "MICRO_BATCHES"),
