@@ -172,6 +172,7 @@ class Hyperparameters:
     ttt_batch_size: int = 64
     ttt_batch_grow: int = 1  # short documents' batches up to this many times TTT_BATCH_SIZE (ttt_plan)
     ttt_chunk_size: int = 48
+    ttt_long_chunk_size: int = 0  # chunks that start past TTT_EVAL_SEQ_LEN (0: TTT_CHUNK_SIZE; ttt_chunk_span)
     ttt_eval_seq_len: int = 2048
     ttt_max_doc_tokens: int = 16384
     ttt_lora_rank: int = 80
@@ -245,7 +246,7 @@ class Hyperparameters:
         for key in ("LOCAL_WINDOW_SIZE_EARLY LOCAL_WINDOW_SIZE_LATE LOCAL_WINDOW_SPLIT NUM_LOOPS WARMUP_STEPS VAL_LOSS_EVERY "
                     "MAX_WALLCLOCK_SECONDS XSA_LAST_N LOOP_TRUNC_BWD ENABLE_LOOPING_AT SPARSE_ATTN_GATE_SCALE MATRIX_LR "
                     "TIED_EMBED_LR SCALAR_LR MUON_MOMENTUM_WARMUP_STEPS MUON_WD EMBED_WD ADAM_WD GRAD_CLIP_NORM GPTQ_DAMP "
-                    "LQER_TOP_K TTT_MAX_DOC_TOKENS TTT_LORA_LR TTT_WEIGHT_DECAY PHASED_TTT_PREFIX_DOCS "
+                    "LQER_TOP_K TTT_MAX_DOC_TOKENS TTT_LONG_CHUNK_SIZE TTT_LORA_LR TTT_WEIGHT_DECAY PHASED_TTT_PREFIX_DOCS "
                     "PHASED_TTT_NUM_PHASES GLOBAL_TTT_LR GLOBAL_TTT_EPOCHS MIN_LR BENCH_STEPS").split():
             need(getattr(self, key.lower()) >= 0, key, "must not be negative")  # NaN fails too
         for key in "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_BETA2 GLOBAL_TTT_MOMENTUM EMA_DECAY".split():
@@ -291,6 +292,7 @@ class Hyperparameters:
         need(self.gptq_calibration_tokens >= self.world_size, "GPTQ_CALIBRATION_TOKENS", "too few for the ranks")
         need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", "must lie in (0, EVAL_SEQ_LEN]")
         need(self.ttt_chunk_size <= self.ttt_eval_seq_len, "TTT_CHUNK_SIZE", "must not exceed TTT_EVAL_SEQ_LEN")
+        need(self.ttt_long_chunk_size <= self.ttt_eval_seq_len, "TTT_LONG_CHUNK_SIZE", "must not exceed TTT_EVAL_SEQ_LEN")
         need(self.global_ttt_chunk_tokens % self.world_size == 0, "GLOBAL_TTT_CHUNK_TOKENS",
              "must be divisible by WORLD_SIZE")
 
@@ -2301,21 +2303,35 @@ class TTTChunk(NamedTuple):
     nbytes: np.ndarray  # [R, C]
 
 
-def ttt_chunk(val: ValSet, batch, ci, C, W) -> TTTChunk:
-    """Chunk ci (targets ci*C+1 .. (ci+1)*C) of the documents of a TTT batch that have one, on the
+def ttt_chunk_span(ci, C, W, C2):
+    """(start, end): chunk ci holds a document's targets start+1 .. end. C each while the window
+    still grows; past the first window every chunk re-reads a whole one (W row tokens per chunk),
+    so there they are C2 (TTT_LONG_CHUNK_SIZE) long."""
+    m = -(-W // C)  # chunks starting inside the first window
+    return (ci * C, (ci + 1) * C) if ci < m else (m * C + (ci - m) * C2, m * C + (ci - m + 1) * C2)
+
+
+def ttt_n_chunks(n, C, W, C2):
+    m = -(-W // C)
+    return -(-n // C) if n <= m * C else m + -(-(n - m * C) // C2)
+
+
+def ttt_chunk(val: ValSet, batch, ci, C, W, C2=0) -> TTTChunk:
+    """Chunk ci (ttt_chunk_span; C2=0: C) of the documents of a TTT batch that have one, on the
     host. A lone document's row gets an unscored, untrained copy: a batch of 1 would specialize
     the compiled graphs (0/1 specialization) and recompile them."""
-    active = [b for b, (_, n) in enumerate(batch) if ci * C < n]
+    c0, c1 = ttt_chunk_span(ci, C, W, C2 or C)
+    active = [b for b, (_, n) in enumerate(batch) if c0 < n]
     rows = active * 2 if len(active) == 1 else active
-    ends = [min((ci + 1) * C, batch[b][1]) for b in rows]
+    ends = [min(c1, batch[b][1]) for b in rows]
     T = -(-max(min(e, W) for e in ends) // 64) * 64  # whole 64-token tiles
-    x, pos, targets, nbytes = (np.zeros((len(rows), n), dtype=np.int64) for n in (T, C, C, C))
-    valid, weight = (np.zeros((len(rows), C), dtype=np.float32) for _ in range(2))
+    x, pos, targets, nbytes = (np.zeros((len(rows), n), dtype=np.int64) for n in (T, c1 - c0, c1 - c0, c1 - c0))
+    valid, weight = (np.zeros((len(rows), c1 - c0), dtype=np.float32) for _ in range(2))
     for r, (b, e) in enumerate(zip(rows, ends)):
-        (s, n), w0, k = batch[b], max(0, e - W), e - ci * C
-        x[r, :e - w0], pos[r, :k] = val.tokens[s + w0:s + e], np.arange(ci * C - w0, e - w0)
+        (s, n), w0, k = batch[b], max(0, e - W), e - c0
+        x[r, :e - w0], pos[r, :k] = val.tokens[s + w0:s + e], np.arange(c0 - w0, e - w0)
         if r < len(active):
-            targets[r, :k], nbytes[r, :k] = val.tokens[s + ci * C + 1:s + e + 1], val.target_bytes[s + ci * C + 1:s + e + 1]
+            targets[r, :k], nbytes[r, :k] = val.tokens[s + c0 + 1:s + e + 1], val.target_bytes[s + c0 + 1:s + e + 1]
             valid[r, :k], weight[r, :k] = 1.0, 1.0 / k if e < n else 0.0
     return TTTChunk(np.array(rows, dtype=np.int64), x, pos, targets, valid, weight, nbytes)
 
@@ -2514,9 +2530,9 @@ def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums, gr
     document is scored with adapters trained on that document's chunks < ci only, then (if not
     its last chunk) the adapters take one step on it. No host sync: whether a step follows is
     known on the host. graphs (StepGraphs): the steps on padded shapes, replayed."""
-    device = sums.device
-    for ci in range(max(-(-n // h.ttt_chunk_size) for _, n in batch)):
-        chunk = ttt_chunk(val, batch, ci, h.ttt_chunk_size, h.ttt_eval_seq_len)
+    device, C, W, C2 = sums.device, h.ttt_chunk_size, h.ttt_eval_seq_len, h.ttt_long_chunk_size or h.ttt_chunk_size
+    for ci in range(max(ttt_n_chunks(n, C, W, C2) for _, n in batch)):
+        chunk = ttt_chunk(val, batch, ci, C, W, C2)
         view = np.array_equal(chunk.rows, np.arange(bank.n_docs))
         train = bool(chunk.weight.any())
 
@@ -2528,7 +2544,7 @@ def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums, gr
         n, T = chunk.x.shape
         chunk = pad_chunk(chunk, n if view else max(n, min(bank.n_docs, 1 << (n - 1).bit_length())),
                           ttt_row_bucket(T, h.ttt_eval_seq_len))
-        graphs.run((chunk.x.shape, view, train, sums.data_ptr()), chunk, step, device)
+        graphs.run((chunk.x.shape, chunk.pos.shape, view, train, sums.data_ptr()), chunk, step, device)
 
 
 def sgd_step_graphs(model, params, h: Hyperparameters):
@@ -2620,13 +2636,13 @@ class TTTPlan:
     boundaries: list  # global SGD phase k trains on docs[:boundaries[k]], once those are scored
 
 
-def ttt_batch_work(batch, W, C):
+def ttt_batch_work(batch, W, C, C2=0):
     """Row tokens of a TTT batch (longest first): chunk ci runs its documents' rows (at least 2) at
     the longest's length, whole 64-token tiles up to W (ttt_chunk)."""
     ns = np.array([n for _, n in batch])
-    ci = np.arange(-(-ns[0] // C))
-    rows = np.maximum(2, (ns[None, :] > ci[:, None] * C).sum(1))
-    return int((rows * -(-np.minimum((ci + 1) * C, min(ns[0], W)) // 64) * 64).sum())
+    spans = np.array([ttt_chunk_span(ci, C, W, C2 or C) for ci in range(ttt_n_chunks(ns[0], C, W, C2 or C))])
+    rows = np.maximum(2, (ns[None, :] > spans[:, :1]).sum(1))
+    return int((rows * -(-np.minimum(spans[:, 1], min(ns[0], W)) // 64) * 64).sum())
 
 
 def ttt_plan(spans, h: Hyperparameters, rank, world_size) -> TTTPlan:
@@ -2686,7 +2702,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
             t1 = time.perf_counter()
             # Longest first, the next batch costs at most the last, unless it has more row tokens
             # (TTT_BATCH_GROW: twice the documents at about the same length).
-            work = ttt_batch_work(batch, h.ttt_eval_seq_len, h.ttt_chunk_size)
+            work = ttt_batch_work(batch, h.ttt_eval_seq_len, h.ttt_chunk_size, h.ttt_long_chunk_size)
             cost = batch_s * max(1.0, work / prev_work) if prev_work else batch_s
             if stopped or t1 + cost + token_s * (after[bi] + left) > deadline:
                 stopped = True

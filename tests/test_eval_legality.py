@@ -112,6 +112,18 @@ def doc_index(val):
 # ---------------------------------------------------------------------------------------
 
 
+def chunk_spans(h, n):
+    """TTT's chunks of a document of n targets, as (c0, c1]: TTT_CHUNK_SIZE targets while a chunk
+    starts inside the first TTT_EVAL_SEQ_LEN, TTT_LONG_CHUNK_SIZE (0: the same) after."""
+    spans, start = [], 0
+    while start < n:
+        size = h.ttt_chunk_size if start < h.ttt_eval_seq_len else h.ttt_long_chunk_size or h.ttt_chunk_size
+        spans.append((start, start + size))
+        start += size
+    return spans
+
+
+
 class Recorder:
     """Records every scored target (stream position j: the prediction of tokens[j]) with its
     loss and path ('eval' window rows or 'ttt' chunks). ttt_variant(inner) -> ttt_batch wraps the
@@ -157,14 +169,14 @@ class Recorder:
             return sums
 
         def rec_ttt(model_, batch, val_, bank, opt, h_, sums, graphs=None):
-            n0, C = len(self.log), h_.ttt_chunk_size
+            n0 = len(self.log)
             self._ttt = {"batch": list(batch), "ci": 0}
             local = torch.zeros_like(sums)
             try:
                 REAL.ttt_batch(model_, batch, val_, bank, opt, h_, local, graphs)
             finally:
                 ctx, self._ttt = self._ttt, None
-            assert ctx["ci"] == max(-(-n // C) for _, n in batch), "one scoring CE per chunk expected"
+            assert ctx["ci"] == len(chunk_spans(h_, max(n for _, n in batch))), "one scoring CE per chunk expected"
             self._check_sums(n0, local, "ttt_batch")
             self.ttt_batches.append(list(batch))
             sums += local
@@ -203,18 +215,20 @@ class Recorder:
         assert np.array_equal(y >= 0, expect), "build_row scores positions outside its windows' scored part"
 
     def _record_chunk(self, logits, target, ce):
-        """Chunk ci of document (s, n) scores targets s+ci*C+1 .. s+min((ci+1)*C, n). Rows are the
-        documents that have a chunk ci, in batch order; a lone one is followed by an unscored copy
-        (ttt_chunk), which _check_sums keeps out of the counts."""
-        ctx, C = self._ttt, self.h.ttt_chunk_size
+        """Chunk ci = (c0, c1] (chunk_spans) of document (s, n) scores targets s+c0+1 .. s+min(c1, n).
+        Rows are the documents that have a chunk ci, in batch order; a lone one is followed by an
+        unscored copy (ttt_chunk), which _check_sums keeps out of the counts."""
+        ctx = self._ttt
         ci = ctx["ci"]
         ctx["ci"] += 1
-        active = [(s, n) for s, n in ctx["batch"] if ci * C < n]
+        c0, c1 = chunk_spans(self.h, max(n for _, n in ctx["batch"]))[ci]
+        C = c1 - c0
+        active = [(s, n) for s, n in ctx["batch"] if c0 < n]
         ce, target, logits = ce.view(-1, C), target.view(-1, C), logits.view(-1, C, logits.size(-1))
         assert len(ce) == max(len(active), 2), "one row per document with a chunk ci (two for a lone one)"
         for r, (s, n) in enumerate(active):
-            for i in range(ci * C, min((ci + 1) * C, n)):
-                k, j = i - ci * C, s + i + 1
+            for i in range(c0, min(c1, n)):
+                k, j = i - c0, s + i + 1
                 assert target[r, k] == self.val.tokens[j], "TTT chunk target is not the chunk's target"
                 self._add(j, ce[r, k], "ttt", logits[r, k])
 
@@ -602,6 +616,22 @@ class FakeClock:
             inner(*args)
             self.now += 1.0
         return ttt
+
+
+@pytest.mark.parametrize("variant", ["correct", "two_pass_ttt"])
+def test_phased_ttt_with_long_chunks_past_the_window_is_causal_and_single_pass(tmp_path, monkeypatch, variant):
+    """TTT_LONG_CHUNK_SIZE=6 past the 16-token window (chunks of 4 inside it): every target once,
+    only from its past, a broken ttt_batch still caught; the schedule changes the score."""
+    h = make_h(tmp_path, ttt_long_chunk_size=6)
+    val = make_val()
+    run = lambda v: run_phased(monkeypatch, h, v, ttt_variant=two_pass_ttt if variant == "two_pass_ttt" else None)
+    rec, out = run(val)
+    positions = [doc_start(val, 40) + 13, doc_start(val, 40) + 25, doc_start(val, 30) + 20, doc_start(val, 16) + 9]
+    causal = lambda: assert_causal(lambda v: run(v)[0], val, positions, ttt_allowed(val), "phased_ttt")
+    check(variant, causal, "saw the future")
+    if variant == "correct":
+        assert_single_pass(rec, out, val)
+        assert abs(out[0] - run_phased(monkeypatch, make_h(tmp_path), val)[1][0]) > 1e-4
 
 
 @pytest.mark.parametrize("targets", ["k,o,mlp,head", "q"])

@@ -84,13 +84,16 @@ def test_ttt_batch_work_counts_the_chunks_row_tokens(trial):
     shapes over the batch's chunks."""
     rng = np.random.default_rng(trial)
     C, W = int(rng.choice([4, 32, 48])), int(rng.choice([64, 128, 2048]))
+    C2 = int(rng.choice([0, C, 2 * C, 3]))  # TTT_LONG_CHUNK_SIZE (0: C)
     lengths = sorted(rng.integers(1, 3 * W, int(rng.integers(1, 9))).tolist(), reverse=True)
     tokens = rng.integers(4, V, sum(lengths) + len(lengths) + 1)
     val = tg.ValSet(tokens, np.zeros(len(tokens), dtype=np.int64))
     starts = np.cumsum([0] + [n + 1 for n in lengths[:-1]])
     batch = [(int(s), n) for s, n in zip(starts, lengths)]
-    rows = sum(tg.ttt_chunk(val, batch, ci, C, W).x.size for ci in range(-(-lengths[0] // C)))
-    assert tg.ttt_batch_work(batch, W, C) == rows
+    n_chunks = tg.ttt_n_chunks(lengths[0], C, W, C2 or C)
+    rows = sum(tg.ttt_chunk(val, batch, ci, C, W, C2).x.size for ci in range(n_chunks))
+    assert tg.ttt_batch_work(batch, W, C, C2) == rows
+    assert tg.ttt_chunk_span(n_chunks - 1, C, W, C2 or C)[0] < lengths[0] <= tg.ttt_chunk_span(n_chunks - 1, C, W, C2 or C)[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,40 +101,56 @@ def test_ttt_batch_work_counts_the_chunks_row_tokens(trial):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("C, W", [(4, 16), (5, 12), (48, 130), (7, 7)])
-def test_ttt_chunk_rows_windows_and_weights(C, W):
-    """Each document's chunk ci: targets ci*C+1.., their inputs at `pos` in a row that holds the
+def chunk_spans(n, C, W, C2):
+    """The spec of ttt_chunk_span, walked: a chunk that starts inside the first window holds C
+    targets, one that starts past it C2."""
+    spans, start = [], 0
+    while start < n:
+        size = C if start < W else C2
+        spans.append((start, start + size))
+        start += size
+    return spans
+
+
+@pytest.mark.parametrize("C, W, C2", [(4, 16, 4), (5, 12, 5), (48, 130, 48), (7, 7, 7), (4, 16, 9), (5, 12, 2),
+                                      (48, 130, 96)])
+def test_ttt_chunk_rows_windows_and_weights(C, W, C2):
+    """Each document's chunk ci: its targets (C of them while the chunk starts inside the first
+    window, C2 = TTT_LONG_CHUNK_SIZE after), their inputs at `pos` in a row that holds the
     document's last <= W tokens up to the chunk's end (nothing later, nothing of another
     document); every target valid once over the chunks; training weights the chunk's mean for a
     document with a later chunk; a lone document gets an unscored copy of its row."""
     val = make_val((12, 45, 30, 3, 1, 40, 20, 70, 9, 25, 16, 37, 33, 6, 300))
     spans = tg.document_spans(val.tokens)
     batch = [spans[i] for i in (14, 1, 3, 7, 4, 11)]  # not sorted: ttt_chunk must not rely on it
+    longest = max(n for _, n in batch)
+    assert [tg.ttt_chunk_span(ci, C, W, C2) for ci in range(tg.ttt_n_chunks(longest, C, W, C2))] == \
+        chunk_spans(longest, C, W, C2)
     scored = Counter()
-    for ci in range(max(-(-n // C) for _, n in batch)):
-        ch = tg.ttt_chunk(val, batch, ci, C, W)
-        active = [b for b, (_, n) in enumerate(batch) if ci * C < n]
+    for ci, (c0, c1) in enumerate(chunk_spans(longest, C, W, C2)):
+        ch = tg.ttt_chunk(val, batch, ci, C, W, C2)
+        active = [b for b, (_, n) in enumerate(batch) if c0 < n]
         assert list(ch.rows) == (active * 2 if len(active) == 1 else active)
         R, T = ch.x.shape
-        assert T % 64 == 0 and ch.pos.shape == ch.targets.shape == ch.valid.shape == ch.weight.shape == (R, C)
+        assert T % 64 == 0 and ch.pos.shape == ch.targets.shape == ch.valid.shape == ch.weight.shape == (R, c1 - c0)
         for r, b in enumerate(ch.rows):
             s, n = batch[b]
-            e = min((ci + 1) * C, n)
-            w0, k = max(0, e - W), e - ci * C
+            e = min(c1, n)
+            w0, k = max(0, e - W), e - c0
             assert np.array_equal(ch.x[r, :e - w0], val.tokens[s + w0:s + e]) and not ch.x[r, e - w0:].any()
             assert tg.BOS_ID not in ch.x[r, 1:e - w0]
             # the input at pos of target j is token j-1, and the row ends at the chunk's last input
-            assert np.array_equal(ch.x[r, ch.pos[r, :k]], val.tokens[s + ci * C:s + e])
+            assert np.array_equal(ch.x[r, ch.pos[r, :k]], val.tokens[s + c0:s + e])
             if r >= len(active):  # the lone document's copy
                 assert not (ch.valid[r].any() or ch.weight[r].any() or ch.nbytes[r].any())
                 continue
-            assert np.array_equal(ch.targets[r, :k], val.tokens[s + ci * C + 1:s + e + 1])
-            assert np.array_equal(ch.valid[r], np.arange(C) < k)
-            assert np.array_equal(ch.nbytes[r, :k], val.target_bytes[s + ci * C + 1:s + e + 1])
+            assert np.array_equal(ch.targets[r, :k], val.tokens[s + c0 + 1:s + e + 1])
+            assert np.array_equal(ch.valid[r], np.arange(c1 - c0) < k)
+            assert np.array_equal(ch.nbytes[r, :k], val.target_bytes[s + c0 + 1:s + e + 1])
             assert not ch.nbytes[r, k:].any()
             assert ch.weight[r].sum() == pytest.approx(1.0 if e < n else 0.0)
             assert np.all(ch.weight[r][k:] == 0)
-            scored.update(range(s + ci * C + 1, s + e + 1))
+            scored.update(range(s + c0 + 1, s + e + 1))
     assert scored == Counter(j for s, n in batch for j in range(s + 1, s + n + 1)), "every target once"
 
 

@@ -43,6 +43,8 @@ BAD = [
     ({"MLP_ACT": "gelu"}, "MLP_ACT"),
     ({"ATTN_BACKEND": "flash"}, "ATTN_BACKEND"),
     ({"TTT_LORA_TARGETS": "q,x"}, "TTT_LORA_TARGETS"),
+    ({"TTT_LONG_CHUNK_SIZE": "-1"}, "TTT_LONG_CHUNK_SIZE"),
+    ({"TTT_LONG_CHUNK_SIZE": "4096"}, "TTT_LONG_CHUNK_SIZE"),  # over TTT_EVAL_SEQ_LEN=2048
     ({"TTT_LORA_TARGETS": ""}, "TTT_LORA_TARGETS"),
     ({"TTT_LORA_TARGETS": "k,k"}, "TTT_LORA_TARGETS"),
     ({"TTT_LORA_TARGETS": "k, o"}, "TTT_LORA_TARGETS"),

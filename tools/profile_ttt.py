@@ -25,6 +25,7 @@ def main():
     rt = tg.Runtime(h)
     model = rt.place(tg.GPT(h))
     n, C = h.ttt_batch_size, h.ttt_chunk_size
+    chunks = lambda length: tg.ttt_n_chunks(length, C, h.ttt_eval_seq_len, h.ttt_long_chunk_size or C)  # noqa: E731
     n_slots = len(sum(model.layer_plan(True), []))
     tokens = np.random.default_rng(1).integers(0, h.vocab_size, n * (max(lengths) + 1) + 1)
     noise = tg.ValSet(tokens, np.zeros(len(tokens), dtype=np.int64))
@@ -48,7 +49,7 @@ def main():
                 run(length)  # a chunk shape's first run may still autotune; with graphs the second captures
             t0 = time.perf_counter()
             run(length)
-            steps = -(-length // C)
+            steps = chunks(length)
             print(f"length {length}: {steps} steps, {1000 * (time.perf_counter() - t0) / steps:.1f} ms/step "
                   f"({n} documents)", flush=True)
         length = lengths[len(lengths) // 2]
@@ -56,7 +57,7 @@ def main():
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             run(length)
         wall = time.perf_counter() - t0
-    steps = -(-length // C)
+    steps = chunks(length)
     events = prof.key_averages()
     cuda = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total]
     kernel_ms = sum(e.self_device_time_total for e in cuda) / 1000
