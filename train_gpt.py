@@ -307,6 +307,10 @@ class Hyperparameters:
         return order[:n_enc], order[n_enc:]
 
     @property
+    def ttt_long_chunk(self):
+        return self.ttt_long_chunk_size or self.ttt_chunk_size
+
+    @property
     def micro_tokens(self):
         return self.train_batch_tokens // self.micro_batches
 
@@ -2296,11 +2300,11 @@ def build_row(val: ValSet, row, row_tokens):
 class TTTChunk(NamedTuple):
     rows: np.ndarray  # [R] documents (batch indices)
     x: np.ndarray  # [R, T] each one's last <= TTT_EVAL_SEQ_LEN tokens up to the chunk's end
-    pos: np.ndarray  # [R, C] where the chunk's targets are predicted in the row
-    targets: np.ndarray  # [R, C]
-    valid: np.ndarray  # [R, C] 1 = scored
-    weight: np.ndarray  # [R, C] the training loss: the chunk's mean, for documents with a later chunk
-    nbytes: np.ndarray  # [R, C]
+    pos: np.ndarray  # [R, K] where the chunk's K targets (ttt_chunk_span) are predicted in the row
+    targets: np.ndarray  # [R, K]
+    valid: np.ndarray  # [R, K] 1 = scored
+    weight: np.ndarray  # [R, K] the training loss: the chunk's mean, for documents with a later chunk
+    nbytes: np.ndarray  # [R, K]
 
 
 def ttt_chunk_span(ci, C, W, C2):
@@ -2316,11 +2320,10 @@ def ttt_n_chunks(n, C, W, C2):
     return -(-n // C) if n <= m * C else m + -(-(n - m * C) // C2)
 
 
-def ttt_chunk(val: ValSet, batch, ci, C, W, C2=0) -> TTTChunk:
-    """Chunk ci (ttt_chunk_span; C2=0: C) of the documents of a TTT batch that have one, on the
-    host. A lone document's row gets an unscored, untrained copy: a batch of 1 would specialize
+def ttt_chunk(val: ValSet, batch, ci, C, W, C2) -> TTTChunk:
+    """Chunk ci (ttt_chunk_span) of the documents of a TTT batch that have one, on the host. A lone document's row gets an unscored, untrained copy: a batch of 1 would specialize
     the compiled graphs (0/1 specialization) and recompile them."""
-    c0, c1 = ttt_chunk_span(ci, C, W, C2 or C)
+    c0, c1 = ttt_chunk_span(ci, C, W, C2)
     active = [b for b, (_, n) in enumerate(batch) if c0 < n]
     rows = active * 2 if len(active) == 1 else active
     ends = [min(c1, batch[b][1]) for b in rows]
@@ -2372,9 +2375,9 @@ def eval_val(model, h: Hyperparameters, rt: Runtime, val: ValSet, stride=None):
 
 class LoRABank(nn.Module):
     """Per-document LoRA adapters, by name: q, k, v, o and mlp of every virtual layer slot
-    ("{slot}_{name}") plus the tied head ("head", PR #1530), those of TTT_LORA_TARGETS, stacked over
-    the documents of a TTT batch. Every adapter reads a model_dim input (the block's normed input, or the final hidden
-    state). Output scale alpha/rank."""
+    ("{slot}_{name}") plus the tied head ("head", PR #1530), those of TTT_LORA_TARGETS, stacked
+    over the documents of a TTT batch. Every adapter reads a model_dim input (the block's normed
+    input, or the final hidden state). Output scale alpha/rank."""
 
     def __init__(self, n_docs, n_slots, h: Hyperparameters, device=None):
         super().__init__()
@@ -2477,8 +2480,8 @@ def ttt_step_graphs(h: Hyperparameters, rt: Runtime):
 
 
 class StepGraphs:
-    """TTT_CUDA_GRAPH=1: chunk steps of one bank replayed as CUDA graphs, one per (view, train, rows,
-    row length) of the padded chunk (pad_chunk; ttt_row_bucket), captured when a shape comes the
+    """TTT_CUDA_GRAPH=1: chunk steps of one bank replayed as CUDA graphs, one per (view, train,
+    shapes) of the padded chunk (pad_chunk; ttt_row_bucket), captured when a shape comes the
     second time (the first runs plain: a shape seen once costs no capture). A chunk step of short
     documents is bound by the host (~2,200 launches for ~40 ms of kernels); replayed, it is not.
     One memory pool: no graph's output outlives its replay (scores add into sums in place,
@@ -2530,7 +2533,7 @@ def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums, gr
     document is scored with adapters trained on that document's chunks < ci only, then (if not
     its last chunk) the adapters take one step on it. No host sync: whether a step follows is
     known on the host. graphs (StepGraphs): the steps on padded shapes, replayed."""
-    device, C, W, C2 = sums.device, h.ttt_chunk_size, h.ttt_eval_seq_len, h.ttt_long_chunk_size or h.ttt_chunk_size
+    device, C, W, C2 = sums.device, h.ttt_chunk_size, h.ttt_eval_seq_len, h.ttt_long_chunk
     for ci in range(max(ttt_n_chunks(n, C, W, C2) for _, n in batch)):
         chunk = ttt_chunk(val, batch, ci, C, W, C2)
         view = np.array_equal(chunk.rows, np.arange(bank.n_docs))
@@ -2636,11 +2639,11 @@ class TTTPlan:
     boundaries: list  # global SGD phase k trains on docs[:boundaries[k]], once those are scored
 
 
-def ttt_batch_work(batch, W, C, C2=0):
+def ttt_batch_work(batch, W, C, C2):
     """Row tokens of a TTT batch (longest first): chunk ci runs its documents' rows (at least 2) at
     the longest's length, whole 64-token tiles up to W (ttt_chunk)."""
     ns = np.array([n for _, n in batch])
-    spans = np.array([ttt_chunk_span(ci, C, W, C2 or C) for ci in range(ttt_n_chunks(ns[0], C, W, C2 or C))])
+    spans = np.array([ttt_chunk_span(ci, C, W, C2) for ci in range(ttt_n_chunks(ns[0], C, W, C2))])
     rows = np.maximum(2, (ns[None, :] > spans[:, :1]).sum(1))
     return int((rows * -(-np.minimum(spans[:, 1], min(ns[0], W)) // 64) * 64).sum())
 
@@ -2686,7 +2689,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     mine = [sum(n for _, n in b) if m else 0 for b, m in zip(batches, plan.mine)]
     after, left = np.cumsum([0] + mine[:0:-1])[::-1], sum(n for _, n in leftover)
     # First estimates (forward + backward ~ 3 forwards), then the measured durations.
-    batch_s = 3 * token_s * sum(window_tokens(n, h.ttt_eval_seq_len, h.ttt_chunk_size) for _, n in batches[0]) \
+    batch_s = 3 * token_s * sum(window_tokens(n, h.ttt_eval_seq_len, h.ttt_long_chunk) for _, n in batches[0]) \
         if batches else 0.0
     sgd_token_s, calibrated, prev_work = None, False, 0
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
@@ -2702,7 +2705,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
             t1 = time.perf_counter()
             # Longest first, the next batch costs at most the last, unless it has more row tokens
             # (TTT_BATCH_GROW: twice the documents at about the same length).
-            work = ttt_batch_work(batch, h.ttt_eval_seq_len, h.ttt_chunk_size, h.ttt_long_chunk_size)
+            work = ttt_batch_work(batch, h.ttt_eval_seq_len, h.ttt_chunk_size, h.ttt_long_chunk)
             cost = batch_s * max(1.0, work / prev_work) if prev_work else batch_s
             if stopped or t1 + cost + token_s * (after[bi] + left) > deadline:
                 stopped = True

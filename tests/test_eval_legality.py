@@ -123,7 +123,6 @@ def chunk_spans(h, n):
     return spans
 
 
-
 class Recorder:
     """Records every scored target (stream position j: the prediction of tokens[j]) with its
     loss and path ('eval' window rows or 'ttt' chunks). ttt_variant(inner) -> ttt_batch wraps the
@@ -728,6 +727,23 @@ def test_phased_ttt_bounded_by_predicted_cost_stays_legal(tmp_path, monkeypatch,
         assert not rec.ttt_batches and not calls
 
 
+@pytest.mark.parametrize("C2", [0, 8])
+def test_the_first_batch_is_predicted_with_its_chunk_schedule(tmp_path, monkeypatch, C2):
+    """Before any batch was measured, the first one's cost counts a window per TTT_LONG_CHUNK_SIZE
+    targets past the first window: batch [40 37 33] (window tokens 320 with chunks of 4, 192 with 8
+    past the 16-token window) plus disjoint windows over the rest (236 targets), at 1e-3 s per
+    window token and 3 per TTT row token, fits a 1 s deadline with chunks of 8 there only."""
+    h = make_h(tmp_path, ttt_long_chunk_size=C2)
+    val = make_val()
+    monkeypatch.setattr(tg, "time", FakeClock())
+    model = make_model(h)
+    rec = Recorder(monkeypatch, model, val, h)
+    torch.manual_seed(1234)
+    out = tg.phased_ttt(model, h, tg.Runtime(h), val, 1.0, token_s=1e-3)
+    assert_single_pass(rec, out, val)
+    assert ([[n for _, n in b] for b in rec.ttt_batches][:1] == [[40, 37, 33]]) == (C2 == 8)
+
+
 def test_a_grown_batch_is_predicted_by_its_row_tokens(tmp_path, monkeypatch):
     """TTT_BATCH_GROW: after 2 documents of 66-70 tokens (rows of 128) come 4 of 61-64 (rows of 64):
     about twice the work of the batch before, which the deadline check must not take for an upper
@@ -742,13 +758,13 @@ def test_a_grown_batch_is_predicted_by_its_row_tokens(tmp_path, monkeypatch):
     def timed(inner):
         def ttt(model_, batch, *args):
             inner(model_, batch, *args)
-            clock.now += rate * tg.ttt_batch_work(batch, h.ttt_eval_seq_len, h.ttt_chunk_size)
+            clock.now += rate * tg.ttt_batch_work(batch, h.ttt_eval_seq_len, h.ttt_chunk_size, h.ttt_long_chunk)
             ends.append(clock.now)
         return ttt
 
     model = make_model(h)
     rec = Recorder(monkeypatch, model, val, h, ttt_variant=timed)
-    work = [tg.ttt_batch_work(b, h.ttt_eval_seq_len, h.ttt_chunk_size) for b in tg.ttt_plan(
+    work = [tg.ttt_batch_work(b, h.ttt_eval_seq_len, h.ttt_chunk_size, h.ttt_long_chunk) for b in tg.ttt_plan(
         tg.document_spans(val.tokens), h, 0, 1).batches[:2]]
     assert work[1] > 1.5 * work[0]
     # token_s: the first batch predicted exactly (3 x token_s per window token of its documents)

@@ -84,16 +84,16 @@ def test_ttt_batch_work_counts_the_chunks_row_tokens(trial):
     shapes over the batch's chunks."""
     rng = np.random.default_rng(trial)
     C, W = int(rng.choice([4, 32, 48])), int(rng.choice([64, 128, 2048]))
-    C2 = int(rng.choice([0, C, 2 * C, 3]))  # TTT_LONG_CHUNK_SIZE (0: C)
+    C2 = int(rng.choice([C, 2 * C, 3]))  # TTT_LONG_CHUNK_SIZE
     lengths = sorted(rng.integers(1, 3 * W, int(rng.integers(1, 9))).tolist(), reverse=True)
     tokens = rng.integers(4, V, sum(lengths) + len(lengths) + 1)
     val = tg.ValSet(tokens, np.zeros(len(tokens), dtype=np.int64))
     starts = np.cumsum([0] + [n + 1 for n in lengths[:-1]])
     batch = [(int(s), n) for s, n in zip(starts, lengths)]
-    n_chunks = tg.ttt_n_chunks(lengths[0], C, W, C2 or C)
+    n_chunks = tg.ttt_n_chunks(lengths[0], C, W, C2)
     rows = sum(tg.ttt_chunk(val, batch, ci, C, W, C2).x.size for ci in range(n_chunks))
     assert tg.ttt_batch_work(batch, W, C, C2) == rows
-    assert tg.ttt_chunk_span(n_chunks - 1, C, W, C2 or C)[0] < lengths[0] <= tg.ttt_chunk_span(n_chunks - 1, C, W, C2 or C)[1]
+    assert tg.ttt_chunk_span(n_chunks - 1, C, W, C2)[0] < lengths[0] <= tg.ttt_chunk_span(n_chunks - 1, C, W, C2)[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_pad_chunk_adds_only_unscored_untrained_tokens():
     val = make_val((12, 45, 30, 3, 1, 40, 20, 70, 9, 25, 16, 37, 33, 6, 300))
     spans = tg.document_spans(val.tokens)
     batch = [spans[i] for i in (14, 1, 7)]
-    ch = tg.ttt_chunk(val, batch, 9, 5, 130)  # documents 0 and 1 have a chunk 9
+    ch = tg.ttt_chunk(val, batch, 9, 5, 130, 5)  # documents 0 and 1 have a chunk 9
     p = tg.pad_chunk(ch, 4, 192)
     R, T = ch.x.shape
     assert p.x.shape == (4, 192) and all(a.shape == (4, 5) for a in p[2:])

@@ -268,14 +268,16 @@ def test_global_sgd_cuda_graphs_match_the_plain_steps(tmp_path):
 def test_ttt_step_graphs_replay_the_plain_steps(tmp_path):
     """StepGraphs' captured and replayed TTT chunk steps equal the same padded steps run plain
     (capture=False): the scores after each of three batches on one bank (graphs captured in one
-    batch replay the next one's data) and the adapters at the end. The documents repeat a
-    pattern, so adaptation moves the scores (checked against a run with no learning)."""
+    batch replay the next one's data) and the adapters at the end, with chunks of two widths
+    (TTT_LONG_CHUNK_SIZE). The documents repeat a pattern, so adaptation moves the scores (checked
+    against a run with no learning). Not yet run on a GPU."""
     import dataclasses
 
     import numpy as np
 
+    # chunks of 48 while inside the 128-token window, of 96 past it: two chunk widths on one row shape
     h = tg.Hyperparameters(vocab_size=512, log_dir=str(tmp_path), run_id="graphs", ttt_batch_size=8,
-                           ttt_lora_lr=0.003)
+                           ttt_lora_lr=0.003, ttt_eval_seq_len=128, ttt_long_chunk_size=96)
     tg.use_attention_backend("auto", torch.device("cuda"))
     rng = np.random.default_rng(0)
     docs = [np.r_[tg.BOS_ID, np.resize(rng.integers(2, 512, 40), int(rng.integers(250, 330)))] for _ in range(24)]
