@@ -815,9 +815,10 @@ def fused_mlp_enabled(requested, device):
     return requested and device.type == "cuda" and triton is not None
 
 
-def bf16_autocast(device):
-    """bf16 autocast on CUDA; CPU runs (tests, the embedded job) stay in fp32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def bf16_autocast(device, cache=True):
+    """bf16 autocast on CUDA; CPU runs (tests, the embedded job) stay in fp32. cache=False: no cast
+    cache, which a CUDA graph capture needs to record every cast (same values)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=cache)
 
 
 def rms_norm(x):
@@ -2321,8 +2322,9 @@ def ttt_n_chunks(n, C, W, C2):
 
 
 def ttt_chunk(val: ValSet, batch, ci, C, W, C2) -> TTTChunk:
-    """Chunk ci (ttt_chunk_span) of the documents of a TTT batch that have one, on the host. A lone document's row gets an unscored, untrained copy: a batch of 1 would specialize
-    the compiled graphs (0/1 specialization) and recompile them."""
+    """Chunk ci (ttt_chunk_span) of the documents of a TTT batch that have one, on the host. A
+    lone document's row gets an unscored, untrained copy: a batch of 1 would specialize the
+    compiled graphs (0/1 specialization) and recompile them."""
     c0, c1 = ttt_chunk_span(ci, C, W, C2)
     active = [b for b, (_, n) in enumerate(batch) if c0 < n]
     rows = active * 2 if len(active) == 1 else active
@@ -2456,8 +2458,7 @@ def ttt_step(model, bank, opt, inputs, view, train, sums):
     n, T = x.shape
     cu = torch.arange(n + 1, device=x.device, dtype=torch.int32) * T
     lora, head = bank.select(None if view else rows)
-    # No cast cache: a CUDA graph capture must record every cast (same values).
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda, cache_enabled=False):
+    with bf16_autocast(x.device, cache=False):  # the step may be captured (StepGraphs)
         hid = model.hidden(x, cu, T, lora)[torch.arange(n, device=x.device)[:, None], pos]
         logits = model.head_logits(hid, head)
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
@@ -2560,8 +2561,8 @@ def sgd_step_graphs(model, params, h: Hyperparameters):
     side = torch.cuda.Stream()  # capture wants a warm-up on a side stream (one: one cuBLAS workspace)
 
     def fwd_bwd(x, y, cu):
-        # No autocast cast cache: a capture must record every cast; backward outside autocast, as unrolled.
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        # No autocast cast cache (captured); backward outside autocast, as unrolled.
+        with bf16_autocast(x.device, cache=False):
             loss = model(x, y, cu, h.global_ttt_seq_len)
         loss.backward()
 
