@@ -4,7 +4,8 @@
 #   bash tools/device_eval.sh start GPU JOB...   returns at once; runs the JOBs in turn on GPU
 #   bash tools/device_eval.sh wait [S]           polls up to S s (default 540) until every chain has
 #        finished, prints each job's eval lines, copies logs (one tgz) and trained artifacts to $OUT
-# JOB is KIND:NAME[=ENV,ENV...] (NAMEs unique within a lease: each is a log and a RUN_ID):
+# JOB is KIND:NAME[=ENV,ENV...] (NAMEs unique within a lease: each is a log and a RUN_ID; a value may
+# hold commas: ENVs split where a NAME= follows one). Several chains may share a GPU (start it twice):
 #   train   train_gpt.py's full pipeline (proxy config: train, GPTQ, eval), artifact in $W/NAME.pgq
 #   eval    tools/eval_artifact.py --precompile --compile-times on the proxy val
 #   fweval  the same on a FineWeb-shaped rank's val (tools/eval_workload.py, 6,250 documents), with a
@@ -21,7 +22,8 @@ job() {  # KIND:NAME[=ENV,...]
   local kind=${1%%:*} rest=${1#*:}
   local name=${rest%%=*} envs=""
   [ "$rest" != "$name" ] && envs=${rest#*=}
-  local extra=(); [ -n "$envs" ] && IFS=, read -r -a extra <<< "$envs"
+  # split at the commas that start a NAME=, so values may hold commas (TTT_LORA_TARGETS=k,o,mlp,head)
+  local extra=(); [ -n "$envs" ] && mapfile -t extra < <(sed -E 's/,([A-Z][A-Z0-9_]*=)/\n\1/g' <<< "$envs")
   case $kind in
   train) env RUN_ID=$name ARTIFACT_PATH=$W/$name.pgq "${extra[@]}" python3 train_gpt.py > $W/$name.log 2>&1 ;;
   eval) env RUN_ID=$name "${extra[@]}" python3 tools/eval_artifact.py --precompile --compile-times > $W/$name.log 2>&1 ;;
