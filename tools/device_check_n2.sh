@@ -4,7 +4,7 @@
 # Proxy data, same seed: N=1 then N=2 ranks (torchrun, NCCL), ITERATIONS (80, about a minute) steps
 # each on the step-based schedule (a wallclock schedule would give the two speeds different
 # learning rates at the same step), quick eval only; compares train_loss step by step; then the
-# GPU tests (-s: they print their TTT timings).
+# GPU tests (-s: they print their TTT timings; GPU_TESTS=0 skips them).
 # FINEWEB_EVAL=1 (issue 11): meanwhile, on GPU 1 beside N=1, a FineWeb-shaped rank's eval
 #   (tools/eval_workload.py: 6,250 documents, ~6.5M tokens) of a model trained TRAIN_STEPS (10) steps,
 #   phased TTT on, sliding off, EVAL_BUDGET_SECONDS=EVAL_S (150): its stages' seconds (bpb means nothing).
@@ -30,7 +30,9 @@ for n in 1 2; do
   rc=$?; echo "N=$n exit $rc" | tee -a "$W/status"; [ $rc -eq 0 ] || failed=1
 done
 python3 tools/compare_runs.py --steps 20 "$W/n1.log" "$W/n2.log" | tee "$W/compare.txt" || failed=1
-python3 -m pytest -q -s tests/test_gpu.py > "$W/test_gpu.log" 2>&1 || failed=1
-grep -hE "passed|failed|phased TTT on" "$W/test_gpu.log" | tail -4
+if [ "${GPU_TESTS:-1}" = 1 ]; then
+  python3 -m pytest -q -s tests/test_gpu.py > "$W/test_gpu.log" 2>&1 || failed=1
+  grep -hE "passed|failed|phased TTT on" "$W/test_gpu.log" | tail -4
+fi
 grep -hE "^compile_warmup|^training:|eval_stages|total_eval_time|Error" "$W"/n1.log "$W"/n2.log "$W"/ttt_fineweb.log 2>/dev/null
 exit $failed
