@@ -451,6 +451,11 @@ def shard_files(data_path, split):
     return files
 
 
+def tiles(n):
+    """n tokens rounded up to whole 64-token tiles (attention's block; TTT rows and FA3's bound)."""
+    return -(-n // 64) * 64
+
+
 def packed_cu_seqlens(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     """Sequence starts for one packed row: 0, every BOS, and a cut every seq_len tokens inside
     long documents, so no token attends across documents or further back than seq_len."""
@@ -897,7 +902,7 @@ class CausalSelfAttention(nn.Module):
         self.gate, self.gate_width, self.gate_scale = h.attn_gate, h.gate_width, h.sparse_attn_gate_scale
         # FA3's static bound: no packed sequence is longer than the longest length any stage cuts at.
         # TTT rows are rounded up to multiples of 64, hence the rounding.
-        self.fa3_max_seqlen = -(-max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len, h.global_ttt_seq_len) // 64) * 64
+        self.fa3_max_seqlen = tiles(max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len, h.global_ttt_seq_len))
         if self.gate != "none":
             self.gate_w = with_role(nn.Parameter(torch.zeros(h.num_heads, h.gate_width)), "scalar", "gate")
 
@@ -2329,7 +2334,7 @@ def ttt_chunk(val: ValSet, batch, ci, C, W, C2) -> TTTChunk:
     active = [b for b, (_, n) in enumerate(batch) if c0 < n]
     rows = active * 2 if len(active) == 1 else active
     ends = [min(c1, batch[b][1]) for b in rows]
-    T = -(-max(min(e, W) for e in ends) // 64) * 64  # whole 64-token tiles
+    T = tiles(max(min(e, W) for e in ends))
     x, pos, targets, nbytes = (np.zeros((len(rows), n), dtype=np.int64) for n in (T, c1 - c0, c1 - c0, c1 - c0))
     valid, weight = (np.zeros((len(rows), c1 - c0), dtype=np.float32) for _ in range(2))
     for r, (b, e) in enumerate(zip(rows, ends)):
@@ -2440,7 +2445,7 @@ def ttt_row_bucket(T, W):
     """TTT_CUDA_GRAPH's row lengths: 64, 128, 192, 256, 384, 512, 768, ... (<= 1.5x the length),
     at most W rounded up to whole 64-token tiles: few shapes, so few graphs."""
     b = 1 << max(6, (T - 1).bit_length())
-    return min(3 * b // 4 if b >= 256 and 3 * b // 4 >= T else b, -(-W // 64) * 64)
+    return min(3 * b // 4 if b >= 256 and 3 * b // 4 >= T else b, tiles(W))
 
 
 def pad_chunk(chunk: TTTChunk, n_rows, T) -> TTTChunk:
@@ -2646,7 +2651,7 @@ def ttt_batch_work(batch, W, C, C2):
     ns = np.array([n for _, n in batch])
     spans = np.array([ttt_chunk_span(ci, C, W, C2) for ci in range(ttt_n_chunks(ns[0], C, W, C2))])
     rows = np.maximum(2, (ns[None, :] > spans[:, :1]).sum(1))
-    return int((rows * -(-np.minimum(spans[:, 1], min(ns[0], W)) // 64) * 64).sum())
+    return int((rows * tiles(np.minimum(spans[:, 1], min(ns[0], W)))).sum())
 
 
 def ttt_plan(spans, h: Hyperparameters, rank, world_size) -> TTTPlan:
@@ -2657,7 +2662,7 @@ def ttt_plan(spans, h: Hyperparameters, rank, world_size) -> TTTPlan:
     # new batch size means a new bank: no warm-started A there.
     batches, i = [], 0
     while i < len(docs):
-        row = -(-min(docs[i][1], h.ttt_eval_seq_len) // 64) * 64
+        row = tiles(min(docs[i][1], h.ttt_eval_seq_len))
         n = h.ttt_batch_size * max(1, min(h.ttt_batch_grow, h.ttt_eval_seq_len // row))
         batches.append(docs[i:i + n])
         i += n
@@ -2755,7 +2760,8 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     model.requires_grad_(True)
     sliding_s = token_s * sum(window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in leftover)
     stride = h.eval_stride if t1 + sliding_s <= deadline else h.eval_seq_len
-    sums += eval_windows(model, h, rt, val, scoring_windows(leftover, h.eval_seq_len, stride), split_ranks=False)
+    with torch.compiler.set_stance("default"):  # the eval graphs, also under TTT_COMPILE=0 (force_eager)
+        sums += eval_windows(model, h, rt, val, scoring_windows(leftover, h.eval_seq_len, stride), split_ranks=False)
     rt.log(f"ttt_leftover: {len(leftover)} documents scored by {'sliding' if stride < h.eval_seq_len else 'disjoint'} "
            f"windows (too long, or past the deadline: {'yes' if stopped else 'no'})")
     if stats is not None:

@@ -429,6 +429,21 @@ def test_ttt_compile_mode(tmp_path):
         assert (torch.compiler.config.dynamic_sources, ef._stance.stance) == (before, "default")
 
 
+def test_leftover_windows_run_compiled_under_ttt_compile_0(tmp_path, monkeypatch):
+    """TTT_COMPILE=0 makes TTT's steps eager (force_eager), not the leftovers' sliding windows:
+    those run the eval graphs the diagnostic compiled."""
+    import torch._dynamo.eval_frame as ef
+
+    h = make_h(tmp_path, ttt_compile=False)
+    rt = tg.Runtime(h)
+    rt.compile = True
+    stances, real = [], tg.eval_windows
+    monkeypatch.setattr(tg, "eval_windows", lambda *a, **k: stances.append(ef._stance.stance) or real(*a, **k))
+    with tg.ttt_compile_mode(h, rt):
+        tg.phased_ttt(make_model(h), h, rt, make_val(), math.inf)
+    assert stances == ["default"]
+
+
 @pytest.mark.parametrize("sgd_compile", [True, False])
 def test_global_sgd_runs_eager_with_global_ttt_compile_0(tmp_path, monkeypatch, sgd_compile):
     """GLOBAL_TTT_COMPILE=0: global SGD's forward runs under the force_eager stance (none of its
