@@ -83,3 +83,43 @@ def test_shell_scripts_parse(script):
     """The device scripts only run on a GPU machine: at least their syntax is checked here."""
     r = subprocess.run(["bash", "-n", str(ROOT / "tools" / script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+FAKE_LEADER = '''
+import torch
+
+class Muon(torch.optim.SGD):  # the leader's optimizers, by class name
+    pass
+
+w = torch.nn.Parameter(torch.ones(4))
+opts = [Muon([w], lr=0.1), torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])]
+for step in range({n}):
+    (w * w).sum().backward()
+    for o in opts:
+        o.step()
+        o.zero_grad()
+    print(f"step {{step + 1}}", flush=True)
+print("training ended", flush=True)
+'''
+
+
+@pytest.mark.parametrize("n, ok", [(30, True), (8, False)])
+def test_profile_leader_profiles_its_windows_then_stops(tmp_path, n, ok):
+    """tools/profile_leader.py runs a script unchanged, counts its Muon steps (not the other
+    optimizers'), profiles --steps steps from each --at main-loop step after --warmup, then ends the
+    process; a script that ends first is an error."""
+    script = tmp_path / "leader.py"
+    script.write_text(FAKE_LEADER.format(n=n))
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "profile_leader.py"), str(script),
+                        "--steps", "2", "--at", "3,7", "--warmup", "4"], capture_output=True, text=True)
+    if not ok:
+        assert r.returncode != 0 and "ended before the windows [3, 7]" in r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "== leader steps 4-5 (main loop)" in out and "== leader steps 8-9 (main loop)" in out
+    # the hook runs in Muon's step, before the script prints that step: window 1 ends in Muon step 9
+    # (main-loop step 5), window 2 in step 13, which the process does not outlive
+    assert out.index("step 8\n") < out.index("leader steps 4-5") < out.index("step 9\n")
+    assert out.index("step 12\n") < out.index("leader steps 8-9")
+    assert "step 13\n" not in out and "training ended" not in out

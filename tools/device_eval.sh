@@ -12,6 +12,9 @@
 #           timing stand-in artifact made from the untrained model (--make-artifact; scores mean nothing)
 #   gputest tests/test_gpu.py (-s: its printed timings)
 #   prof    tools/profile_ttt.py (TTT ms/step by document length, a profiled batch, global SGD)
+#   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
+#   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
+#           lprof:l786=TRAIN_BATCH_TOKENS=786432 for the 8-GPU run's per-GPU load
 # eval jobs read ARTIFACT_PATH from their ENV, e.g. ARTIFACT_PATH=/tmp/evaldev/base.pgq (a train job's).
 # Example: bash tools/device_eval.sh start 0 fweval:fw=EVAL_BUDGET_SECONDS=1200
 #          bash tools/device_eval.sh start 1 train:base
@@ -35,9 +38,24 @@ job() {  # KIND:NAME[=ENV,...]
             "${extra[@]}" python3 tools/eval_artifact.py --make-artifact --precompile --compile-times > $W/$name.log 2>&1 ;;
   gputest) env "${cold[@]}" "${extra[@]}" python3 -m pytest -q -s tests/test_gpu.py > $W/$name.log 2>&1 ;;
   prof) env "${cold[@]}" PHASED_TTT_PREFIX_DOCS=0 "${extra[@]}" python3 tools/profile_ttt.py > $W/$name.log 2>&1 ;;
+  tprof) env "${cold[@]}" "${extra[@]}" python3 tools/profile_train.py 3 > $W/$name.log 2>&1 ;;
+  lprof) leader_profile "$name" "${cold[@]}" "${extra[@]}" > $W/$name.log 2>&1 ;;
   *) echo "unknown job kind $kind" > $W/$name.log; false ;;
   esac
   echo "$name exit $?" >> $W/status
+}
+leader_profile() {  # name env...: the leader (.bench/anchor) with its record's settings (as side_by_side.sh),
+  # its step profiled at main-loop steps 10 and 40 (looping from step 30 of 60) by tools/profile_leader.py
+  local name=$1 root=$PWD A=$PWD/.bench/anchor d=$W/lead_$1; shift
+  mkdir -p $d/data && ln -sf $DATA_PATH/fineweb_train_*.bin $DATA_PATH/fineweb_val_000000.bin $d/data/
+  python3 $A/make_sidecar.py $DATA_PATH/fineweb_val_000000.bin "$TOKENIZER_PATH" $d/data/fineweb_val_bytes_000000.bin
+  cp $A/leader_train_gpt.py $d/train_gpt.py
+  (cd $d && env PYTHONPATH="$A:${PYTHONPATH:-}" DATA_PATH=$d/data CASEOPS_ENABLED=1 COMPRESSOR=brotli \
+    MLP_CLIP_SIGMAS=11.5 EMBED_CLIP_SIGMAS=14 WARMDOWN_FRAC=0.85 BETA2=0.99 TTT_BETA2=0.99 TTT_WEIGHT_DECAY=0.5 \
+    TTT_LORA_RANK=80 SPARSE_ATTN_GATE_SCALE=0.5 PHASED_TTT_PREFIX_DOCS=130 PHASED_TTT_NUM_PHASES=3 EMBED_BITS=7 \
+    MIN_LR=0.1 GPTQ_RESERVE_SECONDS=0.5 SMEAR_GATE_ENABLED=1 SPARSE_ATTN_GATE_ENABLED=1 GATED_ATTN_QUANT_GATE=1 \
+    LQER_ENABLED=1 VAL_LOSS_EVERY=0 TTT_ENABLED=0 RUN_ID=$name ITERATIONS=60 ENABLE_LOOPING_AT=0.5 \
+    MAX_WALLCLOCK_SECONDS=0 "$@" python3 $root/tools/profile_leader.py train_gpt.py --steps 3 --at 10,40)
 }
 chain() {
   for j in "$@"; do job "$j"; done
@@ -51,7 +69,7 @@ start)
   if [[ "$*" == *fweval:* ]] && [ ! -f /tmp/fwval/fineweb_val_000000.bin ]; then
     python3 tools/eval_workload.py "$DATA_PATH" /tmp/fwval --link-train > $W/workload.txt 2>&1
   fi
-  export -f chain job; export W CUDA_VISIBLE_DEVICES=$gpu
+  export -f chain job leader_profile; export W CUDA_VISIBLE_DEVICES=$gpu
   echo "chain $gpu" >> $W/chains
   setsid bash -c 'chain "$@"' chain "$@" > $W/chain$gpu.out 2>&1 < /dev/null &
   echo "chain started on GPU $gpu: $*"
@@ -64,7 +82,7 @@ wait)
   cat $W/status 2>/dev/null
   for f in $W/*.log; do
     echo "== $(basename $f .log)"
-    grep -hE "^compile_warmup|^training:|val_bpb|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== prof|^phased TTT on|passed|failed|Error|error" $f | tail -14
+    grep -hE "^compile_warmup|^training:|val_bpb|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== |^phased TTT on|passed|failed|Error|error" $f | tail -14
   done
   mkdir -p "${OUT:-/tmp/out}"
   tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude=cache --exclude='*.pgq' --exclude='*.timing' -C /tmp evaldev 2>/dev/null

@@ -30,17 +30,23 @@ def main():
                 trainer.step(loader, i, 0.0, looping)
             rt.sync()
         wall = (time.perf_counter() - t0) / steps
-        events = prof.key_averages()
-        kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-        print(f"\n== looping={looping} micro_tokens={h.micro_tokens} accum={h.grad_accum_steps}: "
-              f"wall {1000 * wall:.1f} ms/step, kernels {kernel_us / 1000 / steps:.1f} ms/step, "
-              f"{h.train_batch_tokens / wall:.0f} tok/s")
-        kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total),
-                         key=lambda e: -e.self_device_time_total)
-        print(f"{'ms/step':>8} {'calls/step':>10} {'us/call':>8}  kernel")
-        for e in kernels[:int(os.environ.get("PROFILE_ROWS", "40"))]:
-            print(f"{e.self_device_time_total / 1000 / steps:8.2f} {e.count / steps:10.0f} "
-                  f"{e.self_device_time_total / max(e.count, 1):8.1f}  {e.key[:110]}")
+        print_kernels(prof, steps, wall, h.train_batch_tokens,
+                      f"looping={looping} micro_tokens={h.micro_tokens} accum={h.grad_accum_steps}")
+
+
+def print_kernels(prof, steps, wall, batch_tokens, label):
+    """Wall vs summed kernel time per step and the top PROFILE_ROWS (40) kernels of a profile (also
+    tools/profile_leader.py's)."""
+    events = prof.key_averages()
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total),
+                     key=lambda e: -e.self_device_time_total)
+    kernel_us = sum(e.self_device_time_total for e in kernels)
+    print(f"\n== {label}: wall {1000 * wall:.1f} ms/step, kernels {kernel_us / 1000 / steps:.1f} ms/step, "
+          f"{batch_tokens / wall:.0f} tok/s")
+    print(f"{'ms/step':>8} {'calls/step':>10} {'us/call':>8}  kernel")
+    for e in kernels[:int(os.environ.get("PROFILE_ROWS", "40"))]:
+        print(f"{e.self_device_time_total / 1000 / steps:8.2f} {e.count / steps:10.0f} "
+              f"{e.self_device_time_total / max(e.count, 1):8.1f}  {e.key[:110]}", flush=True)
 
 
 if __name__ == "__main__":
