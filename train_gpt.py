@@ -2760,7 +2760,8 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     model.requires_grad_(True)
     sliding_s = token_s * sum(window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in leftover)
     stride = h.eval_stride if t1 + sliding_s <= deadline else h.eval_seq_len
-    with torch.compiler.set_stance("default"):  # the eval graphs, also under TTT_COMPILE=0 (force_eager)
+    # TTT_COMPILE=0 made TTT eager (ttt_compile_mode's force_eager), not these: they run the eval graphs
+    with torch.compiler.set_stance("default") if rt.compile and not h.ttt_compile else contextlib.nullcontext():
         sums += eval_windows(model, h, rt, val, scoring_windows(leftover, h.eval_seq_len, stride), split_ranks=False)
     rt.log(f"ttt_leftover: {len(leftover)} documents scored by {'sliding' if stride < h.eval_seq_len else 'disjoint'} "
            f"windows (too long, or past the deadline: {'yes' if stopped else 'no'})")

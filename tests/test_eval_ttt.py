@@ -2,6 +2,7 @@
 LoRABank's adapters by name, and TTT through the compiled block graphs on the CPU: after the
 warm-up (random tokens) no chunk shape compiles anything, and the scores are the eager ones.
 The legality of the whole (every target once, score before update) is tests/test_eval_legality.py."""
+import contextlib
 import functools
 import math
 from collections import Counter
@@ -429,19 +430,22 @@ def test_ttt_compile_mode(tmp_path):
         assert (torch.compiler.config.dynamic_sources, ef._stance.stance) == (before, "default")
 
 
-def test_leftover_windows_run_compiled_under_ttt_compile_0(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ttt_compile", [False, True])
+def test_leftover_windows_run_compiled_under_ttt_compile_0(tmp_path, monkeypatch, ttt_compile):
     """TTT_COMPILE=0 makes TTT's steps eager (force_eager), not the leftovers' sliding windows:
-    those run the eval graphs the diagnostic compiled."""
+    those run the eval graphs the diagnostic compiled. Any other stance around TTT (the tests'
+    fail_on_recompile) still holds for them."""
     import torch._dynamo.eval_frame as ef
 
-    h = make_h(tmp_path, ttt_compile=False)
+    h = make_h(tmp_path, ttt_compile=ttt_compile)
     rt = tg.Runtime(h)
     rt.compile = True
     stances, real = [], tg.eval_windows
     monkeypatch.setattr(tg, "eval_windows", lambda *a, **k: stances.append(ef._stance.stance) or real(*a, **k))
-    with tg.ttt_compile_mode(h, rt):
+    outer = torch.compiler.set_stance("eager_on_recompile") if ttt_compile else contextlib.nullcontext()
+    with tg.ttt_compile_mode(h, rt), outer:
         tg.phased_ttt(make_model(h), h, rt, make_val(), math.inf)
-    assert stances == ["default"]
+    assert stances == ["default" if not ttt_compile else "eager_on_recompile"]
 
 
 @pytest.mark.parametrize("sgd_compile", [True, False])

@@ -1,4 +1,5 @@
 """tools/compare_runs.py (the N=1 vs N=2 train_loss comparison of issue 2's device check)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,16 @@ def test_profile_leader_profiles_its_windows_then_stops(tmp_path, n, ok):
     assert out.index("step 8\n") < out.index("leader steps 4-5") < out.index("step 9\n")
     assert out.index("step 12\n") < out.index("leader steps 8-9")
     assert "step 13\n" not in out and "training ended" not in out
+
+
+def test_profile_leader_windows_back_to_back_and_the_warmup_from_the_env(tmp_path):
+    """A window may start on the step the previous one ends; --warmup defaults to the leader's
+    WARMUP_STEPS, twice when NUM_LOOPS > 0 (its loop warm-up)."""
+    script = tmp_path / "leader.py"
+    script.write_text(FAKE_LEADER.format(n=30))
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "profile_leader.py"), str(script), "--steps", "2",
+                        "--at", "3,5"], capture_output=True, text=True, env={**os.environ, "WARMUP_STEPS": "2"})
+    assert r.returncode == 0, r.stderr
+    assert "== leader steps 4-5 (main loop)" in r.stdout and "== leader steps 6-7 (main loop)" in r.stdout
+    assert r.stdout.index("step 10\n") < r.stdout.index("leader steps 6-7")  # 2 x 2 warm-up steps, then 7 main steps
+    assert "step 11\n" not in r.stdout

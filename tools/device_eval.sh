@@ -5,7 +5,8 @@
 #   bash tools/device_eval.sh wait [S]           polls up to S s (default 540) until every chain has
 #        finished, prints each job's eval lines, copies logs (one tgz) and trained artifacts to $OUT
 # JOB is KIND:NAME[=ENV,ENV...] (NAMEs unique within a lease: each is a log and a RUN_ID; a value may
-# hold commas: ENVs split where a NAME= follows one). Several chains may share a GPU (start it twice):
+# hold commas: ENVs split where a NAME= follows one). Several chains may share a GPU (start it twice),
+# memory permitting: two TTT evals do not fit in an H200's 139 GiB (CUDA-graph pools, reserved memory):
 #   train   train_gpt.py's full pipeline (proxy config: train, GPTQ, eval), artifact in $W/NAME.pgq
 #   eval    tools/eval_artifact.py --precompile --compile-times on the proxy val
 #   fweval  the same on a FineWeb-shaped rank's val (tools/eval_workload.py, 6,250 documents), with a
@@ -28,7 +29,8 @@ job() {  # KIND:NAME[=ENV,...]
   # split at the commas that start a NAME=, so values may hold commas (TTT_LORA_TARGETS=k,o,mlp,head)
   # A cache of the job's own: every compile is cold, as in the competition's run, where TTT's graphs
   # are compiled once inside the eval timer (a job after another that compiled the same graphs took
-  # 28-38 s of TTT warm-up instead of 78-81 s). A job may share one: TORCHINDUCTOR_CACHE_DIR=... in ENV.
+  # 28-38 s of TTT warm-up instead of 78-81 s). A job may share one: TORCHINDUCTOR_CACHE_DIR=... and
+  # TRITON_CACHE_DIR=... (our own Triton kernels) in ENV.
   local cold=(TORCHINDUCTOR_CACHE_DIR=$W/cache/$name TRITON_CACHE_DIR=$W/cache/$name/triton)
   local extra=(); [ -n "$envs" ] && mapfile -t extra < <(sed -E 's/,([A-Z][A-Z0-9_]*=)/\n\1/g' <<< "$envs")
   case $kind in
@@ -48,7 +50,8 @@ leader_profile() {  # name env...: the leader (.bench/anchor) with its record's 
   # its step profiled at main-loop steps 10 and 40 (looping from step 30 of 60) by tools/profile_leader.py
   local name=$1 root=$PWD A=$PWD/.bench/anchor d=$W/lead_$1; shift
   mkdir -p $d/data && ln -sf $DATA_PATH/fineweb_train_*.bin $DATA_PATH/fineweb_val_000000.bin $d/data/
-  python3 $A/make_sidecar.py $DATA_PATH/fineweb_val_000000.bin "$TOKENIZER_PATH" $d/data/fineweb_val_bytes_000000.bin
+  python3 $A/make_sidecar.py $DATA_PATH/fineweb_val_000000.bin "$TOKENIZER_PATH" $d/data/fineweb_val_bytes_000000.bin \
+    || return 1
   cp $A/leader_train_gpt.py $d/train_gpt.py
   (cd $d && env PYTHONPATH="$A:${PYTHONPATH:-}" DATA_PATH=$d/data CASEOPS_ENABLED=1 COMPRESSOR=brotli \
     MLP_CLIP_SIGMAS=11.5 EMBED_CLIP_SIGMAS=14 WARMDOWN_FRAC=0.85 BETA2=0.99 TTT_BETA2=0.99 TTT_WEIGHT_DECAY=0.5 \
@@ -71,7 +74,7 @@ start)
   fi
   export -f chain job leader_profile; export W CUDA_VISIBLE_DEVICES=$gpu
   echo "chain $gpu" >> $W/chains
-  setsid bash -c 'chain "$@"' chain "$@" > $W/chain$gpu.out 2>&1 < /dev/null &
+  setsid bash -c 'chain "$@"' chain "$@" >> $W/chain$gpu.out 2>&1 < /dev/null &
   echo "chain started on GPU $gpu: $*"
   ;;
 wait)
@@ -85,7 +88,7 @@ wait)
     grep -hE "^compile_warmup|^training:|val_bpb|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== |^phased TTT on|passed|failed|Error|error" $f | tail -14
   done
   mkdir -p "${OUT:-/tmp/out}"
-  tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude=cache --exclude='*.pgq' --exclude='*.timing' -C /tmp evaldev 2>/dev/null
+  tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude=cache --exclude=data --exclude='*.pgq' --exclude='*.timing' -C /tmp evaldev 2>/dev/null
   cp $W/*.pgq "${OUT:-/tmp/out}/" 2>/dev/null
   if done_all; then echo "all finished"; else echo "still running: call wait again"; fi
   ;;

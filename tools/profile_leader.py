@@ -7,8 +7,8 @@ step hook counts its Muon steps, one per training step. WARMUP steps come before
 (WARMUP_STEPS twice: without and with the loop). The hook profiles STEPS steps from main-loop step
 AT_NO_LOOP and again from AT_LOOP, prints both tables, then ends the process (no GPTQ, no eval).
 Set ITERATIONS and ENABLE_LOOPING_AT so that looping starts between the two, with
-MAX_WALLCLOCK_SECONDS=0 (a step schedule); tools/device_leader.sh does.
-    python3 tools/profile_leader.py LEADER_SCRIPT [--steps 3] [--at 10,40] [--warmup 40]"""
+MAX_WALLCLOCK_SECONDS=0 (a step schedule), as tools/device_eval.sh's lprof jobs do.
+    python3 tools/profile_leader.py LEADER_SCRIPT [--steps 3] [--at 10,40] [--warmup N]"""
 import argparse
 import os
 import runpy
@@ -42,12 +42,7 @@ class StepProfiler:
             return
         self.count += 1
         step = self.count - self.warmup  # main-loop steps done
-        if self.prof is None and self.windows and step == self.windows[0]:
-            sync()
-            self.prof = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU])
-            self.prof.__enter__()
-            self.t0 = time.perf_counter()
-        elif self.prof is not None and step == self.windows[0] + self.steps:
+        if self.prof is not None and step == self.windows[0] + self.steps:  # first: a window may start here
             sync()
             wall = (time.perf_counter() - self.t0) / self.steps
             self.prof.__exit__(None, None, None)
@@ -57,6 +52,12 @@ class StepProfiler:
             self.windows.pop(0)
             if not self.windows:
                 self.on_done()
+        if self.prof is None and self.windows and step == self.windows[0]:
+            sync()
+            # CPU and CUDA, as tools/profile_train.py: the same profiler overhead on both scripts' wall times
+            self.prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * torch.cuda.is_available())
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
 
 
 def main():
@@ -64,8 +65,11 @@ def main():
     ap.add_argument("script")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--at", default="10,40", help="main-loop steps where the two windows start")
-    ap.add_argument("--warmup", type=int, default=40, help="Muon steps before the main loop")
+    ap.add_argument("--warmup", type=int, help="Muon steps before the main loop (default: the leader's WARMUP_STEPS, 20, "
+                    "twice when NUM_LOOPS, 2, is > 0)")
     a = ap.parse_args()
+    if a.warmup is None:
+        a.warmup = int(os.environ.get("WARMUP_STEPS", 20)) * (2 if int(os.environ.get("NUM_LOOPS", 2)) > 0 else 1)
     windows = sorted(int(x) for x in a.at.split(","))
     if any(w2 < w1 + a.steps for w1, w2 in zip(windows, windows[1:])):
         ap.error(f"--at {a.at}: windows of {a.steps} steps overlap")
@@ -78,7 +82,7 @@ def main():
     register_optimizer_step_post_hook(StepProfiler(windows, a.steps, a.warmup, batch_tokens, done))
     sys.argv = [a.script]
     runpy.run_path(a.script, run_name="__main__")
-    sys.exit(f"profile_leader: {a.script} ended before the windows {windows} (check ITERATIONS, --warmup)")
+    sys.exit(f"profile_leader: {a.script} ended before the windows {windows} were profiled (check ITERATIONS, --warmup)")
 
 
 if __name__ == "__main__":

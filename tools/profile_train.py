@@ -8,11 +8,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import train_gpt as tg  # noqa: E402
-
 
 def main():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    import train_gpt as tg  # here: tools/profile_leader.py imports print_kernels into the leader's process
+
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     h = tg.Hyperparameters.from_env()
     rt = tg.Runtime(h)
