@@ -1181,9 +1181,10 @@ class GPT(nn.Module):
         torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
         pack = cu_seqlens, torch.tensor([max_seqlen], dtype=torch.int32)
         x0 = rms_norm(self.embed(ids, cu_seqlens))
-        if lora is not None:
+        if lora is not None and any(a is not None for slot in lora for a in slot):
             # TTT: the frozen embedding would give the first block an input without grad, and a
-            # graph of its own (compiled graphs are specialized on requires_grad).
+            # graph of its own (compiled graphs are specialized on requires_grad). With the head's
+            # adapter alone (TTT_LORA_TARGETS=head) no backward needs to reach the blocks.
             x0.requires_grad_()
         x = x0.clone()  # distinct from x0, else the first block compiles its own aliased graph
         enc, dec = self.layer_plan(looping)

@@ -312,6 +312,18 @@ def test_lora_bank_holds_only_the_ttt_lora_targets(tmp_path):
     assert head is not None and tg.LoRABank(3, 2, make_h(tmp_path, ttt_lora_targets="q")).select(None)[1] is None
 
 
+@pytest.mark.parametrize("targets, through_blocks", [("head", False), ("mlp,head", True), ("q", True)])
+def test_ttt_backward_reaches_the_blocks_only_with_their_adapters(tmp_path, targets, through_blocks):
+    """On the frozen model, TTT's hidden states need a graph only where a block has an adapter:
+    with the head's alone the backward stops at the head."""
+    h = make_h(tmp_path, ttt_lora_targets=targets)
+    model = make_model(h).requires_grad_(False)
+    bank = tg.LoRABank(2, len(sum(model.layer_plan(True), [])), h)
+    ids = torch.randint(4, V, (2, 24))
+    hid = model.hidden(ids, torch.tensor([0, 24, 48], dtype=torch.int32), 24, bank.select(None)[0])
+    assert hid.requires_grad == through_blocks
+
+
 def test_lora_bank_all_documents_are_views_equal_to_the_gather(tmp_path):
     """select(None) (every document of the batch in the chunk, in order) gives the adapters of
     select(arange): the same forward and the same gradients in the bank, without gathers."""
