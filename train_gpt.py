@@ -2882,7 +2882,9 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, val: ValSet):
            "".join(f" {k}:{stats[k]}" for k in ("ttt_docs", "fallback_docs") if k in stats))
     rt.log(f"total_eval_time:{total:.1f}s")
     if rt.device.type == "cuda":
-        rt.log(f"peak memory allocated (whole run): {torch.cuda.max_memory_allocated() // 2**20} MiB")
+        # reserved too: CUDA-graph pools and the allocator's cache decide whether TTT fits an H100's 80 GB
+        rt.log(f"peak memory allocated (whole run): {torch.cuda.max_memory_allocated() // 2**20} MiB "
+               f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
 
 # ---------------------------------------------------------------------------------------

@@ -123,5 +123,5 @@ def make_log(seed=42, source=SOURCE, final_loss=2.80, final_bpb=1.08, artifact_b
     if ttt:
         out.append("eval_stages: load:0.7s quantized:2.6s ttt_warmup:41.3s ttt:340.2s leftover:15.0s "
                    f"total:{total_eval_s:.1f}s ttt_docs:49990 fallback_docs:10")
-    out += [f"total_eval_time:{total_eval_s:.1f}s", "peak memory allocated (whole run): 66657 MiB"]
+    out += [f"total_eval_time:{total_eval_s:.1f}s", "peak memory allocated (whole run): 66657 MiB reserved: 70000 MiB"]
     return "\n".join(out) + "\n" + extra

@@ -85,7 +85,7 @@ wait)
   cat $W/status 2>/dev/null
   for f in $W/*.log; do
     echo "== $(basename $f .log)"
-    grep -hE "^compile_warmup|^training:|val_bpb|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== |^phased TTT on|passed|failed|Error|error" $f | tail -14
+    grep -hE "^compile_warmup|^training:|val_bpb|^peak memory|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== |^phased TTT on|passed|failed|Error|error" $f | tail -14
   done
   mkdir -p "${OUT:-/tmp/out}"
   tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude=cache --exclude=data --exclude='*.pgq' --exclude='*.timing' -C /tmp evaldev 2>/dev/null
