@@ -137,3 +137,11 @@ def test_profile_leader_windows_back_to_back_and_the_warmup_from_the_env(tmp_pat
     assert "== leader steps 4-5 (main loop)" in r.stdout and "== leader steps 6-7 (main loop)" in r.stdout
     assert r.stdout.index("step 10\n") < r.stdout.index("leader steps 6-7")  # 2 x 2 warm-up steps, then 7 main steps
     assert "step 11\n" not in r.stdout
+
+
+def test_eval_artifact_refuses_a_memory_cap_without_a_gpu(tmp_path):
+    """--memory-gib (an H100's 80 GB on an H200) caps the CUDA allocator: on the CPU it is refused
+    before anything is read or evaluated."""
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_artifact.py"), "--memory-gib", "79"],
+                       capture_output=True, text=True, env={**os.environ, "ARTIFACT_PATH": str(tmp_path / "none.pgq")})
+    assert r.returncode == 2 and "--memory-gib needs a CUDA device" in r.stderr

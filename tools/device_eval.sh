@@ -16,7 +16,8 @@
 #   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
 #   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
 #           lprof:l786=TRAIN_BATCH_TOKENS=786432 for the 8-GPU run's per-GPU load
-# eval jobs read ARTIFACT_PATH from their ENV, e.g. ARTIFACT_PATH=/tmp/evaldev/base.pgq (a train job's).
+# eval jobs read ARTIFACT_PATH from their ENV, e.g. ARTIFACT_PATH=/tmp/evaldev/base.pgq (a train job's);
+# ARGS=... in ENV adds flags to eval/fweval's tools/eval_artifact.py, e.g. ARGS=--memory-gib 79 (an H100's memory).
 # Example: bash tools/device_eval.sh start 0 fweval:fw=EVAL_BUDGET_SECONDS=1200
 #          bash tools/device_eval.sh start 1 train:base
 set -u
@@ -33,11 +34,15 @@ job() {  # KIND:NAME[=ENV,...]
   # TRITON_CACHE_DIR=... (our own Triton kernels) in ENV.
   local cold=(TORCHINDUCTOR_CACHE_DIR=$W/cache/$name TRITON_CACHE_DIR=$W/cache/$name/triton)
   local extra=(); [ -n "$envs" ] && mapfile -t extra < <(sed -E 's/,([A-Z][A-Z0-9_]*=)/\n\1/g' <<< "$envs")
+  local args=() rest=() e  # ARGS=...: eval/fweval's extra flags, not an environment variable
+  for e in "${extra[@]}"; do if [[ $e == ARGS=* ]]; then read -r -a args <<< "${e#ARGS=}"; else rest+=("$e"); fi; done
+  extra=("${rest[@]}")
   case $kind in
   train) env "${cold[@]}" RUN_ID=$name ARTIFACT_PATH=$W/$name.pgq "${extra[@]}" python3 train_gpt.py > $W/$name.log 2>&1 ;;
-  eval) env "${cold[@]}" RUN_ID=$name "${extra[@]}" python3 tools/eval_artifact.py --precompile --compile-times > $W/$name.log 2>&1 ;;
+  eval) env "${cold[@]}" RUN_ID=$name "${extra[@]}" python3 tools/eval_artifact.py --precompile --compile-times "${args[@]}" \
+          > $W/$name.log 2>&1 ;;
   fweval) env "${cold[@]}" RUN_ID=$name DATA_PATH=/tmp/fwval ARTIFACT_PATH=$W/$name.timing GPTQ_CALIBRATION_TOKENS=262144 \
-            "${extra[@]}" python3 tools/eval_artifact.py --make-artifact --precompile --compile-times > $W/$name.log 2>&1 ;;
+            "${extra[@]}" python3 tools/eval_artifact.py --make-artifact --precompile --compile-times "${args[@]}" > $W/$name.log 2>&1 ;;
   gputest) env "${cold[@]}" "${extra[@]}" python3 -m pytest -q -s tests/test_gpu.py > $W/$name.log 2>&1 ;;
   prof) env "${cold[@]}" PHASED_TTT_PREFIX_DOCS=0 "${extra[@]}" python3 tools/profile_ttt.py > $W/$name.log 2>&1 ;;
   tprof) env "${cold[@]}" "${extra[@]}" python3 tools/profile_train.py 3 > $W/$name.log 2>&1 ;;

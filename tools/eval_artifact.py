@@ -13,6 +13,8 @@ artifact, DATA_PATH the val shard (e.g. tools/eval_workload.py's FineWeb-shaped 
 --compile-times  after the eval, print Dynamo/Inductor's compile seconds by phase, and the
                seconds of the first TTT batch and global SGD call (the warm-up's; with
                GLOBAL_TTT_COMPILE=0 the warm-up has no global SGD step: the first phase's).
+--memory-gib G  let the caching allocator use at most G GiB of the GPU (CUDA-graph pools included),
+               e.g. 79 for an H100's 80 GB on a 141 GB H200: does the eval fit the competition's card?
 (GLOBAL_TTT_COMPILE=1 is the A/B of compiling global SGD.)
 """
 import argparse
@@ -48,12 +50,19 @@ def main(argv=None):
     ap.add_argument("--make-artifact", action="store_true")
     ap.add_argument("--precompile", action="store_true")
     ap.add_argument("--compile-times", action="store_true")
+    ap.add_argument("--memory-gib", type=float)
     args = ap.parse_args(argv)
+    if args.memory_gib is not None and not torch.cuda.is_available():
+        ap.error("--memory-gib needs a CUDA device")
     h = tg.Hyperparameters.from_env()
     if not args.make_artifact and not os.path.isfile(h.artifact_path):
         sys.exit(f"error: ARTIFACT_PATH={h.artifact_path} is not a file")
     rt = tg.Runtime(h, new_log=True)
     try:
+        if args.memory_gib is not None:
+            total = torch.cuda.get_device_properties(rt.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total), rt.device)
+            rt.log(f"eval_artifact: memory capped at {args.memory_gib:g} GiB of {total / 2**30:.1f}")
         if args.make_artifact:
             model = tg.GPT(h).to(rt.device)
             sys.argv[0] = tg.__file__  # the code bytes write_artifact counts: train_gpt.py's
