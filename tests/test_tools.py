@@ -1,4 +1,6 @@
-"""tools/compare_runs.py (the N=1 vs N=2 train_loss comparison of issue 2's device check)."""
+"""The tools: compare_runs.py (the N=1 vs N=2 train_loss comparison of issue 2's device check),
+bench_pack.py, quant_sweep.py, profile_leader.py, eval_artifact.py's GPU-only flag, and the device
+scripts' syntax."""
 import os
 import subprocess
 import sys

@@ -27,12 +27,12 @@ job() {  # KIND:NAME[=ENV,...]
   local kind=${1%%:*} rest=${1#*:}
   local name=${rest%%=*} envs=""
   [ "$rest" != "$name" ] && envs=${rest#*=}
-  # split at the commas that start a NAME=, so values may hold commas (TTT_LORA_TARGETS=k,o,mlp,head)
   # A cache of the job's own: every compile is cold, as in the competition's run, where TTT's graphs
   # are compiled once inside the eval timer (a job after another that compiled the same graphs took
   # 28-38 s of TTT warm-up instead of 78-81 s). A job may share one: TORCHINDUCTOR_CACHE_DIR=... and
   # TRITON_CACHE_DIR=... (our own Triton kernels) in ENV.
   local cold=(TORCHINDUCTOR_CACHE_DIR=$W/cache/$name TRITON_CACHE_DIR=$W/cache/$name/triton)
+  # split at the commas that start a NAME=, so values may hold commas (TTT_LORA_TARGETS=k,o,mlp,head)
   local extra=(); [ -n "$envs" ] && mapfile -t extra < <(sed -E 's/,([A-Z][A-Z0-9_]*=)/\n\1/g' <<< "$envs")
   local args=() rest=() e  # ARGS=...: eval/fweval's extra flags, not an environment variable
   for e in "${extra[@]}"; do if [[ $e == ARGS=* ]]; then read -r -a args <<< "${e#ARGS=}"; else rest+=("$e"); fi; done
