@@ -165,10 +165,12 @@ class Hyperparameters:
     # evaluation and test-time training
     eval_stride: int = 64
     sliding_eval: bool = True
+    sliding_mode: str = "windows"  # windows: strided (compiled); attention: documents whole, attention capped (eager)
     eval_budget_seconds: float = 600.0
     ttt_enabled: bool = True
     ttt_compile: bool = True  # 0: TTT eager (the fallback if its compiled graphs fail)
     ttt_cuda_graph: bool = True  # TTT chunk steps replayed as CUDA graphs (StepGraphs)
+    ttt_autotune: bool = True  # 0: TTT's pointwise kernels compiled in one configuration each, not autotuned
     ttt_batch_size: int = 64
     ttt_batch_grow: int = 1  # short documents' batches up to this many times TTT_BATCH_SIZE (ttt_plan)
     ttt_chunk_size: int = 48
@@ -291,6 +293,9 @@ class Hyperparameters:
         need(self.lqer_group > 0 and self.model_dim % self.lqer_group == 0, "LQER_GROUP", "must divide MODEL_DIM")
         need(self.gptq_calibration_tokens >= self.world_size, "GPTQ_CALIBRATION_TOKENS", "too few for the ranks")
         need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", "must lie in (0, EVAL_SEQ_LEN]")
+        need(self.sliding_mode in ("windows", "attention"), "SLIDING_MODE", "expected windows or attention")
+        need(self.sliding_mode == "windows" or self.val_batch_tokens > self.eval_seq_len, "VAL_BATCH_TOKENS",
+             "SLIDING_MODE=attention needs rows longer than EVAL_SEQ_LEN")
         need(self.ttt_chunk_size <= self.ttt_eval_seq_len, "TTT_CHUNK_SIZE", "must not exceed TTT_EVAL_SEQ_LEN")
         need(self.ttt_long_chunk_size <= self.ttt_eval_seq_len, "TTT_LONG_CHUNK_SIZE", "must not exceed TTT_EVAL_SEQ_LEN")
         need(self.global_ttt_chunk_tokens % self.world_size == 0, "GLOBAL_TTT_CHUNK_TOKENS",
@@ -2374,11 +2379,56 @@ def summarize(sums, rt: Runtime):
     return loss / count, loss / (math.log(2) * nbytes), int(count)
 
 
-def eval_val(model, h: Hyperparameters, rt: Runtime, val: ValSet, stride=None):
-    """Score every val target once in EVAL_SEQ_LEN windows that never cross a BOS, with a stride
-    of `stride` (sliding) or EVAL_SEQ_LEN (disjoint). Returns (val_loss, val_bpb, targets)."""
-    windows = scoring_windows(document_spans(val.tokens), h.eval_seq_len, stride or h.eval_seq_len)
-    return summarize(eval_windows(model, h, rt, val, windows), rt)
+@contextlib.contextmanager
+def capped_attention(model, h: Hyperparameters):
+    """SLIDING_MODE=attention: no layer's query sees more than EVAL_SEQ_LEN-1 earlier tokens (the
+    global layers' too), and FA3's bound admits rows of VAL_BATCH_TOKENS. Eager: the compiled
+    graphs hold the uncapped windows, and a compile inside the eval timer costs more than it saves."""
+    attns = [b.attn for b in model.blocks]
+    saved = [(a.window, a.fa3_max_seqlen) for a in attns]
+    for a in attns:
+        a.window = min(a.window if a.window is not None else h.eval_seq_len, h.eval_seq_len - 1)
+        a.fa3_max_seqlen = h.val_batch_tokens
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        for a, (window, bound) in zip(attns, saved):
+            a.window, a.fa3_max_seqlen = window, bound
+
+
+def sliding_windows(spans, h: Hyperparameters):
+    """The sliding eval's windows. windows: EVAL_SEQ_LEN long, EVAL_STRIDE apart (each target has
+    EVAL_SEQ_LEN-EVAL_STRIDE to EVAL_SEQ_LEN-1 earlier tokens). attention: every document whole, or
+    in VAL_BATCH_TOKENS pieces overlapping by EVAL_SEQ_LEN; with capped_attention each target
+    sees up to EVAL_SEQ_LEN-1 earlier tokens (stride 1) for one forward over the document."""
+    if h.sliding_mode == "attention":
+        return scoring_windows(spans, h.val_batch_tokens, h.val_batch_tokens - h.eval_seq_len)
+    return scoring_windows(spans, h.eval_seq_len, h.eval_stride)
+
+
+def sliding_work(spans, h: Hyperparameters):
+    """Predicted cost of the sliding eval of spans in window tokens of the compiled eval graphs;
+    SLIDING_MODE=attention's eager forward is counted 3x (unmeasured: a pessimistic bound)."""
+    if h.sliding_mode == "attention":
+        return 3 * sum(window_tokens(n, h.val_batch_tokens, h.val_batch_tokens - h.eval_seq_len) for _, n in spans)
+    return sum(window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in spans)
+
+
+def eval_sliding(model, h: Hyperparameters, rt: Runtime, val: ValSet, spans, split_ranks=True):
+    """eval_windows over the sliding windows of spans (SLIDING_MODE)."""
+    windows = sliding_windows(spans, h)
+    with capped_attention(model, h) if h.sliding_mode == "attention" else contextlib.nullcontext():
+        return eval_windows(model, h, rt, val, windows, split_ranks)
+
+
+def eval_val(model, h: Hyperparameters, rt: Runtime, val: ValSet, sliding=False):
+    """Score every val target once in windows that never cross a BOS: disjoint EVAL_SEQ_LEN ones, or
+    sliding (eval_sliding). Returns (val_loss, val_bpb, targets)."""
+    spans = document_spans(val.tokens)
+    if sliding:
+        return summarize(eval_sliding(model, h, rt, val, spans), rt)
+    return summarize(eval_windows(model, h, rt, val, scoring_windows(spans, h.eval_seq_len, h.eval_seq_len)), rt)
 
 
 class LoRABank(nn.Module):
@@ -2759,13 +2809,16 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     # The eval graphs guard requires_grad (also under no_grad): as in the diagnostics, whose graphs
     # the pre-quantization diagnostic compiled before the eval timer started, so none compiles here.
     model.requires_grad_(True)
-    sliding_s = token_s * sum(window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in leftover)
-    stride = h.eval_stride if t1 + sliding_s <= deadline else h.eval_seq_len
+    sliding = t1 + token_s * sliding_work(leftover, h) <= deadline
     # TTT_COMPILE=0 made TTT eager (ttt_compile_mode's force_eager), not these: they run the eval graphs
     with torch.compiler.set_stance("default") if rt.compile and not h.ttt_compile else contextlib.nullcontext():
-        sums += eval_windows(model, h, rt, val, scoring_windows(leftover, h.eval_seq_len, stride), split_ranks=False)
-    rt.log(f"ttt_leftover: {len(leftover)} documents scored by {'sliding' if stride < h.eval_seq_len else 'disjoint'} "
-           f"windows (too long, or past the deadline: {'yes' if stopped else 'no'})")
+        if sliding:
+            sums += eval_sliding(model, h, rt, val, leftover, split_ranks=False)
+        else:
+            sums += eval_windows(model, h, rt, val, scoring_windows(leftover, h.eval_seq_len, h.eval_seq_len), False)
+    how = f"sliding windows ({h.sliding_mode})" if sliding else "disjoint windows"
+    rt.log(f"ttt_leftover: {len(leftover)} documents scored by {how} (too long, or past the deadline: "
+           f"{'yes' if stopped else 'no'})")
     if stats is not None:
         rt.sync()
         leftover_s = time.perf_counter() - t1  # this rank's, before waiting for the others in all_reduce
@@ -2784,13 +2837,22 @@ TTT_DYNAMIC_SOURCES = ",".join(["L['x']", "L['x0']", "L['skip']", "L['lanes'][0]
                                [f"L['lora'].{name}[{i}]" for name in Adapters._fields for i in (0, 1)])
 
 
+@contextlib.contextmanager
 def ttt_compile_mode(h: Hyperparameters, rt: Runtime):
-    """Phased TTT through the compiled graphs with those dims dynamic, or eager (TTT_COMPILE=0)."""
+    """Phased TTT through the compiled graphs with those dims dynamic, or eager (TTT_COMPILE=0).
+    TTT_AUTOTUNE=0: inductor compiles each pointwise kernel once instead of once per candidate
+    configuration; TTT's graphs compile cold inside the eval timer."""
     if not rt.compile:
-        return contextlib.nullcontext()
-    if h.ttt_compile:
-        return torch.compiler.config.patch(dynamic_sources=TTT_DYNAMIC_SOURCES)
-    return torch.compiler.set_stance("force_eager")
+        yield
+    elif not h.ttt_compile:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    else:
+        import torch._inductor.config as inductor_config
+
+        with torch.compiler.config.patch(dynamic_sources=TTT_DYNAMIC_SOURCES), \
+                inductor_config.patch({"triton.autotune_pointwise": h.ttt_autotune}):
+            yield
 
 
 def ttt_warmup(model, h: Hyperparameters, rt: Runtime):
@@ -2851,7 +2913,7 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, val: ValSet):
     stage("quantized", lambda: timed_eval("diagnostic quantized", lambda: eval_val(model, h, rt, val), rt))
 
     def sliding(m):
-        timed_eval("diagnostic quantized_sliding_window", lambda: eval_val(m, h, rt, val, stride=h.eval_stride), rt)
+        timed_eval("diagnostic quantized_sliding_window", lambda: eval_val(m, h, rt, val, sliding=True), rt)
 
     if not h.ttt_enabled:
         if h.sliding_eval:
@@ -2869,8 +2931,7 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, val: ValSet):
         stages["ttt"] -= stats["leftover_s"]
         stages["leftover"] = stats["leftover_s"]
         if h.sliding_eval:
-            predicted = stages["load"] + token_s / rt.world_size * sum(
-                window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in document_spans(val.tokens))  # reload + windows
+            predicted = stages["load"] + token_s / rt.world_size * sliding_work(document_spans(val.tokens), h)  # reload + windows
             if rt.any_rank(time.perf_counter() + predicted > deadline):
                 rt.log(f"diagnostic quantized_sliding_window skipped: predicted {predicted:.0f}s would end past "
                        f"EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f}")

@@ -13,6 +13,7 @@ for the window paths, F.cross_entropy inside ttt_batch for TTT (target positions
 arithmetic, checked against the targets the code used and against its (loss, count, bytes)
 sums). Every legality test also runs on a deliberately broken variant and must fail there."""
 import contextlib
+import dataclasses
 import inspect
 import math
 import time
@@ -271,9 +272,15 @@ def run_phased(monkeypatch, h, val, deadline=math.inf, **rec_kwargs):
 
 
 def run_eval(monkeypatch, h, val, stride=None, model=None, **rec_kwargs):
+    """eval_val: disjoint windows (stride None), sliding ones of that stride, or stride
+    "attention" (SLIDING_MODE=attention, in rows of 64 tokens: the 70-token document in two pieces)."""
+    if stride == "attention":
+        h = dataclasses.replace(h, sliding_mode="attention", val_batch_tokens=64)
+    elif stride is not None:
+        h = dataclasses.replace(h, eval_stride=stride)
     model = make_model(h) if model is None else model
     rec = Recorder(monkeypatch, model, val, h, **rec_kwargs)
-    out = tg.eval_val(model, h, tg.Runtime(h), val, stride=stride)
+    out = tg.eval_val(model, h, tg.Runtime(h), val, sliding=stride is not None)
     return rec, out
 
 
@@ -431,7 +438,7 @@ def eval_allowed(val):
     return allowed
 
 
-@pytest.mark.parametrize("stride", [None, 8, 3])
+@pytest.mark.parametrize("stride", [None, 8, 3, "attention"])
 @pytest.mark.parametrize("variant", ["correct", "leaky_build_row", "peeking_attention"])
 def test_eval_val_is_causal(tmp_path, monkeypatch, variant, stride):
     h = make_h(tmp_path)
@@ -586,7 +593,7 @@ def test_ttt_adapters_do_learn_between_chunks(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stride", [None, 8, 5, 1])
+@pytest.mark.parametrize("stride", [None, 8, 5, 1, "attention"])
 @pytest.mark.parametrize("variant", ["correct", "overlapping_windows", "gapped_windows"])
 def test_eval_val_scores_every_target_exactly_once(tmp_path, monkeypatch, variant, stride):
     h = make_h(tmp_path)
@@ -978,8 +985,9 @@ def assert_isolated(run, val, docs):
         assert not moved, f"a window crosses a BOS: changing document {s} moved the scores of targets {moved[:12]}"
 
 
+@pytest.mark.parametrize("mode", ["windows", "attention"])
 @pytest.mark.parametrize("variant", ["correct", "unmasked_smear", "spans_ignore_bos"])
-def test_eval_windows_never_cross_a_bos(tmp_path, monkeypatch, variant):
+def test_eval_windows_never_cross_a_bos(tmp_path, monkeypatch, variant, mode):
     h = make_h(tmp_path)
     val = make_val()
     model = make_model(h)
@@ -987,7 +995,8 @@ def test_eval_windows_never_cross_a_bos(tmp_path, monkeypatch, variant):
         monkeypatch.setattr(tg.GPT, "embed", unmasked_embed)
     if variant == "spans_ignore_bos":
         monkeypatch.setattr(tg, "document_spans", lambda tokens: [(0, len(tokens) - 1)])
-    run = lambda v: run_eval(monkeypatch, h, v, stride=h.eval_stride, model=model)[0]
+    stride = h.eval_stride if mode == "windows" else "attention"
+    run = lambda v: run_eval(monkeypatch, h, v, stride=stride, model=model)[0]
     check(variant, lambda: assert_isolated(run, val, (12, 30, 3, 9, 37, 6)), "crosses a BOS")
 
 
@@ -1011,6 +1020,64 @@ def test_scoring_windows_stay_inside_their_document():
             assert ws + n <= s + m  # inputs inside the document, targets up to its last (the next BOS)
             scored.update(range(ws + first + 1, ws + n + 1))
         assert scored == Counter(range(1, len(tokens))), (lengths, seq_len, stride)
+
+
+def one_global_layer_h(tmp_path, **overrides):
+    """One full-causal layer, no loop, no SmearGate: a target's prediction depends only on the
+    tokens its one attention reads, so capped attention and stride-1 windows must agree."""
+    return make_h(tmp_path, num_layers=1, global_attn_layers=(0,), num_loops=0, parallel_start_layer=1, xsa_last_n=1,
+                  smear_gate=False, **overrides)
+
+
+@pytest.mark.parametrize("variant", ["correct", "uncapped"])
+def test_capped_attention_scores_like_stride_one_windows(tmp_path, monkeypatch, variant):
+    """SLIDING_MODE=attention scores each target with EVAL_SEQ_LEN-1 earlier tokens, as sliding
+    windows of stride 1 do, in one forward per document (two pieces for the 70-token one)."""
+    h = one_global_layer_h(tmp_path)
+    val = make_val()
+    model = make_model(h)
+    windows = run_eval(monkeypatch, h, val, stride=1, model=model)[0].scores()
+    if variant == "uncapped":  # documents whole, the global layer's attention left uncapped
+        real = tg.capped_attention
+        monkeypatch.setattr(tg, "capped_attention", lambda m, h_: real(m, dataclasses.replace(h_, eval_seq_len=10 ** 6)))
+    rec = run_eval(monkeypatch, h, val, stride="attention", model=model)[0]
+    assert [len(r[0]) for r in rec.eval_rows if any(n > h.eval_seq_len for _, n, _ in r[0])]  # long documents whole
+
+    def same():
+        attention = rec.scores()
+        assert set(attention) == set(windows)
+        moved = sorted(j for j in windows if abs(attention[j] - windows[j]) > 1e-5)
+        assert not moved, f"capped attention differs from stride-1 windows at targets {moved[:12]}"
+    check(variant, same, "differs from stride-1 windows")
+    assert all(a.window is None for a in (b.attn for b in model.blocks))  # restored
+
+
+def test_capped_attention_restores_the_windows_and_runs_eager(tmp_path, monkeypatch):
+    h = make_h(tmp_path, sliding_mode="attention", val_batch_tokens=64)
+    model = make_model(h)
+    before = [(b.attn.window, b.attn.fa3_max_seqlen) for b in model.blocks]
+    stances = []
+    real = tg.eval_windows
+    monkeypatch.setattr(tg, "eval_windows", lambda *a, **k: stances.append(
+        ([b.attn.window for b in model.blocks], torch._dynamo.eval_frame._stance.stance)) or real(*a, **k))
+    tg.eval_val(model, h, tg.Runtime(h), make_val(), sliding=True)
+    (windows, stance), = stances
+    assert windows == [8, 8, 31, 16] and stance == "force_eager"
+    assert [(b.attn.window, b.attn.fa3_max_seqlen) for b in model.blocks] == before
+
+
+def test_phased_ttt_leftovers_with_capped_attention(tmp_path, monkeypatch):
+    """SLIDING_MODE=attention in phased TTT: the documents over TTT_MAX_DOC_TOKENS (45, 70) are
+    scored once, with the scores the sliding eval gives them (lr 0: TTT changes nothing)."""
+    h = make_h(tmp_path, sliding_mode="attention", val_batch_tokens=64, ttt_lora_lr=0.0, global_ttt_lr=0.0)
+    val = make_val()
+    rec, out = run_phased(monkeypatch, h, val)
+    assert_single_pass(rec, out, val)
+    long_docs = {j for s, n in REAL.document_spans(val.tokens) if n > h.ttt_max_doc_tokens for j in range(s + 1, s + n + 1)}
+    assert rec.sources()["eval"] == long_docs
+    ref = run_eval(monkeypatch, h, val, stride="attention")[0].scores()
+    got = rec.scores()
+    assert max(abs(got[j] - ref[j]) for j in long_docs) < 1e-5
 
 
 @pytest.mark.parametrize("aligned", [False, True])

@@ -427,19 +427,22 @@ def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path, monkeypatch,
 
 
 def test_ttt_compile_mode(tmp_path):
-    """TTT_COMPILE=1: the dynamic sources while TTT runs (and only then); 0: eager; no compiled
-    model: nothing changes."""
+    """TTT_COMPILE=1: the dynamic sources while TTT runs (and only then), pointwise autotuning as
+    TTT_AUTOTUNE says; 0: eager; no compiled model: nothing changes."""
     import torch._dynamo.eval_frame as ef
+    import torch._inductor.config as ic
 
     rt = tg.Runtime(make_h(tmp_path))
-    before = torch.compiler.config.dynamic_sources
-    for compiled, ttt_compile, sources, stance in ((True, True, tg.TTT_DYNAMIC_SOURCES, "default"),
-                                                   (True, False, before, "force_eager"),
-                                                   (False, True, before, "default")):
+    before = torch.compiler.config.dynamic_sources, "default", ic.triton.autotune_pointwise
+    assert before[2]
+    for compiled, ttt_compile, autotune, inside in ((True, True, True, (tg.TTT_DYNAMIC_SOURCES, "default", True)),
+                                                    (True, True, False, (tg.TTT_DYNAMIC_SOURCES, "default", False)),
+                                                    (True, False, False, (before[0], "force_eager", True)),
+                                                    (False, True, False, before)):
         rt.compile = compiled
-        with tg.ttt_compile_mode(make_h(tmp_path, ttt_compile=ttt_compile), rt):
-            assert (torch.compiler.config.dynamic_sources, ef._stance.stance) == (sources, stance)
-        assert (torch.compiler.config.dynamic_sources, ef._stance.stance) == (before, "default")
+        with tg.ttt_compile_mode(make_h(tmp_path, ttt_compile=ttt_compile, ttt_autotune=autotune), rt):
+            assert (torch.compiler.config.dynamic_sources, ef._stance.stance, ic.triton.autotune_pointwise) == inside
+        assert (torch.compiler.config.dynamic_sources, ef._stance.stance, ic.triton.autotune_pointwise) == before
 
 
 @pytest.mark.parametrize("ttt_compile", [False, True])

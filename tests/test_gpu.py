@@ -138,6 +138,30 @@ def test_attention_backend_matches_sdpa_without_graph_break(backend, heads, kv_h
         assert rel_err(a, b) < 2e-2
 
 
+def test_capped_attention_scores_like_stride_one_windows_on_the_gpu(tmp_path):
+    """SLIDING_MODE=attention through the GPU backend's windowed kernel (varlen or FA3, rows longer
+    than any compiled bound): one global layer, so the scores must equal stride-1 windows'."""
+    import dataclasses
+
+    import numpy as np
+
+    h = tg.Hyperparameters(vocab_size=512, num_layers=1, global_attn_layers=(0,), num_loops=0, parallel_start_layer=1,
+                           xsa_last_n=1, smear_gate=False, eval_seq_len=128, eval_stride=1, val_batch_tokens=1024,
+                           log_dir=str(tmp_path), run_id="cap")
+    tg.use_attention_backend("auto", torch.device("cuda"))
+    rng = np.random.default_rng(0)
+    tokens = np.concatenate([np.r_[tg.BOS_ID, rng.integers(2, 512, n - 1)] for n in (90, 700, 1500, 40)]).astype(np.uint16)
+    val = tg.ValSet(tokens, np.ones(len(tokens), dtype=np.int64))
+    rt = tg.Runtime(h)
+    rt.compile = False  # the windows' side eager too: one kernel path against the other
+    model = rt.place(perturbed_gpt(h))
+    out = {mode: tg.eval_val(model, dataclasses.replace(h, sliding_mode=mode), rt, val, sliding=True)
+           for mode in ("windows", "attention")}
+    tg.use_attention_backend("sdpa", torch.device("cuda"))
+    assert out["windows"][2] == out["attention"][2] == len(tokens) - 1
+    assert abs(out["windows"][0] - out["attention"][0]) < 2e-3 * out["windows"][0]
+
+
 def test_compiled_step_has_no_graph_break_or_recompile():
     """A compiled training step: no graph break anywhere, and a new packing (other document count
     and longest document) recompiles nothing."""

@@ -175,10 +175,12 @@ def test_eval_val_bpb_uses_the_sidecar_bytes(hand_made, tmp_path):
     side_bytes = int(sidecar[1:].astype(np.int64).sum())
     lut_bytes = int(tg.stream_target_bytes(tokens, luts)[1:].sum())
     assert side_bytes != lut_bytes
-    for stride, vbt in ((None, 128), (16, 128), (None, 512)):
+    for stride, vbt in ((None, 128), (16, 128), (None, 512), ("attention", 128)):
         h_lut.val_batch_tokens = h_side.val_batch_tokens = vbt
-        loss_l, bpb_l, n_l = tg.eval_val(model, h_lut, rt, val_lut, stride=stride)
-        loss_s, bpb_s, n_s = tg.eval_val(model, h_side, rt, val_side, stride=stride)
+        h_lut.sliding_mode = h_side.sliding_mode = "attention" if stride == "attention" else "windows"
+        h_lut.eval_stride = h_side.eval_stride = stride if isinstance(stride, int) else 64
+        loss_l, bpb_l, n_l = tg.eval_val(model, h_lut, rt, val_lut, sliding=stride is not None)
+        loss_s, bpb_s, n_s = tg.eval_val(model, h_side, rt, val_side, sliding=stride is not None)
         assert n_s == n_l == len(tokens) - 1
         assert loss_s == loss_l
         assert bpb_l == pytest.approx(loss_l * n_l / (LN2 * lut_bytes), rel=1e-12)

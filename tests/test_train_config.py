@@ -42,6 +42,8 @@ BAD = [
     ({"ATTN_GATE": "gated"}, "ATTN_GATE"),
     ({"MLP_ACT": "gelu"}, "MLP_ACT"),
     ({"ATTN_BACKEND": "flash"}, "ATTN_BACKEND"),
+    ({"SLIDING_MODE": "swa"}, "SLIDING_MODE"),
+    ({"SLIDING_MODE": "attention", "VAL_BATCH_TOKENS": "4096", "EVAL_SEQ_LEN": "4096"}, "VAL_BATCH_TOKENS"),
     ({"TTT_LORA_TARGETS": "q,x"}, "TTT_LORA_TARGETS"),
     ({"TTT_LONG_CHUNK_SIZE": "-1"}, "TTT_LONG_CHUNK_SIZE"),
     ({"TTT_LONG_CHUNK_SIZE": "4096"}, "TTT_LONG_CHUNK_SIZE"),  # over TTT_EVAL_SEQ_LEN=2048
