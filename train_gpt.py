@@ -876,14 +876,25 @@ def add_lora(y, u, adapter):
     return y + torch.bmm(torch.bmm(u.to(y.dtype), a.to(y.dtype).transpose(1, 2)), b.to(y.dtype).transpose(1, 2))
 
 
-def apply_rotary(x, dims, base):
-    """Rotate the first `dims` channels of x [B, T, H, D] by absolute position (rotate-half pairs
-    (j, j+dims/2)); positions are indices in the row, which is harmless since RoPE is relative."""
-    T = x.size(1)
-    inv_freq = base ** (-torch.arange(0, dims, 2, device=x.device, dtype=torch.float32) / dims)
-    angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
-    cos, sin = angles.cos()[None, :, None, :].to(x.dtype), angles.sin()[None, :, None, :].to(x.dtype)
-    a, b, rest = x[..., :dims // 2], x[..., dims // 2:dims], x[..., dims:]
+def rope_tables(T, dims_list, base, device):
+    """(cos, sin) [T, dims/2] in fp32 per rotated width in dims_list, flat: positions are indices in
+    the row, which is harmless since RoPE is relative. Made once per forward and passed to every
+    block: computed inside the block graphs, pow/cos/sin ran per element of q and k, forward and
+    backward (~25 ms of a 342 ms proxy step in the rms_norm+RoPE kernels)."""
+    pos = torch.arange(T, device=device, dtype=torch.float32)
+    out = ()
+    for dims in dims_list:
+        angles = torch.outer(pos, base ** (-torch.arange(0, dims, 2, device=device, dtype=torch.float32) / dims))
+        out += angles.cos(), angles.sin()
+    return out
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the first 2 * cos.size(-1) channels of x [B, T, H, D] (rotate-half pairs (j, j+dims/2))
+    by the rope_tables of x's row length."""
+    half = cos.size(-1)
+    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     return torch.cat([a * cos + b * sin, b * cos - a * sin, rest], dim=-1)
 
 
@@ -900,9 +911,6 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(d, d, "attn", init="zeros")
         self.q_gain = with_role(nn.Parameter(torch.full((h.num_heads,), h.layer_qk_gain(i))), "scalar")
         self.window = h.layer_window(i)
-        # Gemma-style: global layers rotate 16 of 64 dims, local layers all of them.
-        self.rope_dims = h.global_rope_dims if self.window is None else self.head_dim
-        self.rope_base = h.rope_base
         self.xsa = i >= h.num_layers - h.xsa_last_n
         self.gate, self.gate_width, self.gate_scale = h.attn_gate, h.gate_width, h.sparse_attn_gate_scale
         # FA3's static bound: no packed sequence is longer than the longest length any stage cuts at.
@@ -911,7 +919,7 @@ class CausalSelfAttention(nn.Module):
         if self.gate != "none":
             self.gate_w = with_role(nn.Parameter(torch.zeros(h.num_heads, h.gate_width)), "scalar", "gate")
 
-    def forward(self, u, x_in, cu_seqlens, max_len, lora=None):
+    def forward(self, u, x_in, cu_seqlens, max_len, rope, lora=None):
         B, T, _ = u.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         lq, lk, lv, lo = lora if lora is not None else (None,) * 4
@@ -919,7 +927,9 @@ class CausalSelfAttention(nn.Module):
         k = add_lora(self.c_k(u), u, lk).view(B, T, Hkv, D)
         v = add_lora(self.c_v(u), u, lv).view(B, T, Hkv, D)
         q, k = rms_norm(q), rms_norm(k)
-        q, k = apply_rotary(q, self.rope_dims, self.rope_base), apply_rotary(k, self.rope_dims, self.rope_base)
+        # Gemma-style: global layers rotate GLOBAL_ROPE_DIMS (16 of 64), local layers every dim (GPT.rope)
+        cos, sin = rope[2:] if self.window is None else rope[:2]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[:, None]
         y = attention(q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D), cu_seqlens,
                       max_len, self.window, self.fa3_max_seqlen).view(B, T, H, D)
@@ -978,10 +988,10 @@ class Block(nn.Module):
         self.resid_mix = with_role(nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])), "scalar", "fp16")
         self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(i + 1)), persistent=False)
 
-    def forward(self, x, x0, cu_seqlens, max_len, lora=None):
+    def forward(self, x, x0, cu_seqlens, max_len, rope, lora=None):
         la, lm = (lora.attn, lora.mlp) if lora is not None else (None, None)
         x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x_in + self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, x_in, cu_seqlens, max_len, la)
+        x = x_in + self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, x_in, cu_seqlens, max_len, rope, la)
         return x + self.mlp_scale * self.mlp(rms_norm(x) * self.ln_scale, lm)
 
 
@@ -996,11 +1006,11 @@ class ParallelBlock(Block):
         self.resid_lambdas = with_role(nn.Parameter(torch.full((2,), 1.1)), "scalar")
         self.post_lambdas = with_role(nn.Parameter(torch.ones(2, 2)), "scalar", "fp16")
 
-    def forward(self, lanes, x0, cu_seqlens, max_len, lora=None):
+    def forward(self, lanes, x0, cu_seqlens, max_len, rope, lora=None):
         la, lm = (lora.attn, lora.mlp) if lora is not None else (None, None)
         lane0, lane1 = lanes
         a_in = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
-        a = self.attn_scale * self.attn(rms_norm(a_in) * self.ln_scale, a_in, cu_seqlens, max_len, la)
+        a = self.attn_scale * self.attn(rms_norm(a_in) * self.ln_scale, a_in, cu_seqlens, max_len, rope, la)
         m = self.mlp_scale * self.mlp(rms_norm(lane1) * self.ln_scale, lm)
         r, p = self.resid_lambdas, self.post_lambdas
         return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
@@ -1148,6 +1158,10 @@ class GPT(nn.Module):
     def layer_plan(self, looping):
         return self.h.layer_plan(looping)
 
+    def rope(self, T, device):
+        """rope_tables of a row: local layers rotate every head dim, global ones GLOBAL_ROPE_DIMS."""
+        return rope_tables(T, (self.h.model_dim // self.h.num_heads, self.h.global_rope_dims), self.h.rope_base, device)
+
     def compile_regions(self):
         """Regional compilation: one graph per distinct block shape, shared by every layer and
         loop pass of that shape, instead of tracing the unrolled 17-pass model."""
@@ -1184,7 +1198,7 @@ class GPT(nn.Module):
         # The packing changes every batch: its length is a dynamic dim and the longest sequence a
         # host tensor, so neither recompiles the block graphs.
         torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
-        pack = cu_seqlens, torch.tensor([max_seqlen], dtype=torch.int32)
+        pack = cu_seqlens, torch.tensor([max_seqlen], dtype=torch.int32), self.rope(ids.size(1), ids.device)
         x0 = rms_norm(self.embed(ids, cu_seqlens))
         if lora is not None and any(a is not None for slot in lora for a in slot):
             # TTT: the frozen embedding would give the first block an input without grad, and a
@@ -2834,6 +2848,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
 # source (the regions' argument names; exact names, as torch 2.10 reads them): maybe_mark_dynamic
 # on TTT's inputs would not reach the blocks, whose inputs come from eager code or other graphs.
 TTT_DYNAMIC_SOURCES = ",".join(["L['x']", "L['x0']", "L['skip']", "L['lanes'][0]", "L['lanes'][1]"] +
+                               [f"L['rope'][{i}]" for i in range(4)] +
                                [f"L['lora'].{name}[{i}]" for name in Adapters._fields for i in (0, 1)])
 
 

@@ -151,7 +151,23 @@ def test_global_layer_sees_whole_prefix_and_early_late_windows_apply():
         assert changed == set(range(s, T))
     assert [tiny_h().layer_window(i) for i in range(6)] == [8, 8, None, 16, 16, None]
     assert [b.attn.window for b in make_model(tiny_h()).blocks] == [8, 8, None, 16, 16, None]
-    assert [b.attn.rope_dims for b in make_model(tiny_h()).blocks] == [16, 16, 8, 16, 16, 8]
+
+
+def test_global_layers_rotate_global_rope_dims_and_local_layers_every_dim():
+    """GPT.rope gives local then global tables: a layer reading the other kind's would see NaN."""
+    h = tiny_h()
+    model = make_model(h, seed=8)
+    T, d = 12, h.model_dim
+    u = torch.randn(1, T, d, generator=torch.Generator().manual_seed(0))
+    pack = single_doc_cu(T), torch.tensor([T])
+    tables = model.rope(T, u.device)
+    assert [t.shape for t in tables] == [(T, d // h.num_heads // 2)] * 2 + [(T, h.global_rope_dims // 2)] * 2
+    nan = [torch.full_like(t, float("nan")) for t in tables]
+    with torch.no_grad():
+        for b in model.blocks:
+            rope = (*tables[:2], *nan[2:]) if b.attn.window is not None else (*nan[:2], *tables[2:])
+            assert torch.isfinite(b.attn(u, u, *pack, rope)).all()
+            assert torch.isnan(b.attn(u, u, *pack, (*nan[:2], *nan[2:]))).any()
 
 
 # ---------------------------------------------------------------------------------------
@@ -381,7 +397,8 @@ def test_rotary_is_relative_and_norm_preserving():
     # the same vector at every position: scores may depend only on the offset
     q, k = q[:, :1].expand(1, T, 2, D), k[:, :1].expand(1, T, 2, D)
     for dims in (8, 16):
-        rq, rk = tg.apply_rotary(q, dims, 10000.0), tg.apply_rotary(k, dims, 10000.0)
+        cos, sin = tg.rope_tables(T, (dims,), 10000.0, q.device)
+        rq, rk = tg.apply_rotary(q, cos, sin), tg.apply_rotary(k, cos, sin)
         torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1), rtol=1e-5, atol=1e-5)
         assert torch.equal(rq[..., dims:], q[..., dims:])
         s = torch.einsum("bihd,bjhd->hij", rq, rk)
@@ -389,7 +406,7 @@ def test_rotary_is_relative_and_norm_preserving():
             diag = torch.diagonal(s, offset=-off, dim1=1, dim2=2)  # score(i + off, i)
             torch.testing.assert_close(diag, diag[:, :1].expand_as(diag), rtol=1e-4, atol=1e-4)
         assert not torch.allclose(s[:, 5, 5], s[:, 5, 0])
-    torch.testing.assert_close(tg.apply_rotary(q, 8, 10000.0)[:, 0], q[:, 0])  # position 0: identity
+    torch.testing.assert_close(tg.apply_rotary(q, *tg.rope_tables(T, (8,), 10000.0, q.device))[:, 0], q[:, 0])  # position 0
 
 
 def test_parallel_layers_in_the_encoder_are_rejected():
@@ -507,11 +524,12 @@ def test_xsa_removes_the_component_along_the_own_value_vector(heads, kv_heads):
     T = 20
     u = torch.randn(1, T, d, generator=torch.Generator().manual_seed(0))
     pack = single_doc_cu(T), torch.tensor([T])
+    rope = make_model(h, seed=15).rope(T, u.device)
     with torch.no_grad():
         attn.xsa = False
-        plain = attn(u, u, *pack).view(1, T, heads, D)
+        plain = attn(u, u, *pack, rope).view(1, T, heads, D)
         attn.xsa = True
-        xsa = attn(u, u, *pack).view(1, T, heads, D)
+        xsa = attn(u, u, *pack, rope).view(1, T, heads, D)
         v = F.normalize(attn.c_v(u).view(1, T, kv_heads, D), dim=-1)
     vh = v.repeat_interleave(G, dim=2)  # head j reads kv head j // G
     expected = plain - (plain * vh).sum(-1, keepdim=True) * vh
@@ -534,7 +552,7 @@ def test_attention_gates_at_initialisation():
         attn.gate_w.zero_()
         for gate in ("none", "out", "sparse"):
             attn.gate = gate
-            outs[gate] = attn(u, u, *pack)
+            outs[gate] = attn(u, u, *pack, tg.rope_tables(16, (16, 8), 10000.0, u.device))
     assert outs["none"].abs().max() > 1e-3
     assert torch.equal(outs["out"], outs["none"])
     torch.testing.assert_close(outs["sparse"], 0.5 * outs["none"], rtol=1e-6, atol=1e-7)
