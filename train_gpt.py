@@ -165,12 +165,12 @@ class Hyperparameters:
     # evaluation and test-time training
     eval_stride: int = 64
     sliding_eval: bool = True
-    sliding_mode: str = "windows"  # windows: strided (compiled); attention: documents whole, attention capped (eager)
+    sliding_mode: str = "attention"  # windows: strided (compiled); attention: documents whole, attention capped (eager)
     eval_budget_seconds: float = 600.0
     ttt_enabled: bool = True
     ttt_compile: bool = True  # 0: TTT eager (the fallback if its compiled graphs fail)
     ttt_cuda_graph: bool = True  # TTT chunk steps replayed as CUDA graphs (StepGraphs)
-    ttt_autotune: bool = True  # 0: TTT's pointwise kernels compiled in one configuration each, not autotuned
+    ttt_autotune: bool = False  # 1: inductor autotunes TTT's pointwise kernels (more cold compile in the eval timer)
     ttt_batch_size: int = 64
     ttt_batch_grow: int = 1  # short documents' batches up to this many times TTT_BATCH_SIZE (ttt_plan)
     ttt_chunk_size: int = 48
@@ -295,7 +295,7 @@ class Hyperparameters:
         need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", "must lie in (0, EVAL_SEQ_LEN]")
         need(self.sliding_mode in ("windows", "attention"), "SLIDING_MODE", "expected windows or attention")
         need(self.sliding_mode == "windows" or self.val_batch_tokens > self.eval_seq_len, "VAL_BATCH_TOKENS",
-             "SLIDING_MODE=attention needs rows longer than EVAL_SEQ_LEN")
+             "SLIDING_MODE=attention needs rows longer than EVAL_SEQ_LEN (or SLIDING_MODE=windows)")
         need(self.ttt_chunk_size <= self.ttt_eval_seq_len, "TTT_CHUNK_SIZE", "must not exceed TTT_EVAL_SEQ_LEN")
         need(self.ttt_long_chunk_size <= self.ttt_eval_seq_len, "TTT_LONG_CHUNK_SIZE", "must not exceed TTT_EVAL_SEQ_LEN")
         need(self.global_ttt_chunk_tokens % self.world_size == 0, "GLOBAL_TTT_CHUNK_TOKENS",
@@ -911,6 +911,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(d, d, "attn", init="zeros")
         self.q_gain = with_role(nn.Parameter(torch.full((h.num_heads,), h.layer_qk_gain(i))), "scalar")
         self.window = h.layer_window(i)
+        self.is_global = self.window is None  # its RoPE width; capped_attention may give it a window
         self.xsa = i >= h.num_layers - h.xsa_last_n
         self.gate, self.gate_width, self.gate_scale = h.attn_gate, h.gate_width, h.sparse_attn_gate_scale
         # FA3's static bound: no packed sequence is longer than the longest length any stage cuts at.
@@ -928,7 +929,7 @@ class CausalSelfAttention(nn.Module):
         v = add_lora(self.c_v(u), u, lv).view(B, T, Hkv, D)
         q, k = rms_norm(q), rms_norm(k)
         # Gemma-style: global layers rotate GLOBAL_ROPE_DIMS (16 of 64), local layers every dim (GPT.rope)
-        cos, sin = rope[2:] if self.window is None else rope[:2]
+        cos, sin = rope[2:] if self.is_global else rope[:2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[:, None]
         y = attention(q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D), cu_seqlens,
@@ -2423,7 +2424,7 @@ def sliding_windows(spans, h: Hyperparameters):
 
 def sliding_work(spans, h: Hyperparameters):
     """Predicted cost of the sliding eval of spans in window tokens of the compiled eval graphs;
-    SLIDING_MODE=attention's eager forward is counted 3x (unmeasured: a pessimistic bound)."""
+    SLIDING_MODE=attention's eager forward is counted 3x (measured 2.2x on a FineWeb-shaped rank)."""
     if h.sliding_mode == "attention":
         return 3 * sum(window_tokens(n, h.val_batch_tokens, h.val_batch_tokens - h.eval_seq_len) for _, n in spans)
     return sum(window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in spans)
@@ -2559,8 +2560,12 @@ class StepGraphs:
     gradients are freed inside, optimizer state was made by a plain step). capture=False (CPU, the
     SDPA backend, which reads cu_seqlens on the host): plain steps on the same padded shapes."""
 
+    # Larger steps (64 rows past 512 tokens) are bound by the GPU, not the host, and their graphs' pool
+    # (45 GB at 64 x 2048) beside the plain steps' memory overflowed an H100's 80 GB: they run plain.
+    max_tokens = 32768
+
     def __init__(self, capture):
-        self.capture, self.graphs, self.seen = capture, {}, Counter()
+        self.capture, self.graphs, self.seen, self.warm = capture, {}, Counter(), False
         if capture:
             self.pool, self.side = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
 
@@ -2581,9 +2586,10 @@ class StepGraphs:
             return
         inputs = tuple(to_device(a, device) for a in chunk)
         self.seen[key] += 1
-        if not self.capture or self.seen[key] == 1 and len(self.seen) > 1:
+        if not self.capture or chunk.x.size > self.max_tokens or self.seen[key] == 1 and self.warm:
             step(inputs)
         elif self.seen[key] == 1:
+            self.warm = True
             self.on_side(lambda: step(inputs))
         else:
             graph = torch.cuda.CUDAGraph()

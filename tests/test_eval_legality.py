@@ -277,7 +277,7 @@ def run_eval(monkeypatch, h, val, stride=None, model=None, **rec_kwargs):
     if stride == "attention":
         h = dataclasses.replace(h, sliding_mode="attention", val_batch_tokens=64)
     elif stride is not None:
-        h = dataclasses.replace(h, eval_stride=stride)
+        h = dataclasses.replace(h, eval_stride=stride, sliding_mode="windows")
     model = make_model(h) if model is None else model
     rec = Recorder(monkeypatch, model, val, h, **rec_kwargs)
     out = tg.eval_val(model, h, tg.Runtime(h), val, sliding=stride is not None)
@@ -655,10 +655,12 @@ def test_phased_ttt_with_fewer_lora_targets_scores_every_target_once_and_adapts(
     assert abs(out[0] - frozen[0]) > 1e-4 and abs(out[0] - full[0]) > 1e-4
 
 
+@pytest.mark.parametrize("mode", ["windows", "attention"])
 @pytest.mark.parametrize("deadline", ["never", "passed", "mid"])
 @pytest.mark.parametrize("variant", ["correct", "double_scoring_ttt", "window_truncated_ttt", "overlapping_windows"])
-def test_phased_ttt_scores_every_target_exactly_once(tmp_path, monkeypatch, variant, deadline):
-    h = make_h(tmp_path)
+def test_phased_ttt_scores_every_target_exactly_once(tmp_path, monkeypatch, variant, deadline, mode):
+    # attention: rows of 64 tokens, so the 70-token document's second piece overlaps its first by EVAL_SEQ_LEN
+    h = make_h(tmp_path, sliding_mode=mode, val_batch_tokens=64 if mode == "attention" else 128)
     val = make_val()
     spans = REAL.document_spans(val.tokens)
     ttt_variant = {"double_scoring_ttt": double_scoring_ttt, "window_truncated_ttt": window_truncated_ttt}.get(variant)
@@ -1086,7 +1088,7 @@ def test_phased_ttt_equals_eval_val_when_ttt_cannot_change_anything(tmp_path, mo
     whole-prefix context in both), or all documents with TTT windows aligned to the sliding
     windows (TTT_EVAL_SEQ_LEN = EVAL_SEQ_LEN, TTT_CHUNK_SIZE = EVAL_STRIDE)."""
     if aligned:
-        h = make_h(tmp_path, ttt_eval_seq_len=32, ttt_chunk_size=8, ttt_lora_lr=0.0, global_ttt_lr=0.0)
+        h = make_h(tmp_path, ttt_eval_seq_len=32, ttt_chunk_size=8, ttt_lora_lr=0.0, global_ttt_lr=0.0, sliding_mode="windows")
         val, stride = make_val(), h.eval_stride
     else:
         h = make_h(tmp_path, ttt_lora_lr=0.0, global_ttt_lr=0.0, phased_ttt_prefix_docs=6, global_ttt_chunk_tokens=32)

@@ -213,6 +213,44 @@ def test_padded_ttt_steps_score_and_adapt_as_the_plain_ones(tmp_path, monkeypatc
     assert out[True][1] == pytest.approx(out[False][1], rel=1e-6)
 
 
+def test_step_graphs_capture_only_host_bound_steps(monkeypatch):
+    """StepGraphs with capture (CUDA faked): a shape is captured the second time it comes and
+    replayed after; the first capturable step warms the side stream; a step over max_tokens row
+    tokens (GPU-bound; its graph's memory overflowed an H100) always runs plain."""
+    events = []
+
+    class FakeGraph:
+        def capture_begin(self, pool=None):
+            events.append("begin")
+
+        def capture_end(self):
+            events.append("end")
+
+        def replay(self):
+            events.append("replay")
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    graphs = tg.StepGraphs(capture=True)
+    monkeypatch.setattr(graphs, "on_side", lambda fn: events.append("side") or fn())
+
+    def run(rows, T):
+        chunk = tg.TTTChunk(np.zeros(rows, dtype=np.int64), np.zeros((rows, T), dtype=np.int64),
+                            *(np.zeros((rows, 4), dtype=np.int64) for _ in range(5)))
+        events.clear()
+        graphs.run((rows, T), chunk, lambda inputs: events.append("step"), torch.device("cpu"))
+        return list(events)
+    big = graphs.max_tokens // 64 + 64
+    assert [run(64, big) for _ in range(3)] == [["step"]] * 3  # never captured, not even on the side stream
+    assert run(64, 512) == ["side", "step"]  # 32,768 row tokens: capturable; the first warms the side stream
+    assert run(64, 512) == ["side", "begin", "step", "end", "replay"]
+    assert run(64, 512) == ["replay"]
+    assert run(64, 64) == ["step"]  # a new shape: plain the first time (the side stream is warm)
+    assert run(64, 64) == ["side", "begin", "step", "end", "replay"]
+    assert run(64, big) == ["step"]
+
+
 @pytest.mark.parametrize("warm_a", [True, False])
 def test_ttt_reset_is_a_fresh_bank_and_optimizer_on_the_same_tensors(tmp_path, warm_a):
     """phased_ttt keeps one bank and optimizer while the batch size holds (StepGraphs replays on
@@ -445,14 +483,15 @@ def test_ttt_compile_mode(tmp_path):
         assert (torch.compiler.config.dynamic_sources, ef._stance.stance, ic.triton.autotune_pointwise) == before
 
 
+@pytest.mark.parametrize("mode", ["windows", "attention"])
 @pytest.mark.parametrize("ttt_compile", [False, True])
-def test_leftover_windows_run_compiled_under_ttt_compile_0(tmp_path, monkeypatch, ttt_compile):
+def test_leftover_windows_run_compiled_under_ttt_compile_0(tmp_path, monkeypatch, ttt_compile, mode):
     """TTT_COMPILE=0 makes TTT's steps eager (force_eager), not the leftovers' sliding windows:
     those run the eval graphs the diagnostic compiled. Any other stance around TTT (the tests'
-    fail_on_recompile) still holds for them."""
+    fail_on_recompile) still holds for them. SLIDING_MODE=attention runs them eager either way."""
     import torch._dynamo.eval_frame as ef
 
-    h = make_h(tmp_path, ttt_compile=ttt_compile)
+    h = make_h(tmp_path, ttt_compile=ttt_compile, sliding_mode=mode)
     rt = tg.Runtime(h)
     rt.compile = True
     stances, real = [], tg.eval_windows
@@ -460,7 +499,7 @@ def test_leftover_windows_run_compiled_under_ttt_compile_0(tmp_path, monkeypatch
     outer = torch.compiler.set_stance("eager_on_recompile") if ttt_compile else contextlib.nullcontext()
     with tg.ttt_compile_mode(h, rt), outer:
         tg.phased_ttt(make_model(h), h, rt, make_val(), math.inf)
-    assert stances == ["default" if not ttt_compile else "eager_on_recompile"]
+    assert stances == ["force_eager" if mode == "attention" else "default" if not ttt_compile else "eager_on_recompile"]
 
 
 @pytest.mark.parametrize("sgd_compile", [True, False])

@@ -33,7 +33,7 @@ def long_run(tmp_path_factory, data):
 
 @pytest.fixture(scope="module")
 def short_runs(tmp_path_factory, data):
-    env = dict(ITERATIONS=3, WARMUP_STEPS=0, ENABLE_LOOPING_AT=0.3, VAL_BATCH_TOKENS=128, EVAL_SEQ_LEN=128)
+    env = dict(ITERATIONS=3, WARMUP_STEPS=0, ENABLE_LOOPING_AT=0.3, VAL_BATCH_TOKENS=128, EVAL_SEQ_LEN=128, SLIDING_MODE="windows")
     return {n: run(tmp_path_factory, data, f"n{n}", nproc=n, **env) for n in (1, 2)}
 
 
@@ -128,7 +128,7 @@ def reference_eval(model, tokens, luts):
 
 def test_eval_val_scores_every_target_once_for_any_packing(tmp_path):
     tg.use_attention_backend("sdpa", torch.device("cpu"))
-    h = tiny_h(eval_seq_len=64, val_batch_tokens=64, log_dir=str(tmp_path), run_id="ev")
+    h = tiny_h(eval_seq_len=64, val_batch_tokens=128, log_dir=str(tmp_path), run_id="ev")  # disjoint: any row length
     rt = tg.Runtime(h)
     model = make_model(h, seed=3)
     tokens = val_stream(h.vocab_size, [30, 5, 64, 12, 1, 40, 22, 9])
