@@ -721,13 +721,14 @@ def attention(q, k, v, cu_seqlens, max_len, window, fa3_max_seqlen):
     """Causal attention over packed sequences (cu_seqlens, int32 on the device; max_len, the longest,
     a 1-element host tensor), q [N, H, D], k/v [N, Hkv, D]: no token sees another sequence, and a
     query sees at most `window` earlier tokens if set. FA3 runs in the graph through its own ops
-    with a fixed bound on the sequence length (an int there would recompile per packing)."""
+    with a fixed bound on the sequence length (an int there would recompile per packing); None
+    (eager only: capped_attention) gives it the row's longest."""
     left = -1 if window is None else window
     if ATTENTION_BACKEND == "fa3":
         from flash_attn_interface import flash_attn_varlen_func
 
-        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, fa3_max_seqlen, fa3_max_seqlen,
-                                     causal=True, window_size=(left, 0))
+        bound = fa3_max_seqlen or int(max_len)
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, bound, bound, causal=True, window_size=(left, 0))
         return out[0] if isinstance(out, tuple) else out
     if ATTENTION_BACKEND == "varlen":
         return flash_attn(q, k, v, cu_seqlens, max_len, left)[0]
@@ -2397,13 +2398,14 @@ def summarize(sums, rt: Runtime):
 @contextlib.contextmanager
 def capped_attention(model, h: Hyperparameters):
     """SLIDING_MODE=attention: no layer's query sees more than EVAL_SEQ_LEN-1 earlier tokens (the
-    global layers' too), and FA3's bound admits rows of VAL_BATCH_TOKENS. Eager: the compiled
+    global layers' too), and FA3 is given each row's longest sequence, up to VAL_BATCH_TOKENS (a
+    static bound that long would launch its tiles for every short document). Eager: the compiled
     graphs hold the uncapped windows, and a compile inside the eval timer costs more than it saves."""
     attns = [b.attn for b in model.blocks]
     saved = [(a.window, a.fa3_max_seqlen) for a in attns]
     for a in attns:
         a.window = min(a.window if a.window is not None else h.eval_seq_len, h.eval_seq_len - 1)
-        a.fa3_max_seqlen = h.val_batch_tokens
+        a.fa3_max_seqlen = None
     try:
         with torch.compiler.set_stance("force_eager"):
             yield

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import sys
 import time
 from collections import Counter, defaultdict
 from types import SimpleNamespace
@@ -1066,6 +1067,34 @@ def test_capped_attention_restores_the_windows_and_runs_eager(tmp_path, monkeypa
     (windows, stance), = stances
     assert windows == [8, 8, 31, 16] and stance == "force_eager"
     assert [(b.attn.window, b.attn.fa3_max_seqlen) for b in model.blocks] == before
+
+
+def test_fa3_is_given_each_rows_longest_sequence_under_capped_attention(tmp_path, monkeypatch):
+    """FA3's max_seqlen (a stand-in module with its signature, over SDPA): the static bound in the
+    windows' path, each row's longest sequence under capped attention (a VAL_BATCH_TOKENS bound
+    would launch its tiles for every short document); scores the same as SDPA's."""
+    seen = []
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal, window_size):
+        assert causal and cu_q is cu_k and max_q == max_k and window_size[1] == 0
+        seen.append((max_q, int(np.diff(cu_q.numpy()).max())))
+        return REAL.attention(q, k, v, cu_q, None if window_size[0] < 0 else window_size[0])
+    h = make_h(tmp_path)
+    model, val = make_model(h), make_val()
+    ref = {mode: run_eval(monkeypatch, h, val, stride=mode, model=model)[1] for mode in (8, "attention")}
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
+    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "fa3")
+    monkeypatch.setattr(tg, "use_attention_backend", lambda requested, device: "fa3")  # what Runtime picks
+    bound = model.blocks[0].attn.fa3_max_seqlen
+    for mode in (8, "attention"):
+        seen.clear()
+        assert run_eval(monkeypatch, h, val, stride=mode, model=model)[1] == pytest.approx(ref[mode], rel=1e-6)
+        assert seen, "FA3 was not called"
+        if mode == "attention":
+            assert all(m == longest for m, longest in seen) and max(m for m, _ in seen) > h.eval_seq_len
+        else:
+            assert all(m == bound >= longest for m, longest in seen)
+    assert all(b.attn.fa3_max_seqlen == bound for b in model.blocks)
 
 
 def test_phased_ttt_leftovers_with_capped_attention(tmp_path, monkeypatch):
