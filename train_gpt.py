@@ -649,7 +649,8 @@ ATTENTION_BACKEND = "sdpa"  # written only by use_attention_backend
 
 def _attention_sdpa(q, k, v, cu_seqlens, window):
     """Reference path: SDPA with an explicit causal (+ window) mask, one packed sequence at a
-    time (a mask over the whole row would cost rows^2)."""
+    time (a mask over the whole row would cost rows^2), windowed ones in blocks of queries with
+    only the keys they can see (capped attention reads documents of up to VAL_BATCH_TOKENS)."""
     groups = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     bounds = cu_seqlens.tolist()
@@ -661,10 +662,13 @@ def _attention_sdpa(q, k, v, cu_seqlens, window):
         if window is None:
             outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
             continue
-        pos = torch.arange(e - s, device=q.device)
-        delta = pos[:, None] - pos[None, :]
-        mask = (delta >= 0) & (delta <= window)
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1))
+        step = max(window + 1, 256)
+        for q0 in range(0, e - s, step):
+            q1, k0 = min(q0 + step, e - s), max(0, q0 - window)
+            delta = torch.arange(q0, q1, device=q.device)[:, None] - torch.arange(k0, q1, device=q.device)[None, :]
+            mask = (delta >= 0) & (delta <= window)
+            outs.append(F.scaled_dot_product_attention(qs[:, q0:q1], ks[:, k0:q1], vs[:, k0:q1],
+                                                       attn_mask=mask).transpose(0, 1))
     return torch.cat(outs)
 
 

@@ -98,12 +98,13 @@ def naive_attention(q, k, v, cu, window):
     return out
 
 
-@pytest.mark.parametrize("window", [None, 0, 3, 100])
-def test_sdpa_attention_matches_naive_reference(window):
+@pytest.mark.parametrize("bounds", [(0, 5, 6, 17, 23), (0, 5, 600, 1000)])  # the latter: windowed in query blocks
+@pytest.mark.parametrize("window", [None, 0, 3, 100, 300])
+def test_sdpa_attention_matches_naive_reference(window, bounds):
     g = torch.Generator().manual_seed(1)
-    n, H, Hkv, D = 23, 4, 2, 8
+    n, H, Hkv, D = bounds[-1], 4, 2, 8
     q, k, v = (torch.randn(n, h, D, generator=g) for h in (H, Hkv, Hkv))
-    cu = torch.tensor([0, 5, 6, 17, 23], dtype=torch.int32)
+    cu = torch.tensor(bounds, dtype=torch.int32)
     ref = naive_attention(q, k, v, cu, window)
     out = tg._attention_sdpa(q, k, v, cu, window)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
