@@ -294,8 +294,9 @@ class Hyperparameters:
         need(self.gptq_calibration_tokens >= self.world_size, "GPTQ_CALIBRATION_TOKENS", "too few for the ranks")
         need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", "must lie in (0, EVAL_SEQ_LEN]")
         need(self.sliding_mode in ("windows", "attention"), "SLIDING_MODE", "expected windows or attention")
-        need(self.sliding_mode == "windows" or self.val_batch_tokens > self.eval_seq_len, "VAL_BATCH_TOKENS",
-             "SLIDING_MODE=attention needs rows longer than EVAL_SEQ_LEN (or SLIDING_MODE=windows)")
+        sliding = self.sliding_eval or self.ttt_enabled  # TTT's leftovers get sliding windows
+        need(not sliding or self.sliding_mode == "windows" or self.val_batch_tokens > self.eval_seq_len, "VAL_BATCH_TOKENS",
+             f"SLIDING_MODE=attention needs rows longer than EVAL_SEQ_LEN={self.eval_seq_len} (or SLIDING_MODE=windows)")
         need(self.ttt_chunk_size <= self.ttt_eval_seq_len, "TTT_CHUNK_SIZE", "must not exceed TTT_EVAL_SEQ_LEN")
         need(self.ttt_long_chunk_size <= self.ttt_eval_seq_len, "TTT_LONG_CHUNK_SIZE", "must not exceed TTT_EVAL_SEQ_LEN")
         need(self.global_ttt_chunk_tokens % self.world_size == 0, "GLOBAL_TTT_CHUNK_TOKENS",

@@ -90,6 +90,14 @@ def test_loop_range_is_only_checked_when_looping():
     assert h.num_loops == 0
 
 
+def test_capped_attention_rows_are_only_checked_when_sliding_windows_run():
+    rows = {"VAL_BATCH_TOKENS": "4096", "EVAL_SEQ_LEN": "4096"}
+    assert tg.Hyperparameters.from_env({**rows, "SLIDING_EVAL": "0", "TTT_ENABLED": "0"}).sliding_mode == "attention"
+    for on in ({"SLIDING_EVAL": "0"}, {"TTT_ENABLED": "0"}):  # TTT's leftovers, or the sliding eval
+        with pytest.raises(tg.ConfigError, match="EVAL_SEQ_LEN=4096"):
+            tg.Hyperparameters.from_env({**rows, **on})
+
+
 # Each of these once crashed validate() (ZeroDivisionError) or passed it and failed later: an empty
 # eval row, a division by TRAIN_LOG_EVERY, or a negative window that SDPA reads as "mask every
 # key" while FA3/varlen read it as "no window".
