@@ -2759,8 +2759,8 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     windows on the adapted base model at the end: every target is still scored exactly once. A
     batch or phase starts only if it and then disjoint windows (the cheapest legal scoring) over
     this rank's unscored documents are predicted to end by the deadline, at token_s seconds per
-    window token (measured by the disjoint eval); the leftovers get sliding windows if those are
-    predicted to fit. stats, if given, gets the documents scored by TTT and by windows (all
+    window token (measured by the disjoint eval, whose graphs score them); the leftovers get sliding
+    windows if those are predicted to fit. stats, if given, gets the documents scored by TTT and by windows (all
     ranks) and the windows' seconds."""
     model.requires_grad_(False)
     spans = document_spans(val.tokens)
@@ -2775,7 +2775,9 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     # First estimates (forward + backward ~ 3 forwards), then the measured durations.
     batch_s = 3 * token_s * sum(window_tokens(n, h.ttt_eval_seq_len, h.ttt_long_chunk) for _, n in batches[0]) \
         if batches else 0.0
-    sgd_token_s, calibrated, prev_work = None, False, 0
+    # TTT's own first predictions (a batch, a global SGD phase) run at ttt_token_s, the eval rate
+    # rescaled once by the first batch; the windows that may follow are the eval's, at token_s.
+    sgd_token_s, calibrated, prev_work, ttt_token_s = None, False, 0, token_s
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     bank, phase, done, t0, stopped, n_ttt, fresh_a = None, 0, 0, time.perf_counter(), False, 0, False
     if (h.ttt_cuda_graph or h.global_ttt_cuda_graph) and not can_capture(rt):
@@ -2812,7 +2814,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
                     # token_s came from the eval graphs, and TTT (forward + backward with adapters, or
                     # eager with TTT_COMPILE=0) runs others: rescale it once by the first batch's
                     # measured/predicted time (the proxy, eager: 2-3x).
-                    token_s *= max(1.0, elapsed / batch_s)
+                    ttt_token_s *= max(1.0, elapsed / batch_s)
                 calibrated, batch_s, prev_work = True, elapsed, work
         done += len(batch)
         if bi % 10 == 0 or bi == len(batches) - 1:
@@ -2821,7 +2823,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
             stream = np.concatenate([val.tokens[s:s + n] for s, n in docs[:boundaries[phase]]])
             t1 = time.perf_counter()
             # A stopped batch left documents of this prefix unscored: SGD on them would see them first.
-            sgd_s = (sgd_token_s or 3 * token_s / rt.world_size) * len(stream)  # the stream is split over ranks
+            sgd_s = (sgd_token_s or 3 * ttt_token_s / rt.world_size) * len(stream)  # the stream is split over ranks
             if not rt.any_rank(stopped or t1 + sgd_s + token_s * (after[bi] + left) > deadline):
                 global_sgd(model, stream, h, rt)
                 sgd_token_s = (time.perf_counter() - t1) / len(stream)
