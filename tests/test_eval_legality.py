@@ -54,6 +54,9 @@ CFG = dict(
 # document has one target less). Over EVAL_SEQ_LEN=32: 45, 70, 33; over TTT_MAX_DOC_TOKENS=40
 # (sliding windows in phased TTT): 45, 70; over TTT_EVAL_SEQ_LEN=16: 30, 40, 20, 25, 37, 33.
 LENGTHS = (12, 45, 30, 3, 1, 40, 20, 70, 9, 25, 16, 37, 33, 6)
+# SLIDING_MODE=attention's tests: pieces of 2 x 16 tokens (run_eval), so the 45- and 70-token documents
+# come in several, each after EVAL_SEQ_LEN of context
+ATTENTION_CFG = dict(eval_seq_len=16)
 TOL = 1e-6  # "unchanged" (the runs are deterministic; broken variants move scores by >> 1e-3)
 
 
@@ -274,9 +277,10 @@ def run_phased(monkeypatch, h, val, deadline=math.inf, **rec_kwargs):
 
 def run_eval(monkeypatch, h, val, stride=None, model=None, **rec_kwargs):
     """eval_val: disjoint windows (stride None), sliding ones of that stride, or stride
-    "attention" (SLIDING_MODE=attention, in rows of 64 tokens: the 70-token document in two pieces)."""
+    "attention" (SLIDING_MODE=attention in rows of 2 x EVAL_SEQ_LEN: with EVAL_SEQ_LEN=16 the
+    70-token document's pieces end at 32, 48, 64 and 70, each after EVAL_SEQ_LEN of context)."""
     if stride == "attention":
-        h = dataclasses.replace(h, sliding_mode="attention", val_batch_tokens=64)
+        h = dataclasses.replace(h, sliding_mode="attention", val_batch_tokens=2 * h.eval_seq_len)
     elif stride is not None:
         h = dataclasses.replace(h, eval_stride=stride, sliding_mode="windows")
     model = make_model(h) if model is None else model
@@ -442,7 +446,7 @@ def eval_allowed(val):
 @pytest.mark.parametrize("stride", [None, 8, 3, "attention"])
 @pytest.mark.parametrize("variant", ["correct", "leaky_build_row", "peeking_attention"])
 def test_eval_val_is_causal(tmp_path, monkeypatch, variant, stride):
-    h = make_h(tmp_path)
+    h = make_h(tmp_path, **ATTENTION_CFG if stride == "attention" else {})
     val = make_val()
     model = make_model(h)
     if variant == "peeking_attention":
@@ -597,7 +601,7 @@ def test_ttt_adapters_do_learn_between_chunks(tmp_path, monkeypatch):
 @pytest.mark.parametrize("stride", [None, 8, 5, 1, "attention"])
 @pytest.mark.parametrize("variant", ["correct", "overlapping_windows", "gapped_windows"])
 def test_eval_val_scores_every_target_exactly_once(tmp_path, monkeypatch, variant, stride):
-    h = make_h(tmp_path)
+    h = make_h(tmp_path, **ATTENTION_CFG if stride == "attention" else {})
     val = make_val()
     if variant != "correct":
         monkeypatch.setattr(tg, "scoring_windows", {"overlapping_windows": overlapping_windows,
@@ -660,8 +664,8 @@ def test_phased_ttt_with_fewer_lora_targets_scores_every_target_once_and_adapts(
 @pytest.mark.parametrize("deadline", ["never", "passed", "mid"])
 @pytest.mark.parametrize("variant", ["correct", "double_scoring_ttt", "window_truncated_ttt", "overlapping_windows"])
 def test_phased_ttt_scores_every_target_exactly_once(tmp_path, monkeypatch, variant, deadline, mode):
-    # attention: rows of 64 tokens, so the 70-token document's second piece overlaps its first by EVAL_SEQ_LEN
-    h = make_h(tmp_path, sliding_mode=mode, val_batch_tokens=64 if mode == "attention" else 128)
+    # attention: rows of 32 tokens, so the long documents' pieces overlap by EVAL_SEQ_LEN=16
+    h = make_h(tmp_path, sliding_mode=mode, **dict(ATTENTION_CFG, val_batch_tokens=32) if mode == "attention" else {})
     val = make_val()
     spans = REAL.document_spans(val.tokens)
     ttt_variant = {"double_scoring_ttt": double_scoring_ttt, "window_truncated_ttt": window_truncated_ttt}.get(variant)
@@ -786,20 +790,28 @@ def test_a_grown_batch_is_predicted_by_its_row_tokens(tmp_path, monkeypatch):
     assert [[n for _, n in b] for b in rec.ttt_batches] == [[70, 66]]
 
 
-def test_phased_ttt_rescales_the_eval_rate_by_the_first_batch(tmp_path, monkeypatch):
-    """The rate measured on the (compiled) disjoint eval underestimates the eager TTT and leftover
-    scoring: the first batch's measured time (1 per batch here) over its prediction (3 x 1e-4 x
-    320 window tokens) rescales it. Then batch 1 plus the windows for the 161 targets left would
-    end at 2.17 > 2.1 and it does not start; at the unscaled rate (2.02) it would."""
+@pytest.mark.parametrize("deadline", [1.1, 2.1])
+def test_phased_ttt_rescales_its_own_rate_by_the_first_batch(tmp_path, monkeypatch, deadline):
+    """The disjoint eval's rate (1e-4 s per window token) underestimates TTT: the first batch's
+    measured time (1 per batch here) over its prediction (3 x 1e-4 x 320 window tokens) rescales
+    it for TTT's own predictions, not for the windows that may follow (the eval's graphs, its
+    rate). At 1.1, phase 1's global SGD (77 tokens: 0.24 rescaled, 0.02 at the eval's rate) does
+    not start after batch 0; at 2.1 batch 1 does: it and the windows for the 161 targets left end
+    at 2.02 (2.17 with the windows at the rescaled rate)."""
     h = make_h(tmp_path)
     val = make_val()
-    clock = FakeClock()
+    clock, calls = FakeClock(), []
     monkeypatch.setattr(tg, "time", clock)
+    monkeypatch.setattr(tg, "global_sgd", lambda *a: calls.append(len(a[1])) or REAL.global_sgd(*a))
     model = make_model(h)
     rec = Recorder(monkeypatch, model, val, h, ttt_variant=clock.ticking)
-    out = tg.phased_ttt(model, h, tg.Runtime(h), val, 2.1, token_s=1e-4)
+    out = tg.phased_ttt(model, h, tg.Runtime(h), val, deadline, token_s=1e-4)
     assert_single_pass(rec, out, val)
-    assert [[n for _, n in b] for b in rec.ttt_batches] == [[40, 37, 33]]
+    batches = [[n for _, n in b] for b in rec.ttt_batches]
+    if deadline == 1.1:
+        assert batches == [[40, 37, 33]] and not calls
+    else:
+        assert batches[:2] == [[40, 37, 33], [30, 25, 20]] and calls[:1] == [77]
 
 
 # ---------------------------------------------------------------------------------------
@@ -991,7 +1003,7 @@ def assert_isolated(run, val, docs):
 @pytest.mark.parametrize("mode", ["windows", "attention"])
 @pytest.mark.parametrize("variant", ["correct", "unmasked_smear", "spans_ignore_bos"])
 def test_eval_windows_never_cross_a_bos(tmp_path, monkeypatch, variant, mode):
-    h = make_h(tmp_path)
+    h = make_h(tmp_path, **ATTENTION_CFG if mode == "attention" else {})
     val = make_val()
     model = make_model(h)
     if variant == "unmasked_smear":
@@ -1036,7 +1048,7 @@ def one_global_layer_h(tmp_path, **overrides):
 def test_capped_attention_scores_like_stride_one_windows(tmp_path, monkeypatch, variant):
     """SLIDING_MODE=attention scores each target with EVAL_SEQ_LEN-1 earlier tokens, as sliding
     windows of stride 1 do, in one forward per document (two pieces for the 70-token one)."""
-    h = one_global_layer_h(tmp_path)
+    h = one_global_layer_h(tmp_path, **ATTENTION_CFG)
     val = make_val()
     model = make_model(h)
     windows = run_eval(monkeypatch, h, val, stride=1, model=model)[0].scores()
@@ -1100,7 +1112,7 @@ def test_fa3_is_given_each_rows_longest_sequence_under_capped_attention(tmp_path
 def test_phased_ttt_leftovers_with_capped_attention(tmp_path, monkeypatch):
     """SLIDING_MODE=attention in phased TTT: the documents over TTT_MAX_DOC_TOKENS (45, 70) are
     scored once, with the scores the sliding eval gives them (lr 0: TTT changes nothing)."""
-    h = make_h(tmp_path, sliding_mode="attention", val_batch_tokens=64, ttt_lora_lr=0.0, global_ttt_lr=0.0)
+    h = make_h(tmp_path, sliding_mode="attention", val_batch_tokens=32, ttt_lora_lr=0.0, global_ttt_lr=0.0, **ATTENTION_CFG)
     val = make_val()
     rec, out = run_phased(monkeypatch, h, val)
     assert_single_pass(rec, out, val)

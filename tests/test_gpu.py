@@ -138,9 +138,10 @@ def test_attention_backend_matches_sdpa_without_graph_break(backend, heads, kv_h
         assert rel_err(a, b) < 2e-2
 
 
-def test_capped_attention_scores_like_stride_one_windows_on_the_gpu(tmp_path):
+def test_capped_attention_scores_like_stride_one_windows_on_the_gpu(tmp_path, monkeypatch):
     """SLIDING_MODE=attention through the GPU backend's windowed kernel (varlen or FA3, rows longer
-    than any compiled bound): one global layer, so the scores must equal stride-1 windows'."""
+    than any compiled bound): one global layer, so every target's score must equal stride-1
+    windows' (bf16 noise); the 2,500-token document comes in three overlapping pieces."""
     import dataclasses
 
     import numpy as np
@@ -150,16 +151,32 @@ def test_capped_attention_scores_like_stride_one_windows_on_the_gpu(tmp_path):
                            log_dir=str(tmp_path), run_id="cap")
     tg.use_attention_backend("auto", torch.device("cuda"))
     rng = np.random.default_rng(0)
-    tokens = np.concatenate([np.r_[tg.BOS_ID, rng.integers(2, 512, n - 1)] for n in (90, 700, 1500, 40)]).astype(np.uint16)
+    tokens = np.concatenate([np.r_[tg.BOS_ID, rng.integers(2, 512, n - 1)] for n in (90, 700, 2500, 40)]).astype(np.uint16)
     val = tg.ValSet(tokens, np.ones(len(tokens), dtype=np.int64))
     rt = tg.Runtime(h)
     rt.compile = False  # the windows' side eager too: one kernel path against the other
     model = rt.place(perturbed_gpt(h))
-    out = {mode: tg.eval_val(model, dataclasses.replace(h, sliding_mode=mode), rt, val, sliding=True)
-           for mode in ("windows", "attention")}
+    build_row, token_losses = tg.build_row, model.token_losses
+    rows, scores = [], {}
+
+    def recorded_losses(ids, targets, cu, max_seqlen):
+        out = token_losses(ids, targets, cu, max_seqlen)
+        pos, where, target = 0, [], []
+        for ws, n, first in rows.pop():
+            where += range(pos + first, pos + n)
+            target += range(ws + first + 1, ws + n + 1)
+            pos += n
+        scores[mode].update(zip(target, out.view(-1)[where].tolist()))
+        return out
+    monkeypatch.setattr(tg, "build_row", lambda val_, row, n: rows.append(row) or build_row(val_, row, n))
+    monkeypatch.setattr(model, "token_losses", recorded_losses)
+    for mode in ("windows", "attention"):
+        scores[mode] = {}
+        tg.eval_val(model, dataclasses.replace(h, sliding_mode=mode), rt, val, sliding=True)
     tg.use_attention_backend("sdpa", torch.device("cuda"))
-    assert out["windows"][2] == out["attention"][2] == len(tokens) - 1
-    assert abs(out["windows"][0] - out["attention"][0]) < 2e-3 * out["windows"][0]
+    assert set(scores["windows"]) == set(scores["attention"]) == set(range(1, len(tokens)))
+    diff = max(abs(scores["windows"][j] - scores["attention"][j]) for j in scores["windows"])
+    assert diff < 3e-2, f"capped attention differs from stride-1 windows by up to {diff:.4f}"
 
 
 def test_compiled_step_has_no_graph_break_or_recompile():
