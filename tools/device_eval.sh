@@ -12,8 +12,8 @@
 #   fweval  the same on a FineWeb-shaped rank's val (tools/eval_workload.py, 6,250 documents), with a
 #           timing stand-in artifact made from the untrained model (--make-artifact; scores mean nothing)
 #   gputest tests/test_gpu.py (-s: its printed timings)
-#   steps   STEPS (50) training steps logged one by one (looping from the middle), stopped before GPTQ,
-#           for a same-seed A/B; DIR=... in ENV: the folder whose train_gpt.py runs (default: the repo's)
+#   steps   STEPS=... (in ENV; 50) training steps logged one by one (looping from the middle), stopped before
+#           GPTQ, for a same-seed A/B; DIR=... in ENV: the folder whose train_gpt.py runs (default: the repo's)
 #   prof    tools/profile_ttt.py (TTT ms/step by document length, a profiled batch, global SGD)
 #   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
 #   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
@@ -36,9 +36,11 @@ job() {  # KIND:NAME[=ENV,...]
   local cold=(TORCHINDUCTOR_CACHE_DIR=$W/cache/$name TRITON_CACHE_DIR=$W/cache/$name/triton)
   # split at the commas that start a NAME=, so values may hold commas (TTT_LORA_TARGETS=k,o,mlp,head)
   local extra=(); [ -n "$envs" ] && mapfile -t extra < <(sed -E 's/,([A-Z][A-Z0-9_]*=)/\n\1/g' <<< "$envs")
-  local args=() rest=() e dir=.  # ARGS=... (eval/fweval's extra flags), DIR=... (steps): not environment variables
+  # ARGS=... (eval/fweval's extra flags), DIR=... and STEPS=... (steps): not environment variables
+  local args=() rest=() e dir=. steps=50
   for e in "${extra[@]}"; do
-    case $e in ARGS=*) read -r -a args <<< "${e#ARGS=}" ;; DIR=*) dir=${e#DIR=} ;; *) rest+=("$e") ;; esac
+    case $e in ARGS=*) read -r -a args <<< "${e#ARGS=}" ;; DIR=*) dir=${e#DIR=} ;; STEPS=*) steps=${e#STEPS=} ;;
+    *) rest+=("$e") ;; esac
   done
   extra=("${rest[@]}")
   case $kind in
@@ -47,8 +49,7 @@ job() {  # KIND:NAME[=ENV,...]
           > $W/$name.log 2>&1 ;;
   fweval) env "${cold[@]}" RUN_ID=$name DATA_PATH=/tmp/fwval ARTIFACT_PATH=$W/$name.timing GPTQ_CALIBRATION_TOKENS=262144 \
             "${extra[@]}" python3 tools/eval_artifact.py --make-artifact --precompile --compile-times "${args[@]}" > $W/$name.log 2>&1 ;;
-  steps) local steps=${STEPS:-50}
-         train_only "$name" "$dir" "${cold[@]}" ITERATIONS=$steps ENABLE_LOOPING_AT=0.5 TRAIN_LOG_EVERY=1 \
+  steps) train_only "$name" "$dir" "${cold[@]}" ITERATIONS=$steps ENABLE_LOOPING_AT=0.5 TRAIN_LOG_EVERY=1 \
            MAX_WALLCLOCK_SECONDS=0 GPTQ_RESERVE_SECONDS=0 "${extra[@]}" ;;
   gputest) env "${cold[@]}" "${extra[@]}" python3 -m pytest -q -s tests/test_gpu.py > $W/$name.log 2>&1 ;;
   prof) env "${cold[@]}" PHASED_TTT_PREFIX_DOCS=0 "${extra[@]}" python3 tools/profile_ttt.py > $W/$name.log 2>&1 ;;

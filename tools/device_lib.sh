@@ -9,4 +9,5 @@ train_only() {  # name dir env...: train in dir, then stop the process once trai
     sleep 2
   done
   echo "$name done" >> $W/status
+  grep -qs "^training:" $W/$name.log  # the status: training ended (the process is stopped after it)
 }
