@@ -2419,27 +2419,25 @@ def capped_attention(model, h: Hyperparameters):
             a.window, a.fa3_max_seqlen = window, bound
 
 
-def sliding_windows(spans, h: Hyperparameters):
-    """The sliding eval's windows. windows: EVAL_SEQ_LEN long, EVAL_STRIDE apart (each target has
-    EVAL_SEQ_LEN-EVAL_STRIDE to EVAL_SEQ_LEN-1 earlier tokens). attention: every document whole, or
-    in VAL_BATCH_TOKENS pieces overlapping by EVAL_SEQ_LEN; with capped_attention each target
-    sees up to EVAL_SEQ_LEN-1 earlier tokens (stride 1) for one forward over the document."""
+def sliding_shape(h: Hyperparameters):
+    """(length, stride) of the sliding eval's windows. windows: EVAL_SEQ_LEN long, EVAL_STRIDE apart
+    (each target has EVAL_SEQ_LEN-EVAL_STRIDE to EVAL_SEQ_LEN-1 earlier tokens). attention: every
+    document whole, or in VAL_BATCH_TOKENS pieces overlapping by EVAL_SEQ_LEN; with capped_attention
+    each target sees up to EVAL_SEQ_LEN-1 earlier tokens (stride 1) for one forward over the document."""
     if h.sliding_mode == "attention":
-        return scoring_windows(spans, h.val_batch_tokens, h.val_batch_tokens - h.eval_seq_len)
-    return scoring_windows(spans, h.eval_seq_len, h.eval_stride)
+        return h.val_batch_tokens, h.val_batch_tokens - h.eval_seq_len
+    return h.eval_seq_len, h.eval_stride
 
 
 def sliding_work(spans, h: Hyperparameters):
     """Predicted cost of the sliding eval of spans in window tokens of the compiled eval graphs;
     SLIDING_MODE=attention's eager forward is counted 3x (measured 2.2x on a FineWeb-shaped rank)."""
-    if h.sliding_mode == "attention":
-        return 3 * sum(window_tokens(n, h.val_batch_tokens, h.val_batch_tokens - h.eval_seq_len) for _, n in spans)
-    return sum(window_tokens(n, h.eval_seq_len, h.eval_stride) for _, n in spans)
+    return (3 if h.sliding_mode == "attention" else 1) * sum(window_tokens(n, *sliding_shape(h)) for _, n in spans)
 
 
 def eval_sliding(model, h: Hyperparameters, rt: Runtime, val: ValSet, spans, split_ranks=True):
     """eval_windows over the sliding windows of spans (SLIDING_MODE)."""
-    windows = sliding_windows(spans, h)
+    windows = scoring_windows(spans, *sliding_shape(h))
     with capped_attention(model, h) if h.sliding_mode == "attention" else contextlib.nullcontext():
         return eval_windows(model, h, rt, val, windows, split_ranks)
 

@@ -1109,6 +1109,14 @@ def test_fa3_is_given_each_rows_longest_sequence_under_capped_attention(tmp_path
     assert all(b.attn.fa3_max_seqlen == bound for b in model.blocks)
 
 
+def test_sliding_work_counts_the_windows_tokens_and_capped_attentions_eager_forward(tmp_path):
+    """The deadline's prediction of a sliding eval: window tokens of EVAL_SEQ_LEN=32 windows 8 apart
+    (100 targets: 32 + 9 x 32), or of 64-token pieces 32 apart (64 + 2 x 64) counted 3x (eager)."""
+    spans = [(0, 100), (200, 20)]
+    assert tg.sliding_work(spans, make_h(tmp_path, sliding_mode="windows")) == 32 + 9 * 32 + 20
+    assert tg.sliding_work(spans, make_h(tmp_path, val_batch_tokens=64)) == 3 * (64 + 2 * 64 + 20)
+
+
 def test_phased_ttt_leftovers_with_capped_attention(tmp_path, monkeypatch):
     """SLIDING_MODE=attention in phased TTT: the documents over TTT_MAX_DOC_TOKENS (45, 70) are
     scored once, with the scores the sliding eval gives them (lr 0: TTT changes nothing)."""

@@ -18,8 +18,7 @@ chain() {
   for spec in "$@"; do
     local name=${spec%%=*} envs=${spec#*=}
     IFS=, read -r -a extra <<< "$envs"
-    train_only "$name" . ITERATIONS=$steps ENABLE_LOOPING_AT=0.5 TRAIN_LOG_EVERY=1 MAX_WALLCLOCK_SECONDS=0 \
-      GPTQ_RESERVE_SECONDS=0 "${extra[@]}"
+    train_steps "$name" . "$steps" "${extra[@]}"
   done
   if [ "${PROFILE:-0}" = 1 ]; then  # wall vs summed kernel time per step, without CUDA graphs
     env CUDA_GRAPHS=0 python3 tools/profile_train.py 3 > $W/profile.txt 2>&1; echo "profile exit $?" >> $W/status
@@ -31,7 +30,7 @@ start)
   shift; gpu=$1; shift
   rm -rf $W; mkdir -p $W
   source .bench/device_prep.sh
-  export -f chain train_only alive; export W CUDA_VISIBLE_DEVICES=$gpu
+  export -f chain train_steps train_only alive; export W CUDA_VISIBLE_DEVICES=$gpu
   setsid bash -c 'chain "$@"' chain "$@" > $W/chain.out 2>&1 < /dev/null &
   echo "chain started: $*"
   ;;

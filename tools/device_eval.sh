@@ -49,8 +49,7 @@ job() {  # KIND:NAME[=ENV,...]
           > $W/$name.log 2>&1 ;;
   fweval) env "${cold[@]}" RUN_ID=$name DATA_PATH=/tmp/fwval ARTIFACT_PATH=$W/$name.timing GPTQ_CALIBRATION_TOKENS=262144 \
             "${extra[@]}" python3 tools/eval_artifact.py --make-artifact --precompile --compile-times "${args[@]}" > $W/$name.log 2>&1 ;;
-  steps) train_only "$name" "$dir" "${cold[@]}" ITERATIONS=$steps ENABLE_LOOPING_AT=0.5 TRAIN_LOG_EVERY=1 \
-           MAX_WALLCLOCK_SECONDS=0 GPTQ_RESERVE_SECONDS=0 "${extra[@]}" ;;
+  steps) train_steps "$name" "$dir" "$steps" "${cold[@]}" "${extra[@]}" ;;
   gputest) env "${cold[@]}" "${extra[@]}" python3 -m pytest -q -s tests/test_gpu.py > $W/$name.log 2>&1 ;;
   prof) env "${cold[@]}" PHASED_TTT_PREFIX_DOCS=0 "${extra[@]}" python3 tools/profile_ttt.py > $W/$name.log 2>&1 ;;
   tprof) env "${cold[@]}" "${extra[@]}" python3 tools/profile_train.py 3 > $W/$name.log 2>&1 ;;
@@ -85,7 +84,7 @@ start)
   if [[ "$*" == *fweval:* ]] && [ ! -f /tmp/fwval/fineweb_val_000000.bin ]; then
     python3 tools/eval_workload.py "$DATA_PATH" /tmp/fwval --link-train > $W/workload.txt 2>&1
   fi
-  export -f chain job leader_profile train_only alive; export W CUDA_VISIBLE_DEVICES=$gpu
+  export -f chain job leader_profile train_steps train_only alive; export W CUDA_VISIBLE_DEVICES=$gpu
   echo "chain $gpu" >> $W/chains
   setsid bash -c 'chain "$@"' chain "$@" >> $W/chain$gpu.out 2>&1 < /dev/null &
   echo "chain started on GPU $gpu: $*"

@@ -11,3 +11,8 @@ train_only() {  # name dir env...: train in dir, then stop the process once trai
   echo "$name done" >> $W/status
   grep -qs "^training:" $W/$name.log  # the status: training ended (the process is stopped after it)
 }
+train_steps() {  # name dir steps env...: a same-seed A/B's run: steps logged one by one, looping from the middle
+  local name=$1 dir=$2 steps=$3; shift 3
+  train_only "$name" "$dir" ITERATIONS=$steps ENABLE_LOOPING_AT=0.5 TRAIN_LOG_EVERY=1 MAX_WALLCLOCK_SECONDS=0 \
+    GPTQ_RESERVE_SECONDS=0 "$@"
+}
