@@ -46,6 +46,27 @@ def test_compare_runs_fails_when_a_run_stopped_early(tmp_path):
     assert compare("--steps", "20", ref, ref).returncode == 0
 
 
+def test_compare_runs_prints_each_runs_ms_per_step_over_the_phases(tmp_path):
+    """Steps 1-2 at 100 ms, 3-4 at 200 (reference) or 150 (other): the cumulative step_avg gives
+    each phase's own mean; a log without step_avg fails; malformed ranges are refused."""
+    def log(path, ms, avg=True):
+        total, lines = 0.0, []
+        for s, m in enumerate(ms, 1):
+            total += m
+            extra = f" step_avg: {total / s:.2f}ms" if avg else ""
+            lines.append(f"{s}/4 train_loss: 5.0000 train_time: 0.0m{extra} tok/s: 1")
+        path.write_text("\n".join(lines) + "\n")
+        return str(path)
+    ref, other = log(tmp_path / "a.log", [100, 100, 200, 200]), log(tmp_path / "b.log", [100, 100, 150, 150])
+    r = compare("--steps", "4", "--phases", "1-2,3-4", ref, other)
+    assert r.returncode == 0, r.stdout
+    assert "steps 1-2: ms/step 100.0 vs 100.0 (+0.0%)" in r.stdout
+    assert "steps 3-4: ms/step 200.0 vs 150.0 (-25.0%)" in r.stdout
+    assert compare("--steps", "4", "--phases", "3-4", ref, log(tmp_path / "c.log", [1] * 4, avg=False)).returncode == 1
+    for bad in ("3", "4-3", "0-2", "a-b"):
+        assert compare("--phases", bad, ref, other).returncode == 2
+
+
 def test_bench_pack_reports_the_rans_container_smaller_than_brotli():
     import re
 

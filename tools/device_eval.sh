@@ -18,6 +18,7 @@
 #   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
 #   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
 #           lprof:l786=TRAIN_BATCH_TOKENS=786432 for the 8-GPU run's per-GPU load
+# BENCH_STEPS=... in a train job's ENV times steps with looping off and on after the compile, then ends it.
 # eval jobs read ARTIFACT_PATH from their ENV, e.g. ARTIFACT_PATH=/tmp/evaldev/base.pgq (a train job's);
 # ARGS=... in ENV adds flags to eval/fweval's tools/eval_artifact.py, e.g. ARGS=--memory-gib 79 (an H100's memory).
 # Example: bash tools/device_eval.sh start 0 fweval:fw=EVAL_BUDGET_SECONDS=1200
@@ -97,7 +98,7 @@ wait)
   cat $W/status 2>/dev/null
   for f in $W/*.log; do
     echo "== $(basename $f .log)"
-    grep -hE "^compile_warmup|^training:|val_bpb|^peak memory|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== |^phased TTT on|passed|failed|Error|error" $f | tail -14
+    grep -hE "^compile_warmup|^training:|^bench:|val_bpb|^peak memory|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== |^phased TTT on|passed|failed|Error|error" $f | tail -14
   done
   mkdir -p "${OUT:-/tmp/out}"
   tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude=cache --exclude=data --exclude='*.pgq' --exclude='*.timing' -C /tmp evaldev 2>/dev/null
