@@ -1,4 +1,5 @@
-"""The tools: compare_runs.py (the N=1 vs N=2 train_loss comparison of issue 2's device check),
+"""The tools: compare_runs.py (the N=1 vs N=2 train_loss comparison of issue 2's device check, and
+an A/B's ms/step per phase),
 bench_pack.py, quant_sweep.py, profile_leader.py, eval_artifact.py's GPU-only flag, and the device
 scripts' syntax."""
 import os
