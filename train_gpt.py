@@ -2435,20 +2435,18 @@ def sliding_work(spans, h: Hyperparameters):
     return (3 if h.sliding_mode == "attention" else 1) * sum(window_tokens(n, *sliding_shape(h)) for _, n in spans)
 
 
-def eval_sliding(model, h: Hyperparameters, rt: Runtime, val: ValSet, spans, split_ranks=True):
-    """eval_windows over the sliding windows of spans (SLIDING_MODE)."""
-    windows = scoring_windows(spans, *sliding_shape(h))
+def eval_spans(model, h: Hyperparameters, rt: Runtime, val: ValSet, spans, sliding, split_ranks=True):
+    """eval_windows over the documents spans: disjoint EVAL_SEQ_LEN windows, or sliding ones (SLIDING_MODE)."""
+    if not sliding:
+        return eval_windows(model, h, rt, val, scoring_windows(spans, h.eval_seq_len, h.eval_seq_len), split_ranks)
     with capped_attention(model, h) if h.sliding_mode == "attention" else contextlib.nullcontext():
-        return eval_windows(model, h, rt, val, windows, split_ranks)
+        return eval_windows(model, h, rt, val, scoring_windows(spans, *sliding_shape(h)), split_ranks)
 
 
 def eval_val(model, h: Hyperparameters, rt: Runtime, val: ValSet, sliding=False):
-    """Score every val target once in windows that never cross a BOS: disjoint EVAL_SEQ_LEN ones, or
-    sliding (eval_sliding). Returns (val_loss, val_bpb, targets)."""
-    spans = document_spans(val.tokens)
-    if sliding:
-        return summarize(eval_sliding(model, h, rt, val, spans), rt)
-    return summarize(eval_windows(model, h, rt, val, scoring_windows(spans, h.eval_seq_len, h.eval_seq_len)), rt)
+    """Score every val target once in windows that never cross a BOS (eval_spans). Returns
+    (val_loss, val_bpb, targets)."""
+    return summarize(eval_spans(model, h, rt, val, document_spans(val.tokens), sliding), rt)
 
 
 class LoRABank(nn.Module):
@@ -2839,10 +2837,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     sliding = t1 + token_s * sliding_work(leftover, h) <= deadline
     # TTT_COMPILE=0 made TTT eager (ttt_compile_mode's force_eager), not these: they run the eval graphs
     with torch.compiler.set_stance("default") if rt.compile and not h.ttt_compile else contextlib.nullcontext():
-        if sliding:
-            sums += eval_sliding(model, h, rt, val, leftover, split_ranks=False)
-        else:
-            sums += eval_windows(model, h, rt, val, scoring_windows(leftover, h.eval_seq_len, h.eval_seq_len), False)
+        sums += eval_spans(model, h, rt, val, leftover, sliding, split_ranks=False)
     how = f"sliding windows ({h.sliding_mode})" if sliding else "disjoint windows"
     rt.log(f"ttt_leftover: {len(leftover)} documents scored by {how} (too long, or past the deadline: "
            f"{'yes' if stopped else 'no'})")
