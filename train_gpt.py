@@ -679,11 +679,12 @@ def _attention_sdpa(q, k, v, cu_seqlens, window):
 # upper bound of 4096 over ~300-token documents cost 23% of GPU time on the H100).
 @torch.library.custom_op("pgolf::flash_attn", mutates_args=())
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-               max_len: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal (window >= 0: windowed) attention over packed sequences; returns (out, lse)."""
+               max_len: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal (window >= 0: windowed; a host tensor, as max_len) attention over packed sequences;
+    returns (out, lse)."""
     m = int(max_len)
     out, lse = torch.ops.aten._flash_attention_forward(
-        q, k, v, cu_seqlens, cu_seqlens, m, m, 0.0, True, False, window_size_left=window, window_size_right=0)[:2]
+        q, k, v, cu_seqlens, cu_seqlens, m, m, 0.0, True, False, window_size_left=int(window), window_size_right=0)[:2]
     return out, lse
 
 
@@ -695,12 +696,12 @@ def _(q, k, v, cu_seqlens, max_len, window):
 @torch.library.custom_op("pgolf::flash_attn_backward", mutates_args=())
 def flash_attn_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor, cu_seqlens: torch.Tensor, max_len: torch.Tensor,
-                        window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m = int(max_len)
     no_dropout = q.new_zeros(2, dtype=torch.uint64), q.new_empty(0)  # philox state, unused at p=0
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
         grad.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, m, m, 0.0, True, *no_dropout,
-        window_size_left=window, window_size_right=0)
+        window_size_left=int(window), window_size_right=0)
     return dq, dk, dv
 
 
@@ -710,34 +711,48 @@ def _(grad, q, k, v, out, lse, cu_seqlens, max_len, window):
 
 
 def _flash_attn_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_len, ctx.window = inputs
-    ctx.save_for_backward(q, k, v, *output, cu_seqlens, max_len)
+    q, k, v, cu_seqlens, max_len, window = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens, max_len, window)
 
 
 def _flash_attn_grad(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens, max_len = ctx.saved_tensors
-    return (*flash_attn_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_len, ctx.window), None, None, None)
+    return (*flash_attn_backward(grad_out, *ctx.saved_tensors), None, None, None)
 
 
 flash_attn.register_autograd(_flash_attn_grad, setup_context=_flash_attn_setup)
 
 
+@functools.lru_cache(maxsize=None)
+def host_int(value):
+    """A 1-element int32 host tensor, made once per value (read only)."""
+    return torch.tensor([value], dtype=torch.int32)
+
+
+def window_arg(window):
+    """A layer's window (None: full causal) as attention() takes it, -1 for none: a 1-element host
+    tensor read at run time, like max_len, so layers that differ only in their window share one
+    compiled block graph (the default model's 5 block graphs became 2, in training and TTT); an int
+    under FA3, whose op takes one (a graph per window there)."""
+    left = -1 if window is None else window
+    return left if ATTENTION_BACKEND == "fa3" else host_int(left)
+
+
 def attention(q, k, v, cu_seqlens, max_len, window, fa3_max_seqlen):
     """Causal attention over packed sequences (cu_seqlens, int32 on the device; max_len, the longest,
     a 1-element host tensor), q [N, H, D], k/v [N, Hkv, D]: no token sees another sequence, and a
-    query sees at most `window` earlier tokens if set. FA3 runs in the graph through its own ops
-    with a fixed bound on the sequence length (an int there would recompile per packing); None
-    (eager only: capped_attention) gives it the row's longest."""
-    left = -1 if window is None else window
+    query sees at most `window` (window_arg; -1: no limit) earlier tokens. FA3 runs in the graph
+    through its own ops with a fixed bound on the sequence length (an int there would recompile per
+    packing); None (eager only: capped_attention) gives it the row's longest."""
     if ATTENTION_BACKEND == "fa3":
         from flash_attn_interface import flash_attn_varlen_func
 
         bound = fa3_max_seqlen or int(max_len)
-        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, bound, bound, causal=True, window_size=(left, 0))
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, bound, bound, causal=True, window_size=(window, 0))
         return out[0] if isinstance(out, tuple) else out
     if ATTENTION_BACKEND == "varlen":
-        return flash_attn(q, k, v, cu_seqlens, max_len, left)[0]
-    return _attention_sdpa(q, k, v, cu_seqlens, window)
+        return flash_attn(q, k, v, cu_seqlens, max_len, window)[0]
+    left = int(window)
+    return _attention_sdpa(q, k, v, cu_seqlens, None if left < 0 else left)
 
 
 def xielu(h, coeffs):
@@ -882,26 +897,45 @@ def add_lora(y, u, adapter):
     return y + torch.bmm(torch.bmm(u.to(y.dtype), a.to(y.dtype).transpose(1, 2)), b.to(y.dtype).transpose(1, 2))
 
 
-def rope_tables(T, dims_list, base, device):
-    """(cos, sin) [T, dims/2] in fp32 per rotated width in dims_list, flat: positions are indices in
-    the row, which is harmless since RoPE is relative. Made once per forward and passed to every
-    block: computed inside the block graphs, pow/cos/sin ran per element of q and k, forward and
-    backward (~25 ms of a 342 ms proxy step in the rms_norm+RoPE kernels)."""
+def rope_tables(T, head_dim, dims, base, device):
+    """(cos, sin, pair) rotating the first `dims` of head_dim channels, rotate-half pairs (j, j+dims/2):
+    cos, sin [T, head_dim] in fp32 (1 and 0 past dims, sin negated on each pair's second channel)
+    and pair [head_dim], each channel's partner. Every width is then the same code, so local and
+    global layers share a compiled graph. Positions are indices in the row, which is harmless
+    since RoPE is relative. Made once per forward and passed to every block: computed inside the
+    block graphs, pow/cos/sin ran per element of q and k (~25 ms of a 342 ms proxy step)."""
+    half = dims // 2
     pos = torch.arange(T, device=device, dtype=torch.float32)
-    out = ()
-    for dims in dims_list:
-        angles = torch.outer(pos, base ** (-torch.arange(0, dims, 2, device=device, dtype=torch.float32) / dims))
-        out += angles.cos(), angles.sin()
-    return out
+    angles = torch.outer(pos, base ** (-torch.arange(0, dims, 2, device=device, dtype=torch.float32) / dims))
+    c, s = angles.cos(), angles.sin()
+    rest = head_dim - dims
+    cos = torch.cat([c, c, c.new_ones(T, rest)], dim=1)
+    sin = torch.cat([s, -s, s.new_zeros(T, rest)], dim=1)
+    idx = torch.arange(head_dim, device=device)
+    pair = torch.where(idx < half, idx + half, torch.where(idx < dims, idx - half, idx))
+    return cos, sin, pair
 
 
-def apply_rotary(x, cos, sin):
-    """Rotate the first 2 * cos.size(-1) channels of x [B, T, H, D] (rotate-half pairs (j, j+dims/2))
-    by the rope_tables of x's row length."""
-    half = cos.size(-1)
+class PairSwap(torch.autograd.Function):
+    """x[..., pair] for a pairing (an involution, so the backward is the same gather; indexing's own
+    backward scatters, which inductor compiles to atomic adds)."""
+
+    @staticmethod
+    def forward(ctx, x, pair):
+        ctx.save_for_backward(pair)
+        return x[..., pair]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (pair,) = ctx.saved_tensors
+        return grad[..., pair], None
+
+
+def apply_rotary(x, cos, sin, pair):
+    """Rotate x [B, T, H, D] by rope_tables of its row length: x*cos + x[pair]*sin, which is
+    a*cos + b*sin, b*cos - a*sin on each pair (a, b) and x past the rotated width, the same values."""
     cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
-    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    return torch.cat([a * cos + b * sin, b * cos - a * sin, rest], dim=-1)
+    return x * cos + PairSwap.apply(x, pair) * sin
 
 
 class CausalSelfAttention(nn.Module):
@@ -917,7 +951,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(d, d, "attn", init="zeros")
         self.q_gain = with_role(nn.Parameter(torch.full((h.num_heads,), h.layer_qk_gain(i))), "scalar")
         self.window = h.layer_window(i)
-        self.is_global = self.window is None  # its RoPE width; capped_attention may give it a window
+        self.is_global = self.window is None  # its RoPE tables; capped_attention may give it a window
         self.xsa = i >= h.num_layers - h.xsa_last_n
         self.gate, self.gate_width, self.gate_scale = h.attn_gate, h.gate_width, h.sparse_attn_gate_scale
         # FA3's static bound: no packed sequence is longer than the longest length any stage cuts at.
@@ -926,7 +960,7 @@ class CausalSelfAttention(nn.Module):
         if self.gate != "none":
             self.gate_w = with_role(nn.Parameter(torch.zeros(h.num_heads, h.gate_width)), "scalar", "gate")
 
-    def forward(self, u, x_in, cu_seqlens, max_len, rope, lora=None):
+    def forward(self, u, x_in, cu_seqlens, max_len, rope, window, lora=None):
         B, T, _ = u.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         lq, lk, lv, lo = lora if lora is not None else (None,) * 4
@@ -935,11 +969,10 @@ class CausalSelfAttention(nn.Module):
         v = add_lora(self.c_v(u), u, lv).view(B, T, Hkv, D)
         q, k = rms_norm(q), rms_norm(k)
         # Gemma-style: global layers rotate GLOBAL_ROPE_DIMS (16 of 64), local layers every dim (GPT.rope)
-        cos, sin = rope[2:] if self.is_global else rope[:2]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q = q * self.q_gain.to(q.dtype)[:, None]
         y = attention(q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D), cu_seqlens,
-                      max_len, self.window, self.fa3_max_seqlen).view(B, T, H, D)
+                      max_len, window, self.fa3_max_seqlen).view(B, T, H, D)
         if self.xsa:
             # XSA (arXiv 2603.09078): drop the component along the token's own value vector.
             vn = F.normalize(v, dim=-1).unsqueeze(3)
@@ -995,10 +1028,11 @@ class Block(nn.Module):
         self.resid_mix = with_role(nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])), "scalar", "fp16")
         self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(i + 1)), persistent=False)
 
-    def forward(self, x, x0, cu_seqlens, max_len, rope, lora=None):
+    def forward(self, x, x0, cu_seqlens, max_len, rope, window, lora=None):
         la, lm = (lora.attn, lora.mlp) if lora is not None else (None, None)
         x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x_in + self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, x_in, cu_seqlens, max_len, rope, la)
+        x = x_in + self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, x_in, cu_seqlens, max_len, rope, window,
+                                               la)
         return x + self.mlp_scale * self.mlp(rms_norm(x) * self.ln_scale, lm)
 
 
@@ -1013,11 +1047,11 @@ class ParallelBlock(Block):
         self.resid_lambdas = with_role(nn.Parameter(torch.full((2,), 1.1)), "scalar")
         self.post_lambdas = with_role(nn.Parameter(torch.ones(2, 2)), "scalar", "fp16")
 
-    def forward(self, lanes, x0, cu_seqlens, max_len, rope, lora=None):
+    def forward(self, lanes, x0, cu_seqlens, max_len, rope, window, lora=None):
         la, lm = (lora.attn, lora.mlp) if lora is not None else (None, None)
         lane0, lane1 = lanes
         a_in = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
-        a = self.attn_scale * self.attn(rms_norm(a_in) * self.ln_scale, a_in, cu_seqlens, max_len, rope, la)
+        a = self.attn_scale * self.attn(rms_norm(a_in) * self.ln_scale, a_in, cu_seqlens, max_len, rope, window, la)
         m = self.mlp_scale * self.mlp(rms_norm(lane1) * self.ln_scale, lm)
         r, p = self.resid_lambdas, self.post_lambdas
         return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
@@ -1166,8 +1200,10 @@ class GPT(nn.Module):
         return self.h.layer_plan(looping)
 
     def rope(self, T, device):
-        """rope_tables of a row: local layers rotate every head dim, global ones GLOBAL_ROPE_DIMS."""
-        return rope_tables(T, (self.h.model_dim // self.h.num_heads, self.h.global_rope_dims), self.h.rope_base, device)
+        """rope_tables of a row, (local, global): local layers rotate every head dim, global ones
+        GLOBAL_ROPE_DIMS."""
+        D = self.h.model_dim // self.h.num_heads
+        return tuple(rope_tables(T, D, dims, self.h.rope_base, device) for dims in (D, self.h.global_rope_dims))
 
     def compile_regions(self):
         """Regional compilation: one graph per distinct block shape, shared by every layer and
@@ -1205,7 +1241,11 @@ class GPT(nn.Module):
         # The packing changes every batch: its length is a dynamic dim and the longest sequence a
         # host tensor, so neither recompiles the block graphs.
         torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
-        pack = cu_seqlens, torch.tensor([max_seqlen], dtype=torch.int32), self.rope(ids.size(1), ids.device)
+        max_len, rope = torch.tensor([max_seqlen], dtype=torch.int32), self.rope(ids.size(1), ids.device)
+
+        def pack(block):  # a layer's data: its RoPE tables and window are inputs of its block's graph, not constants
+            return cu_seqlens, max_len, rope[block.attn.is_global], window_arg(block.attn.window)
+
         x0 = rms_norm(self.embed(ids, cu_seqlens))
         if lora is not None and any(a is not None for slot in lora for a in slot):
             # TTT: the frozen embedding would give the first block an input without grad, and a
@@ -1226,7 +1266,7 @@ class GPT(nn.Module):
                         x = self.parcae_inject(x, x0, self.loop_log_a, self.loop_delta, self.loop_b)
             block = self.blocks[i]
             if slot < len(enc):
-                x = block(x, x0, *pack, adapters)
+                x = block(x, x0, *pack(block), adapters)
                 skips.append(x)
                 continue
             k = slot - len(enc)
@@ -1235,11 +1275,11 @@ class GPT(nn.Module):
                 lane0, lane1 = lanes if lanes is not None else (x, x)
                 if skip is not None:
                     lane0 = self.merge_skip(lane0, skip, self.skip_weights[k], self.skip_gates[k])
-                lanes = block((lane0, lane1), x0, *pack, adapters)
+                lanes = block((lane0, lane1), x0, *pack(block), adapters)
             else:
                 if skip is not None:
                     x = self.merge_skip(x, skip, self.skip_weights[k], self.skip_gates[k])
-                x = block(x, x0, *pack, adapters)
+                x = block(x, x0, *pack(block), adapters)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
         return rms_norm(x)
@@ -2856,7 +2896,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
 # source (the regions' argument names; exact names, as torch 2.10 reads them): maybe_mark_dynamic
 # on TTT's inputs would not reach the blocks, whose inputs come from eager code or other graphs.
 TTT_DYNAMIC_SOURCES = ",".join(["L['x']", "L['x0']", "L['skip']", "L['lanes'][0]", "L['lanes'][1]"] +
-                               [f"L['rope'][{i}]" for i in range(4)] +
+                               [f"L['rope'][{i}]" for i in range(2)] +
                                [f"L['lora'].{name}[{i}]" for name in Adapters._fields for i in (0, 1)])
 
 

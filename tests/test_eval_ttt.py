@@ -411,8 +411,7 @@ def dense_attention(q, k, v, cu_seqlens, max_len, window, bound):
     seq = torch.searchsorted(cu_seqlens[1:].long(), pos, right=True)
     delta = pos[:, None] - pos[None, :]
     mask = (seq[:, None] == seq[None, :]) & (delta >= 0)
-    if window is not None:
-        mask &= delta <= window
+    mask &= (delta <= window.to(delta.device)) | (window.to(delta.device) < 0)  # window_arg: a host tensor, -1 for none
     groups = q.size(1) // k.size(1)
     q, k, v = (t.transpose(0, 1) for t in (q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)))
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1)
@@ -424,6 +423,44 @@ def dense_attention(q, k, v, cu_seqlens, max_len, window, bound):
 COMPILED = dict(ttt_chunk_size=32, ttt_eval_seq_len=192, ttt_max_doc_tokens=260, eval_seq_len=64,
                 val_batch_tokens=128, global_ttt_chunk_tokens=128, global_ttt_seq_len=64, phased_ttt_prefix_docs=4)
 COMPILED_LENGTHS = (200, 37, 150, 300, 95, 12, 64, 130, 5, 40)
+
+
+def test_layers_share_one_compiled_graph_per_block_kind(tmp_path, monkeypatch):
+    """Windows and RoPE tables are inputs of the block graphs (window_arg, rope_tables), not
+    constants: a training step of the tiny model (early, late and global windows in sequential and
+    parallel blocks) and TTT's warm-up compile one graph per block kind, not one per window."""
+    import torch._dynamo.utils as dyn
+
+    h = make_h(tmp_path, **COMPILED)
+    monkeypatch.setattr(tg, "attention", dense_attention)
+    code = []
+
+    def backend(gm, example_inputs):
+        code.append(gm)
+        return gm
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    torch._dynamo.reset()
+    dyn.counters.clear()
+    try:
+        model = make_model(h).train()
+        rt = tg.Runtime(h)
+        rt.compile = True
+        model.compile_regions()
+        assert {b.attn.window for b in model.blocks} == {8, 16, None}
+        kinds = {type(b) for b in model.blocks}
+        ids = torch.randint(4, h.vocab_size, (1, 64))
+        model(ids, ids, torch.tensor([0, 30, 64], dtype=torch.int32), 34).backward()
+        training = dyn.counters["stats"]["unique_graphs"]
+        model.eval()
+        with tg.ttt_compile_mode(h, rt):
+            tg.ttt_warmup(model, h, rt)
+    finally:
+        torch._dynamo.reset()
+    assert not dyn.counters["graph_break"], dict(dyn.counters["graph_break"])
+    blocks = [gm for gm in code if sum(n.op == "placeholder" for n in gm.graph.nodes) > 10]  # the small ones: merge_skip...
+    assert training == len(kinds) + 3  # + merge_skip, parcae_inject and the loss
+    assert len(blocks) == 2 * len(kinds)  # training's, then TTT's (dynamic shapes, adapters)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

@@ -125,8 +125,8 @@ def test_attention_backend_matches_sdpa_without_graph_break(backend, heads, kv_h
     except tg.ConfigError:
         pytest.skip(f"{backend} not available")
     q, k, v, cu, max_len = random_packed(13, 1500, heads, kv_heads, seed=heads + kv_heads)
-    fn = torch.compile(lambda q, k, v, cu, m: tg.attention(q, k, v, cu, m, window, 4096), fullgraph=True)
-    out = fn(q, k, v, cu, torch.tensor([max_len], dtype=torch.int32))
+    fn = torch.compile(lambda q, k, v, cu, m, w: tg.attention(q, k, v, cu, m, w, 4096), fullgraph=True)
+    out = fn(q, k, v, cu, torch.tensor([max_len], dtype=torch.int32), tg.window_arg(window))
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))

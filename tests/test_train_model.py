@@ -108,7 +108,7 @@ def test_sdpa_attention_matches_naive_reference(window, bounds):
     ref = naive_attention(q, k, v, cu, window)
     out = tg._attention_sdpa(q, k, v, cu, window)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    assert torch.equal(tg.attention(q, k, v, cu, torch.tensor([11]), window, 64), out)  # the CPU dispatch
+    assert torch.equal(tg.attention(q, k, v, cu, torch.tensor([11]), tg.window_arg(window), 64), out)  # the CPU dispatch
 
 
 def receptive_sets(model, T, vocab, sources):
@@ -155,20 +155,33 @@ def test_global_layer_sees_whole_prefix_and_early_late_windows_apply():
 
 
 def test_global_layers_rotate_global_rope_dims_and_local_layers_every_dim():
-    """GPT.rope gives local then global tables: a layer reading the other kind's would see NaN."""
+    """GPT.rope gives (local, global) tables over the whole head (global ones the identity past
+    GLOBAL_ROPE_DIMS), and hidden() gives every layer its kind's tables and its own window, as
+    graph inputs (window_arg), in every pass."""
     h = tiny_h()
     model = make_model(h, seed=8)
-    T, d = 12, h.model_dim
-    u = torch.randn(1, T, d, generator=torch.Generator().manual_seed(0))
-    pack = single_doc_cu(T), torch.tensor([T])
-    tables = model.rope(T, u.device)
-    assert [t.shape for t in tables] == [(T, d // h.num_heads // 2)] * 2 + [(T, h.global_rope_dims // 2)] * 2
-    nan = [torch.full_like(t, float("nan")) for t in tables]
+    T, D = 12, h.model_dim // h.num_heads
+    tables = model.rope(T, torch.device("cpu"))
+    (cl, sl, pl), (cg, sg, pg) = tables
+    assert [t.shape for t in (cl, sl, cg, sg)] == [(T, D)] * 4 and pl.shape == pg.shape == (D,)
+    assert torch.equal(pl, torch.arange(D).roll(D // 2))  # rotate-half over the whole head
+    G = h.global_rope_dims
+    assert torch.equal(pg[G:], torch.arange(G, D)) and torch.equal(pg[:G], torch.arange(G).roll(G // 2))
+    assert (cg[:, G:] == 1).all() and (sg[:, G:] == 0).all() and not (sg[1:, :G] == 0).any()
+    seen = []
+    hooks = [b.attn.register_forward_pre_hook(lambda m, a: seen.append((m, a[4], a[5]))) for b in model.blocks]
+    calls = []
+    real_rope = model.rope
+    model.rope = lambda *a: calls.append(real_rope(*a)) or calls[-1]
+    ids = torch.randint(4, h.vocab_size, (1, T))
     with torch.no_grad():
-        for b in model.blocks:
-            rope = (*tables[:2], *nan[2:]) if b.attn.window is not None else (*nan[:2], *tables[2:])
-            assert torch.isfinite(b.attn(u, u, *pack, rope)).all()
-            assert torch.isnan(b.attn(u, u, *pack, (*nan[:2], *nan[2:]))).any()
+        model.hidden(ids, single_doc_cu(T), T)
+    for hk in hooks:
+        hk.remove()
+    assert len(seen) == len(sum(h.layer_plan(True), [])) and len(calls) == 1
+    for attn, rope, window in seen:
+        assert rope is calls[0][attn.is_global]
+        assert int(window) == (-1 if attn.window is None else attn.window)
 
 
 # ---------------------------------------------------------------------------------------
@@ -398,8 +411,8 @@ def test_rotary_is_relative_and_norm_preserving():
     # the same vector at every position: scores may depend only on the offset
     q, k = q[:, :1].expand(1, T, 2, D), k[:, :1].expand(1, T, 2, D)
     for dims in (8, 16):
-        cos, sin = tg.rope_tables(T, (dims,), 10000.0, q.device)
-        rq, rk = tg.apply_rotary(q, cos, sin), tg.apply_rotary(k, cos, sin)
+        tables = tg.rope_tables(T, D, dims, 10000.0, q.device)
+        rq, rk = tg.apply_rotary(q, *tables), tg.apply_rotary(k, *tables)
         torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1), rtol=1e-5, atol=1e-5)
         assert torch.equal(rq[..., dims:], q[..., dims:])
         s = torch.einsum("bihd,bjhd->hij", rq, rk)
@@ -407,7 +420,27 @@ def test_rotary_is_relative_and_norm_preserving():
             diag = torch.diagonal(s, offset=-off, dim1=1, dim2=2)  # score(i + off, i)
             torch.testing.assert_close(diag, diag[:, :1].expand_as(diag), rtol=1e-4, atol=1e-4)
         assert not torch.allclose(s[:, 5, 5], s[:, 5, 0])
-    torch.testing.assert_close(tg.apply_rotary(q, *tg.rope_tables(T, (8,), 10000.0, q.device))[:, 0], q[:, 0])  # position 0
+    torch.testing.assert_close(tg.apply_rotary(q, *tg.rope_tables(T, D, 8, 10000.0, q.device))[:, 0], q[:, 0])  # position 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_rotate_half_of_the_rotated_width_bit_for_bit(dtype):
+    """x*cos + x[pair]*sin is the rotate-half formula (a*cos + b*sin, b*cos - a*sin, the rest
+    unchanged) to the last bit, eager, forward and backward: the same math as before."""
+    g = torch.Generator().manual_seed(3)
+    T, D = 33, 16
+    for dims in (4, 8, 16):
+        x = torch.randn(2, T, 3, D, generator=g).to(dtype).requires_grad_()
+        half = dims // 2
+        pos = torch.arange(T, dtype=torch.float32)
+        angles = torch.outer(pos, 10000.0 ** (-torch.arange(0, dims, 2, dtype=torch.float32) / dims))
+        cos, sin = angles.cos()[None, :, None, :].to(dtype), angles.sin()[None, :, None, :].to(dtype)
+        a, b, rest = x[..., :half], x[..., half:dims], x[..., dims:]
+        ref = torch.cat([a * cos + b * sin, b * cos - a * sin, rest], dim=-1)
+        out = tg.apply_rotary(x, *tg.rope_tables(T, D, dims, 10000.0, x.device))
+        assert torch.equal(out, ref)
+        grad = torch.randn(out.shape, generator=g).to(dtype)
+        assert torch.equal(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(ref, x, grad)[0])
 
 
 def test_parallel_layers_in_the_encoder_are_rejected():
@@ -524,13 +557,12 @@ def test_xsa_removes_the_component_along_the_own_value_vector(heads, kv_heads):
         attn.proj.weight.copy_(torch.eye(d))
     T = 20
     u = torch.randn(1, T, d, generator=torch.Generator().manual_seed(0))
-    pack = single_doc_cu(T), torch.tensor([T])
-    rope = make_model(h, seed=15).rope(T, u.device)
+    pack = single_doc_cu(T), torch.tensor([T]), make_model(h, seed=15).rope(T, u.device)[0], tg.window_arg(attn.window)
     with torch.no_grad():
         attn.xsa = False
-        plain = attn(u, u, *pack, rope).view(1, T, heads, D)
+        plain = attn(u, u, *pack).view(1, T, heads, D)
         attn.xsa = True
-        xsa = attn(u, u, *pack, rope).view(1, T, heads, D)
+        xsa = attn(u, u, *pack).view(1, T, heads, D)
         v = F.normalize(attn.c_v(u).view(1, T, kv_heads, D), dim=-1)
     vh = v.repeat_interleave(G, dim=2)  # head j reads kv head j // G
     expected = plain - (plain * vh).sum(-1, keepdim=True) * vh
@@ -553,7 +585,7 @@ def test_attention_gates_at_initialisation():
         attn.gate_w.zero_()
         for gate in ("none", "out", "sparse"):
             attn.gate = gate
-            outs[gate] = attn(u, u, *pack, tg.rope_tables(16, (16, 8), 10000.0, u.device))
+            outs[gate] = attn(u, u, *pack, tg.rope_tables(16, 16, 16, 10000.0, u.device), tg.window_arg(attn.window))
     assert outs["none"].abs().max() > 1e-3
     assert torch.equal(outs["out"], outs["none"])
     torch.testing.assert_close(outs["sparse"], 0.5 * outs["none"], rtol=1e-6, atol=1e-7)
