@@ -13,7 +13,8 @@
 #           timing stand-in artifact made from the untrained model (--make-artifact; scores mean nothing)
 #   gputest tests/test_gpu.py (-s: its printed timings)
 #   steps   STEPS=... (in ENV; 50) training steps logged one by one (looping from the middle), stopped before
-#           GPTQ, for a same-seed A/B; DIR=... in ENV: the folder whose train_gpt.py runs (default: the repo's)
+#           GPTQ, for a same-seed A/B; DIR=... in ENV: the folder whose train_gpt.py runs (default: the repo's),
+#           copied out first (each call's carry replaces a carried folder: a job running in it lost its cwd)
 #   prof    tools/profile_ttt.py (TTT ms/step by document length, a profiled batch, global SGD)
 #   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
 #   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
@@ -50,7 +51,8 @@ job() {  # KIND:NAME[=ENV,...]
           > $W/$name.log 2>&1 ;;
   fweval) env "${cold[@]}" RUN_ID=$name DATA_PATH=/tmp/fwval ARTIFACT_PATH=$W/$name.timing GPTQ_CALIBRATION_TOKENS=262144 \
             "${extra[@]}" python3 tools/eval_artifact.py --make-artifact --precompile --compile-times "${args[@]}" > $W/$name.log 2>&1 ;;
-  steps) train_steps "$name" "$dir" "$steps" "${cold[@]}" "${extra[@]}" ;;
+  steps) if [ "$dir" != . ]; then mkdir -p $W/code/$name && cp "$dir/train_gpt.py" $W/code/$name/ && dir=$W/code/$name; fi
+         train_steps "$name" "$dir" "$steps" "${cold[@]}" "${extra[@]}" ;;
   gputest) env "${cold[@]}" "${extra[@]}" python3 -m pytest -q -s tests/test_gpu.py > $W/$name.log 2>&1 ;;
   prof) env "${cold[@]}" PHASED_TTT_PREFIX_DOCS=0 "${extra[@]}" python3 tools/profile_ttt.py > $W/$name.log 2>&1 ;;
   tprof) env "${cold[@]}" "${extra[@]}" python3 tools/profile_train.py 3 > $W/$name.log 2>&1 ;;
@@ -101,7 +103,7 @@ wait)
     grep -hE "^compile_warmup|^training:|^bench:|val_bpb|^peak memory|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== |^phased TTT on|passed|failed|Error|error" $f | tail -14
   done
   mkdir -p "${OUT:-/tmp/out}"
-  tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude=cache --exclude=data --exclude='*.pgq' --exclude='*.timing' -C /tmp evaldev 2>/dev/null
+  tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude=cache --exclude=data --exclude=code --exclude='*.pgq' --exclude='*.timing' -C /tmp evaldev 2>/dev/null
   cp $W/*.pgq "${OUT:-/tmp/out}/" 2>/dev/null
   if done_all; then echo "all finished"; else echo "still running: call wait again"; fi
   ;;
