@@ -724,8 +724,11 @@ flash_attn.register_autograd(_flash_attn_grad, setup_context=_flash_attn_setup)
 
 @functools.lru_cache(maxsize=None)
 def host_int(value):
-    """A 1-element int32 host tensor, made once per value (read only)."""
-    return torch.tensor([value], dtype=torch.int32)
+    """A 1-element int32 host tensor, made once per value (read only): on the CPU and a normal
+    tensor whatever the context of the first call (an inference tensor could not be saved for
+    backward, a CUDA one would sync every read)."""
+    with torch.inference_mode(False):
+        return torch.tensor([value], dtype=torch.int32, device="cpu")
 
 
 def window_arg(window):
@@ -2444,8 +2447,9 @@ def summarize(sums, rt: Runtime):
 def capped_attention(model, h: Hyperparameters):
     """SLIDING_MODE=attention: no layer's query sees more than EVAL_SEQ_LEN-1 earlier tokens (the
     global layers' too), and FA3 is given each row's longest sequence, up to VAL_BATCH_TOKENS (a
-    static bound that long would launch its tiles for every short document). Eager: the compiled
-    graphs hold the uncapped windows, and a compile inside the eval timer costs more than it saves."""
+    static bound that long would launch its tiles for every short document). Eager: a compile for
+    these row lengths inside the eval timer costs more than it saves (and under FA3 the compiled
+    graphs hold the uncapped windows and a static bound)."""
     attns = [b.attn for b in model.blocks]
     saved = [(a.window, a.fa3_max_seqlen) for a in attns]
     for a in attns:

@@ -111,6 +111,16 @@ def test_sdpa_attention_matches_naive_reference(window, bounds):
     assert torch.equal(tg.attention(q, k, v, cu, torch.tensor([11]), tg.window_arg(window), 64), out)  # the CPU dispatch
 
 
+def test_window_arg_is_a_plain_host_tensor_whatever_the_first_call_context():
+    """window_arg's cached tensors serve every later call: one first made under inference_mode
+    would make every training forward through pgolf::flash_attn fail (it is saved for backward)."""
+    tg.host_int.cache_clear()
+    with torch.inference_mode():
+        w = tg.window_arg(123)
+    assert not w.is_inference() and w.device.type == "cpu" and w.tolist() == [123] and w.dtype == torch.int32
+    assert tg.window_arg(123) is w and tg.window_arg(None).tolist() == [-1]
+
+
 def receptive_sets(model, T, vocab, sources):
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(4, vocab, (1, T), generator=g)
