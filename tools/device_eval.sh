@@ -13,8 +13,10 @@
 #           timing stand-in artifact made from the untrained model (--make-artifact; scores mean nothing)
 #   gputest tests/test_gpu.py (-s: its printed timings)
 #   steps   STEPS=... (in ENV; 50) training steps logged one by one (looping from the middle), stopped before
-#           GPTQ, for a same-seed A/B; DIR=... in ENV: the folder whose train_gpt.py runs (default: the repo's),
-#           copied out first (each call's carry replaces a carried folder: a job running in it lost its cwd)
+#           GPTQ, for a same-seed A/B
+# DIR=... in a steps, eval or fweval job's ENV: the folder whose train_gpt.py runs (default: the repo's), for
+# an A/B of two versions in one lease; copied out first, with tools/ (each call's carry replaces a carried
+# folder: a job running in it lost its cwd).
 #   prof    tools/profile_ttt.py (TTT ms/step by document length, a profiled batch, global SGD)
 #   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
 #   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
@@ -45,14 +47,17 @@ job() {  # KIND:NAME[=ENV,...]
     *) rest+=("$e") ;; esac
   done
   extra=("${rest[@]}")
+  if [ "$dir" != . ]; then
+    mkdir -p $W/code/$name && cp -r tools "$dir/train_gpt.py" $W/code/$name/ && dir=$W/code/$name || return 1
+  fi
   case $kind in
   train) env "${cold[@]}" RUN_ID=$name ARTIFACT_PATH=$W/$name.pgq "${extra[@]}" python3 train_gpt.py > $W/$name.log 2>&1 ;;
-  eval) env "${cold[@]}" RUN_ID=$name "${extra[@]}" python3 tools/eval_artifact.py --precompile --compile-times "${args[@]}" \
-          > $W/$name.log 2>&1 ;;
+  eval) env "${cold[@]}" RUN_ID=$name "${extra[@]}" python3 $dir/tools/eval_artifact.py --precompile --compile-times \
+          "${args[@]}" > $W/$name.log 2>&1 ;;
   fweval) env "${cold[@]}" RUN_ID=$name DATA_PATH=/tmp/fwval ARTIFACT_PATH=$W/$name.timing GPTQ_CALIBRATION_TOKENS=262144 \
-            "${extra[@]}" python3 tools/eval_artifact.py --make-artifact --precompile --compile-times "${args[@]}" > $W/$name.log 2>&1 ;;
-  steps) if [ "$dir" != . ]; then mkdir -p $W/code/$name && cp "$dir/train_gpt.py" $W/code/$name/ && dir=$W/code/$name; fi
-         train_steps "$name" "$dir" "$steps" "${cold[@]}" "${extra[@]}" ;;
+            "${extra[@]}" python3 $dir/tools/eval_artifact.py --make-artifact --precompile --compile-times "${args[@]}" \
+            > $W/$name.log 2>&1 ;;
+  steps) train_steps "$name" "$dir" "$steps" "${cold[@]}" "${extra[@]}" ;;
   gputest) env "${cold[@]}" "${extra[@]}" python3 -m pytest -q -s tests/test_gpu.py > $W/$name.log 2>&1 ;;
   prof) env "${cold[@]}" PHASED_TTT_PREFIX_DOCS=0 "${extra[@]}" python3 tools/profile_ttt.py > $W/$name.log 2>&1 ;;
   tprof) env "${cold[@]}" "${extra[@]}" python3 tools/profile_train.py 3 > $W/$name.log 2>&1 ;;
