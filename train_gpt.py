@@ -174,7 +174,7 @@ class Hyperparameters:
     ttt_batch_size: int = 64
     ttt_batch_grow: int = 1  # short documents' batches up to this many times TTT_BATCH_SIZE (ttt_plan)
     ttt_chunk_size: int = 48
-    ttt_long_chunk_size: int = 0  # chunks that start past TTT_EVAL_SEQ_LEN (0: TTT_CHUNK_SIZE; ttt_chunk_span)
+    ttt_long_chunk_size: int = 64  # chunks that start past TTT_EVAL_SEQ_LEN (0: TTT_CHUNK_SIZE; ttt_chunk_span)
     ttt_eval_seq_len: int = 2048
     ttt_max_doc_tokens: int = 16384
     ttt_lora_rank: int = 80

@@ -63,7 +63,7 @@ def test_long_eval_stages_print_progress_with_an_eta(tmp_path, monkeypatch, caps
     tg.use_attention_backend("sdpa", tg.torch.device("cpu"))
     monkeypatch.setattr(tg, "PROGRESS_EVERY_S", 0.0)
     h = tiny_h(eval_seq_len=64, val_batch_tokens=64, sliding_mode="windows", log_dir=str(tmp_path), run_id="progress", ttt_batch_size=2,
-               ttt_chunk_size=16, ttt_eval_seq_len=32, ttt_lora_rank=2, phased_ttt_prefix_docs=2,
+               ttt_chunk_size=16, ttt_eval_seq_len=32, ttt_long_chunk_size=0, ttt_lora_rank=2, phased_ttt_prefix_docs=2,
                phased_ttt_num_phases=1, global_ttt_chunk_tokens=64, global_ttt_seq_len=32)
     rt = tg.Runtime(h)
     rng = np.random.default_rng(0)
