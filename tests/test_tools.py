@@ -169,3 +169,36 @@ def test_eval_artifact_refuses_a_memory_cap_without_a_gpu(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_artifact.py"), "--memory-gib", "79"],
                        capture_output=True, text=True, env={**os.environ, "ARTIFACT_PATH": str(tmp_path / "none.pgq")})
     assert r.returncode == 2 and "--memory-gib needs a CUDA device" in r.stderr
+
+
+def test_bench_kernels_fp8_linear_is_the_product_and_its_gradients_within_fp8_error():
+    """FP8Linear (the FP8 GEMM bench_kernels times): output and both gradients equal x w^T's within
+    e4m3/e5m2 rounding, and differ from it (the operands really are 8-bit)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import torch
+
+    import bench_kernels as bk
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=gen).bfloat16().requires_grad_()
+    w = (torch.randn(48, 32, generator=gen) * 0.05).bfloat16().requires_grad_()
+    grad = torch.randn(64, 48, generator=gen).bfloat16()
+    y = bk.fp8_linear(x, w)
+    y.backward(grad)
+    xf, wf, gf = x.detach().float(), w.detach().float(), grad.float()
+    for got, want, tol in ((y, xf @ wf.t(), 0.08), (x.grad, gf @ wf, 0.15), (w.grad, gf.t() @ xf, 0.15)):
+        err = bk.rel_err(got, want)
+        assert 1e-4 < err < tol, err
+
+
+def test_bench_kernels_runs_on_the_cpu_and_says_what_it_skipped():
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_kernels.py"), "--tokens", "64", "--iters", "1",
+                          "--no-compile"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "== 64 tokens" in lines
+    for name in ("xIELU", "LeakyReLU(0.5)^2"):
+        assert any(f"+ {name}, fused kernel" in ln and "skipped: needs CUDA and Triton" in ln for ln in lines)
+        assert any(f"+ {name}, cuBLAS + separate activation" in ln and "skipped" not in ln for ln in lines)
+    assert sum("bf16" in ln and ln.startswith("gemm ") and "skipped" not in ln for ln in lines) == 6
+    assert sum("fp8 + casts" in ln and "skipped: timed on the GPU only" in ln for ln in lines) == 6
+    assert any(ln.startswith("rms_norm [64, 512] bfloat16") for ln in lines)

@@ -19,6 +19,8 @@
 # folder: a job running in it lost its cwd).
 #   prof    tools/profile_ttt.py (TTT ms/step by document length, a profiled batch, global SGD)
 #   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
+#   kbench  tools/bench_kernels.py: the step's pieces on the model's shapes (fused MLP kernel vs cuBLAS,
+#           bf16 vs FP8 GEMMs, fp32 vs bf16 norms), forward and forward + backward
 #   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
 #           lprof:l786=TRAIN_BATCH_TOKENS=786432 for the 8-GPU run's per-GPU load
 # BENCH_STEPS=... in a train job's ENV times steps with looping off and on after the compile, then ends it.
@@ -61,6 +63,7 @@ job() {  # KIND:NAME[=ENV,...]
   gputest) env "${cold[@]}" "${extra[@]}" python3 -m pytest -q -s tests/test_gpu.py > $W/$name.log 2>&1 ;;
   prof) env "${cold[@]}" PHASED_TTT_PREFIX_DOCS=0 "${extra[@]}" python3 tools/profile_ttt.py > $W/$name.log 2>&1 ;;
   tprof) env "${cold[@]}" "${extra[@]}" python3 tools/profile_train.py 3 > $W/$name.log 2>&1 ;;
+  kbench) env "${cold[@]}" "${extra[@]}" python3 tools/bench_kernels.py > $W/$name.log 2>&1 ;;
   lprof) leader_profile "$name" "${cold[@]}" "${extra[@]}" > $W/$name.log 2>&1 ;;
   *) echo "unknown job kind $kind" > $W/$name.log; false ;;
   esac
