@@ -177,6 +177,7 @@ class Hyperparameters:
     ttt_long_chunk_size: int = 64  # chunks that start past TTT_EVAL_SEQ_LEN (0: TTT_CHUNK_SIZE; ttt_chunk_span)
     ttt_eval_seq_len: int = 2048
     ttt_max_doc_tokens: int = 16384
+    ttt_tail_chunk_size: int = 0  # longer documents: 0 scored by sliding windows; > 0 adapted too (ttt_chunk_bounds)
     ttt_lora_rank: int = 80
     ttt_lora_targets: str = "q,k,v,o,mlp,head"  # the adapted projections (PR #1953's no_qv: k,o,mlp,head)
     ttt_lora_alpha: float = 144.0
@@ -299,6 +300,7 @@ class Hyperparameters:
              f"SLIDING_MODE=attention needs rows longer than EVAL_SEQ_LEN={self.eval_seq_len} (or SLIDING_MODE=windows)")
         need(self.ttt_chunk_size <= self.ttt_eval_seq_len, "TTT_CHUNK_SIZE", "must not exceed TTT_EVAL_SEQ_LEN")
         need(self.ttt_long_chunk_size <= self.ttt_eval_seq_len, "TTT_LONG_CHUNK_SIZE", "must not exceed TTT_EVAL_SEQ_LEN")
+        need(0 <= self.ttt_tail_chunk_size <= self.ttt_eval_seq_len, "TTT_TAIL_CHUNK_SIZE", "must lie in [0, TTT_EVAL_SEQ_LEN]")
         need(self.global_ttt_chunk_tokens % self.world_size == 0, "GLOBAL_TTT_CHUNK_TOKENS",
              "must be divisible by WORLD_SIZE")
 
@@ -315,6 +317,12 @@ class Hyperparameters:
     @property
     def ttt_long_chunk(self):
         return self.ttt_long_chunk_size or self.ttt_chunk_size
+
+    @property
+    def ttt_chunking(self):
+        """(C, W, C2, tail) as the TTT chunk functions take them (ttt_chunk_bounds)."""
+        tail = (self.ttt_max_doc_tokens, self.ttt_tail_chunk_size)
+        return self.ttt_chunk_size, self.ttt_eval_seq_len, self.ttt_long_chunk, tail
 
     @property
     def micro_tokens(self):
@@ -2383,24 +2391,40 @@ class TTTChunk(NamedTuple):
     nbytes: np.ndarray  # [R, K]
 
 
-def ttt_chunk_span(ci, C, W, C2):
-    """(start, end): chunk ci holds a document's targets start+1 .. end. C each while the window
-    still grows; past the first window every chunk re-reads a whole one (W row tokens per chunk),
-    so there they are C2 (TTT_LONG_CHUNK_SIZE) long."""
-    m = -(-W // C)  # chunks starting inside the first window
-    return (ci * C, (ci + 1) * C) if ci < m else (m * C + (ci - m) * C2, m * C + (ci - m + 1) * C2)
-
-
-def ttt_n_chunks(n, C, W, C2):
+def ttt_chunk_bounds(C, W, C2, tail):
+    """(m, k, f, C3): a document's first m chunks hold C targets each while the window still grows;
+    past the first window every chunk re-reads a whole one (W row tokens per chunk), so the next k
+    are C2 (TTT_LONG_CHUNK_SIZE) long, up to target f; from there on C3. tail = (TTT_MAX_DOC_TOKENS,
+    TTT_TAIL_CHUNK_SIZE): f is the first C2 boundary at or past TTT_MAX_DOC_TOKENS, where only longer
+    documents reach (C3 = 0: none do, k and f are infinite)."""
     m = -(-W // C)
-    return -(-n // C) if n <= m * C else m + -(-(n - m * C) // C2)
+    t0, C3 = tail
+    k = max(0, -(-(t0 - m * C) // C2)) if C3 else math.inf
+    return m, k, m * C + k * C2, C3
 
 
-def ttt_chunk(val: ValSet, batch, ci, C, W, C2) -> TTTChunk:
+def ttt_chunk_span(ci, C, W, C2, tail=(0, 0)):
+    """(start, end): chunk ci holds a document's targets start+1 .. end (ttt_chunk_bounds)."""
+    m, k, f, C3 = ttt_chunk_bounds(C, W, C2, tail)
+    if ci < m:
+        return ci * C, (ci + 1) * C
+    if ci < m + k:
+        return m * C + (ci - m) * C2, m * C + (ci - m + 1) * C2
+    return f + (ci - m - k) * C3, f + (ci - m - k + 1) * C3
+
+
+def ttt_n_chunks(n, C, W, C2, tail=(0, 0)):
+    m, k, f, C3 = ttt_chunk_bounds(C, W, C2, tail)
+    if n <= m * C:
+        return -(-n // C)
+    return m + -(-(n - m * C) // C2) if n <= f else m + k + -(-(n - f) // C3)
+
+
+def ttt_chunk(val: ValSet, batch, ci, C, W, C2, tail=(0, 0)) -> TTTChunk:
     """Chunk ci (ttt_chunk_span) of the documents of a TTT batch that have one, on the host. A
     lone document's row gets an unscored, untrained copy: a batch of 1 would specialize the
     compiled graphs (0/1 specialization) and recompile them."""
-    c0, c1 = ttt_chunk_span(ci, C, W, C2)
+    c0, c1 = ttt_chunk_span(ci, C, W, C2, tail)
     active = [b for b, (_, n) in enumerate(batch) if c0 < n]
     rows = active * 2 if len(active) == 1 else active
     ends = [min(c1, batch[b][1]) for b in rows]
@@ -2657,9 +2681,9 @@ def ttt_batch(model, batch, val: ValSet, bank, opt, h: Hyperparameters, sums, gr
     document is scored with adapters trained on that document's chunks < ci only, then (if not
     its last chunk) the adapters take one step on it. No host sync: whether a step follows is
     known on the host. graphs (StepGraphs): the steps on padded shapes, replayed."""
-    device, C, W, C2 = sums.device, h.ttt_chunk_size, h.ttt_eval_seq_len, h.ttt_long_chunk
-    for ci in range(max(ttt_n_chunks(n, C, W, C2) for _, n in batch)):
-        chunk = ttt_chunk(val, batch, ci, C, W, C2)
+    device, chunking = sums.device, h.ttt_chunking
+    for ci in range(max(ttt_n_chunks(n, *chunking) for _, n in batch)):
+        chunk = ttt_chunk(val, batch, ci, *chunking)
         view = np.array_equal(chunk.rows, np.arange(bank.n_docs))
         train = bool(chunk.weight.any())
 
@@ -2756,24 +2780,25 @@ def global_sgd(model, stream: np.ndarray, h: Hyperparameters, rt: Runtime):
 class TTTPlan:
     """Phased TTT's schedule (ttt_plan)."""
 
-    docs: list  # documents of up to TTT_MAX_DOC_TOKENS targets, longest first
+    docs: list  # the adapted documents (up to TTT_MAX_DOC_TOKENS targets, or all with a tail), longest first
     batches: list  # docs in slices of TTT_BATCH_SIZE (up to x TTT_BATCH_GROW for short ones), in processing order
     mine: list  # per batch: this rank runs it (batches are dealt round-robin)
-    leftover: list  # this rank's share of the longer documents, scored by windows at the end
+    leftover: list  # this rank's share of the longer documents (none with a tail), scored by windows at the end
     boundaries: list  # global SGD phase k trains on docs[:boundaries[k]], once those are scored
 
 
-def ttt_batch_work(batch, W, C, C2):
+def ttt_batch_work(batch, C, W, C2, tail=(0, 0)):
     """Row tokens of a TTT batch (longest first): chunk ci runs its documents' rows (at least 2) at
     the longest's length, whole 64-token tiles up to W (ttt_chunk)."""
     ns = np.array([n for _, n in batch])
-    spans = np.array([ttt_chunk_span(ci, C, W, C2) for ci in range(ttt_n_chunks(ns[0], C, W, C2))])
+    spans = np.array([ttt_chunk_span(ci, C, W, C2, tail) for ci in range(ttt_n_chunks(ns[0], C, W, C2, tail))])
     rows = np.maximum(2, (ns[None, :] > spans[:, :1]).sum(1))
     return int((rows * tiles(np.minimum(spans[:, 1], min(ns[0], W)))).sum())
 
 
 def ttt_plan(spans, h: Hyperparameters, rank, world_size) -> TTTPlan:
-    docs = sorted((sp for sp in spans if sp[1] <= h.ttt_max_doc_tokens), key=lambda sp: (-sp[1], sp[0]))
+    adapted = lambda sp: h.ttt_tail_chunk_size > 0 or sp[1] <= h.ttt_max_doc_tokens  # noqa: E731
+    docs = sorted((sp for sp in spans if adapted(sp)), key=lambda sp: (-sp[1], sp[0]))
     # A chunk step of short documents is bound by the host, not the GPU: batch k <= TTT_BATCH_GROW
     # times as many while documents x row length stay within TTT_BATCH_SIZE x TTT_EVAL_SEQ_LEN (the
     # longest rows' memory). A document's updates do not depend on the others in its batch, but a
@@ -2788,14 +2813,14 @@ def ttt_plan(spans, h: Hyperparameters, rank, world_size) -> TTTPlan:
     # Distinct, non-empty prefixes: with fewer documents than phases some would repeat or be 0.
     boundaries = sorted({prefix * k // h.phased_ttt_num_phases for k in range(1, h.phased_ttt_num_phases + 1)} - {0})
     return TTTPlan(docs, batches, [bi % world_size == rank for bi in range(len(batches))],
-                   [sp for sp in spans if sp[1] > h.ttt_max_doc_tokens][rank::world_size], boundaries)
+                   [sp for sp in spans if not adapted(sp)][rank::world_size], boundaries)
 
 
 def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, token_s=0.0, stats=None):
-    """Phased TTT (LEAD, SPEC 5.3) run by ttt_plan: documents up to TTT_MAX_DOC_TOKENS targets,
-    longest first, in batches dealt round-robin to ranks, get per-document LoRA TTT; after the
-    first b_k documents are scored (b_k = PREFIX*k/PHASES) the base model takes a global SGD pass
-    over exactly those. Longer documents, and every batch not started in time, are scored by
+    """Phased TTT (LEAD, SPEC 5.3) run by ttt_plan: documents up to TTT_MAX_DOC_TOKENS targets (all
+    of them with TTT_TAIL_CHUNK_SIZE > 0), longest first, in batches dealt round-robin to ranks,
+    get per-document LoRA TTT; after the first b_k documents are scored (b_k = PREFIX*k/PHASES)
+    the base model takes a global SGD pass over exactly those. Longer documents, and every batch not started in time, are scored by
     windows on the adapted base model at the end: every target is still scored exactly once. A
     batch or phase starts only if it and then disjoint windows (the cheapest legal scoring) over
     this rank's unscored documents are predicted to end by the deadline, at token_s seconds per
@@ -2831,7 +2856,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
             t1 = time.perf_counter()
             # Longest first, the next batch costs at most the last, unless it has more row tokens
             # (TTT_BATCH_GROW: twice the documents at about the same length).
-            work = ttt_batch_work(batch, h.ttt_eval_seq_len, h.ttt_chunk_size, h.ttt_long_chunk)
+            work = ttt_batch_work(batch, *h.ttt_chunking)
             cost = batch_s * max(1.0, work / prev_work) if prev_work else batch_s
             if stopped or t1 + cost + token_s * (after[bi] + left) > deadline:
                 stopped = True

@@ -120,10 +120,13 @@ def doc_index(val):
 
 def chunk_spans(h, n):
     """TTT's chunks of a document of n targets, as (c0, c1]: TTT_CHUNK_SIZE targets while a chunk
-    starts inside the first TTT_EVAL_SEQ_LEN, TTT_LONG_CHUNK_SIZE (0: the same) after."""
+    starts inside the first TTT_EVAL_SEQ_LEN, TTT_LONG_CHUNK_SIZE (0: the same) after, and
+    TTT_TAIL_CHUNK_SIZE (0: none) once one starts at or past TTT_MAX_DOC_TOKENS."""
     spans, start = [], 0
     while start < n:
         size = h.ttt_chunk_size if start < h.ttt_eval_seq_len else h.ttt_long_chunk_size or h.ttt_chunk_size
+        if start >= h.ttt_eval_seq_len and h.ttt_tail_chunk_size and start >= h.ttt_max_doc_tokens:
+            size = h.ttt_tail_chunk_size
         spans.append((start, start + size))
         start += size
     return spans
@@ -646,6 +649,29 @@ def test_phased_ttt_with_long_chunks_past_the_window_is_causal_and_single_pass(t
         assert abs(out[0] - run_phased(monkeypatch, make_h(tmp_path), val)[1][0]) > 1e-4
 
 
+@pytest.mark.parametrize("variant", ["correct", "two_pass_ttt"])
+def test_phased_ttt_with_a_tail_adapts_every_document_causally_and_once(tmp_path, monkeypatch, variant):
+    """TTT_TAIL_CHUNK_SIZE=10: the 45- and 70-token documents (over TTT_MAX_DOC_TOKENS=40) are adapted
+    too, in chunks of 10 from target 40 on (chunks of 4 in the first 16-token window, then 6): every
+    document goes through TTT, nothing is left to the windows, every target is scored once and only
+    from its past (a broken ttt_batch still caught); the tails' adaptation changes the score."""
+    h = make_h(tmp_path, ttt_long_chunk_size=6, ttt_tail_chunk_size=10)
+    val = make_val()
+    spans = REAL.document_spans(val.tokens)
+    run = lambda v: run_phased(monkeypatch, h, v, ttt_variant=two_pass_ttt if variant == "two_pass_ttt" else None)
+    rec, out = run(val)
+    positions = [doc_start(val, 70) + 45, doc_start(val, 70) + 63, doc_start(val, 45) + 42, doc_start(val, 40) + 25]
+    causal = lambda: assert_causal(lambda v: run(v)[0], val, positions, ttt_allowed(val), "phased_ttt")
+    check(variant, causal, "saw the future")
+    if variant == "correct":
+        assert_single_pass(rec, out, val)
+        assert {d for b in rec.ttt_batches for d in b} == set(spans)
+        src = rec.sources()
+        assert src["ttt"] == set(range(1, len(val.tokens))) and not src["eval"]
+        windows = run_phased(monkeypatch, make_h(tmp_path, ttt_long_chunk_size=6), val)[1]  # the tails by windows
+        assert abs(out[0] - windows[0]) > 1e-4
+
+
 @pytest.mark.parametrize("targets", ["k,o,mlp,head", "q"])
 def test_phased_ttt_with_fewer_lora_targets_scores_every_target_once_and_adapts(tmp_path, monkeypatch, targets):
     """TTT_LORA_TARGETS (PR #1953's no_qv, or one projection): still every target exactly once and
@@ -773,13 +799,13 @@ def test_a_grown_batch_is_predicted_by_its_row_tokens(tmp_path, monkeypatch):
     def timed(inner):
         def ttt(model_, batch, *args):
             inner(model_, batch, *args)
-            clock.now += rate * tg.ttt_batch_work(batch, h.ttt_eval_seq_len, h.ttt_chunk_size, h.ttt_long_chunk)
+            clock.now += rate * tg.ttt_batch_work(batch, *h.ttt_chunking)
             ends.append(clock.now)
         return ttt
 
     model = make_model(h)
     rec = Recorder(monkeypatch, model, val, h, ttt_variant=timed)
-    work = [tg.ttt_batch_work(b, h.ttt_eval_seq_len, h.ttt_chunk_size, h.ttt_long_chunk) for b in tg.ttt_plan(
+    work = [tg.ttt_batch_work(b, *h.ttt_chunking) for b in tg.ttt_plan(
         tg.document_spans(val.tokens), h, 0, 1).batches[:2]]
     assert work[1] > 1.5 * work[0]
     # token_s: the first batch predicted exactly (3 x token_s per window token of its documents)

@@ -86,15 +86,17 @@ def test_ttt_batch_work_counts_the_chunks_row_tokens(trial):
     rng = np.random.default_rng(trial)
     C, W = int(rng.choice([4, 32, 48])), int(rng.choice([64, 128, 2048]))
     C2 = int(rng.choice([C, 2 * C, 3]))  # TTT_LONG_CHUNK_SIZE
+    tail = (int(rng.integers(0, 3 * W)), int(rng.choice([0, 5, C2 + 1, W])))  # TTT_MAX_DOC_TOKENS, TTT_TAIL_CHUNK_SIZE
     lengths = sorted(rng.integers(1, 3 * W, int(rng.integers(1, 9))).tolist(), reverse=True)
     tokens = rng.integers(4, V, sum(lengths) + len(lengths) + 1)
     val = tg.ValSet(tokens, np.zeros(len(tokens), dtype=np.int64))
     starts = np.cumsum([0] + [n + 1 for n in lengths[:-1]])
     batch = [(int(s), n) for s, n in zip(starts, lengths)]
-    n_chunks = tg.ttt_n_chunks(lengths[0], C, W, C2)
-    rows = sum(tg.ttt_chunk(val, batch, ci, C, W, C2).x.size for ci in range(n_chunks))
-    assert tg.ttt_batch_work(batch, W, C, C2) == rows
-    assert tg.ttt_chunk_span(n_chunks - 1, C, W, C2)[0] < lengths[0] <= tg.ttt_chunk_span(n_chunks - 1, C, W, C2)[1]
+    n_chunks = tg.ttt_n_chunks(lengths[0], C, W, C2, tail)
+    rows = sum(tg.ttt_chunk(val, batch, ci, C, W, C2, tail).x.size for ci in range(n_chunks))
+    assert tg.ttt_batch_work(batch, C, W, C2, tail) == rows
+    last = tg.ttt_chunk_span(n_chunks - 1, C, W, C2, tail)
+    assert last[0] < lengths[0] <= last[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,22 +104,24 @@ def test_ttt_batch_work_counts_the_chunks_row_tokens(trial):
 # ---------------------------------------------------------------------------------------
 
 
-def chunk_spans(n, C, W, C2):
+def chunk_spans(n, C, W, C2, tail=(0, 0)):
     """The spec of ttt_chunk_span, walked: a chunk that starts inside the first window holds C
-    targets, one that starts past it C2."""
+    targets, one that starts past it C2, or with a tail (T0, C3 > 0) C3 once it starts at or past T0."""
     spans, start = [], 0
     while start < n:
-        size = C if start < W else C2
+        size = C if start < W else tail[1] if tail[1] and start >= tail[0] else C2
         spans.append((start, start + size))
         start += size
     return spans
 
 
-@pytest.mark.parametrize("C, W, C2", [(4, 16, 4), (5, 12, 5), (48, 130, 48), (7, 7, 7), (4, 16, 9), (5, 12, 2),
-                                      (48, 130, 96)])
-def test_ttt_chunk_rows_windows_and_weights(C, W, C2):
+@pytest.mark.parametrize("C, W, C2, tail", [(4, 16, 4, (0, 0)), (5, 12, 5, (0, 0)), (48, 130, 48, (0, 0)),
+                                            (7, 7, 7, (0, 0)), (4, 16, 9, (0, 0)), (5, 12, 2, (0, 0)),
+                                            (48, 130, 96, (0, 0)), (4, 16, 9, (40, 13)), (5, 12, 2, (20, 7)),
+                                            (48, 130, 96, (200, 130)), (4, 16, 4, (0, 6)), (5, 12, 3, (13, 1))])
+def test_ttt_chunk_rows_windows_and_weights(C, W, C2, tail):
     """Each document's chunk ci: its targets (C of them while the chunk starts inside the first
-    window, C2 = TTT_LONG_CHUNK_SIZE after), their inputs at `pos` in a row that holds the
+    window, C2 = TTT_LONG_CHUNK_SIZE after, C3 = TTT_TAIL_CHUNK_SIZE from TTT_MAX_DOC_TOKENS on), their inputs at `pos` in a row that holds the
     document's last <= W tokens up to the chunk's end (nothing later, nothing of another
     document); every target valid once over the chunks; training weights the chunk's mean for a
     document with a later chunk; a lone document gets an unscored copy of its row."""
@@ -125,11 +129,12 @@ def test_ttt_chunk_rows_windows_and_weights(C, W, C2):
     spans = tg.document_spans(val.tokens)
     batch = [spans[i] for i in (14, 1, 3, 7, 4, 11)]  # not sorted: ttt_chunk must not rely on it
     longest = max(n for _, n in batch)
-    assert [tg.ttt_chunk_span(ci, C, W, C2) for ci in range(tg.ttt_n_chunks(longest, C, W, C2))] == \
-        chunk_spans(longest, C, W, C2)
+    assert [tg.ttt_chunk_span(ci, C, W, C2, tail) for ci in range(tg.ttt_n_chunks(longest, C, W, C2, tail))] == \
+        chunk_spans(longest, C, W, C2, tail)
+    assert all(tg.ttt_n_chunks(n, C, W, C2, tail) == len(chunk_spans(n, C, W, C2, tail)) for n in range(1, 320))
     scored = Counter()
-    for ci, (c0, c1) in enumerate(chunk_spans(longest, C, W, C2)):
-        ch = tg.ttt_chunk(val, batch, ci, C, W, C2)
+    for ci, (c0, c1) in enumerate(chunk_spans(longest, C, W, C2, tail)):
+        ch = tg.ttt_chunk(val, batch, ci, C, W, C2, tail)
         active = [b for b, (_, n) in enumerate(batch) if c0 < n]
         assert list(ch.rows) == (active * 2 if len(active) == 1 else active)
         R, T = ch.x.shape
@@ -463,15 +468,19 @@ def test_layers_share_one_compiled_graph_per_block_kind(tmp_path, monkeypatch):
     assert len(blocks) == 2 * len(kinds)  # training's, then TTT's (dynamic shapes, adapters)
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path, monkeypatch, backend):
+# TAIL: the 300-token document adapted too, its last chunk (targets 257..300) 96 long (TTT_TAIL_CHUNK_SIZE)
+TAIL = dict(ttt_max_doc_tokens=200, ttt_tail_chunk_size=96)
+
+
+@pytest.mark.parametrize("backend, tail", [("aot_eager", {}), ("inductor", {}), ("aot_eager", TAIL)])
+def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path, monkeypatch, backend, tail):
     """The evaluation's order on a compiled model: the quantized diagnostic, the TTT warm-up on
     random tokens, then phased TTT (chunks of every shape, global SGD, the leftovers' windows)
     under fail_on_recompile: nothing compiles after the warm-up, no graph breaks, and the score
     equals the eager model's."""
     import torch._dynamo.utils as dyn
 
-    h = make_h(tmp_path, **COMPILED)
+    h = make_h(tmp_path, **dict(COMPILED, **tail))
     val = make_val(COMPILED_LENGTHS)
     monkeypatch.setattr(tg, "attention", dense_attention)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))

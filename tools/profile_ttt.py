@@ -25,7 +25,7 @@ def main():
     rt = tg.Runtime(h)
     model = rt.place(tg.GPT(h))
     n, C = h.ttt_batch_size, h.ttt_chunk_size
-    chunks = lambda length: tg.ttt_n_chunks(length, C, h.ttt_eval_seq_len, h.ttt_long_chunk)  # noqa: E731
+    chunks = lambda length: tg.ttt_n_chunks(length, *h.ttt_chunking)  # noqa: E731
     n_slots = len(sum(model.layer_plan(True), []))
     tokens = np.random.default_rng(1).integers(0, h.vocab_size, n * (max(lengths) + 1) + 1)
     noise = tg.ValSet(tokens, np.zeros(len(tokens), dtype=np.int64))

@@ -1,5 +1,5 @@
-"""What TTT on every document (TTT_MAX_DOC_TOKENS past the longest, 97,114) would cost on the FineWeb-shaped
-rank: TTT seconds as a*row_tokens + b*chunk_steps (+ global SGD), fitted to fw64n's `ttp:` lines (this
+"""What TTT on every document (TTT_MAX_DOC_TOKENS past the longest, 97,114, or TTT_TAIL_CHUNK_SIZE) would cost
+on the FineWeb-shaped rank: TTT seconds as a*row_tokens + b*chunk_steps (+ global SGD), fitted to fw64n's `ttp:` lines (this
 lease's host, chunk 64), then evaluated on the plan with no length limit. An analysis of logged times, not
 a measurement: python3 long_docs_model.py (from anywhere; CPU)."""
 import os
@@ -24,9 +24,8 @@ def plan(**kw):
     h = tg.Hyperparameters(ttt_long_chunk_size=64, **kw)
     h.validate()
     p = tg.ttt_plan(SPANS, h, 0, 1)
-    C, W, C2 = h.ttt_chunk_size, h.ttt_eval_seq_len, h.ttt_long_chunk
-    work = np.array([tg.ttt_batch_work(b, W, C, C2) for b in p.batches])
-    steps = np.array([max(tg.ttt_n_chunks(n, C, W, C2) for _, n in b) for b in p.batches])
+    work = np.array([tg.ttt_batch_work(b, *h.ttt_chunking) for b in p.batches])
+    steps = np.array([max(tg.ttt_n_chunks(n, *h.ttt_chunking) for _, n in b) for b in p.batches])
     return p, work, steps
 
 
@@ -41,11 +40,12 @@ for k, t in OBS.items():
 base = a * work.sum() + b * steps.sum()
 print(f"default (max doc 16384): {len(p.leftover)} documents, {sum(n for _, n in p.leftover):,} tokens left to windows; "
       f"TTT without global SGD {base:.1f} s")
-for limit in (32768, 10 ** 6):
-    p2, w2, s2 = plan(ttt_max_doc_tokens=limit)
+for kw in (dict(ttt_max_doc_tokens=32768), dict(ttt_max_doc_tokens=10 ** 6), dict(ttt_tail_chunk_size=128),
+           dict(ttt_tail_chunk_size=256), dict(ttt_tail_chunk_size=512)):
+    p2, w2, s2 = plan(**kw)
     t = a * w2.sum() + b * s2.sum()
     prefix = [n for _, n in p2.docs[:312]]
     old_prefix = [n for _, n in p.docs[:312]]
-    print(f"max doc {limit}: {len(p2.leftover)} documents left to windows; TTT without global SGD {t:.1f} s "
+    print(f"{kw}: {len(p2.leftover)} documents left to windows; TTT without global SGD {t:.1f} s "
           f"({t - base:+.1f} s); first batch {s2[0]} chunk steps (was {steps[0]}); the 312-document SGD prefix "
           f"{sum(prefix):,} tokens (was {sum(old_prefix):,})")
