@@ -2782,7 +2782,7 @@ class TTTPlan:
 
     docs: list  # the adapted documents (up to TTT_MAX_DOC_TOKENS targets, or all with a tail), longest first
     batches: list  # docs in slices of TTT_BATCH_SIZE (up to x TTT_BATCH_GROW for short ones), in processing order
-    mine: list  # per batch: this rank runs it (batches are dealt round-robin)
+    mine: list  # per batch: this rank runs it (ttt_batch_ranks)
     leftover: list  # this rank's share of the longer documents (none with a tail), scored by windows at the end
     boundaries: list  # global SGD phase k trains on docs[:boundaries[k]], once those are scored
 
@@ -2794,6 +2794,19 @@ def ttt_batch_work(batch, C, W, C2, tail=(0, 0)):
     spans = np.array([ttt_chunk_span(ci, C, W, C2, tail) for ci in range(ttt_n_chunks(ns[0], C, W, C2, tail))])
     rows = np.maximum(2, (ns[None, :] > spans[:, :1]).sum(1))
     return int((rows * tiles(np.minimum(spans[:, 1], min(ns[0], W)))).sum())
+
+
+def ttt_batch_ranks(batches, h: Hyperparameters, world_size):
+    """Each TTT batch's rank, in order: the one with the least predicted work so far. Batches come
+    longest first, so the slowest rank ends near the mean; dealt round-robin, rank 0 got the longest
+    batch of every round (FineWeb's 8 ranks: 15% over the mean, 2026-12-01d rank_balance_model).
+    Work: a batch's row tokens plus W per chunk step (a step's host time on the H200, fitted)."""
+    load, ranks = [0] * world_size, []
+    for b in batches:
+        ranks.append(load.index(min(load)))
+        steps = max(ttt_n_chunks(n, *h.ttt_chunking) for _, n in b)
+        load[ranks[-1]] += ttt_batch_work(b, *h.ttt_chunking) + h.ttt_eval_seq_len * steps
+    return ranks
 
 
 def ttt_plan(spans, h: Hyperparameters, rank, world_size) -> TTTPlan:
@@ -2812,21 +2825,22 @@ def ttt_plan(spans, h: Hyperparameters, rank, world_size) -> TTTPlan:
     prefix = min(h.phased_ttt_prefix_docs, len(docs))
     # Distinct, non-empty prefixes: with fewer documents than phases some would repeat or be 0.
     boundaries = sorted({prefix * k // h.phased_ttt_num_phases for k in range(1, h.phased_ttt_num_phases + 1)} - {0})
-    return TTTPlan(docs, batches, [bi % world_size == rank for bi in range(len(batches))],
+    ranks = ttt_batch_ranks(batches, h, world_size) if world_size > 1 else [0] * len(batches)
+    return TTTPlan(docs, batches, [r == rank for r in ranks],
                    [sp for sp in spans if not adapted(sp)][rank::world_size], boundaries)
 
 
 def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, token_s=0.0, stats=None):
     """Phased TTT (LEAD, SPEC 5.3) run by ttt_plan: documents up to TTT_MAX_DOC_TOKENS targets (all
-    of them with TTT_TAIL_CHUNK_SIZE > 0), longest first, in batches dealt round-robin to ranks,
-    get per-document LoRA TTT; after the first b_k documents are scored (b_k = PREFIX*k/PHASES)
-    the base model takes a global SGD pass over exactly those. Longer documents, and every batch not started in time, are scored by
-    windows on the adapted base model at the end: every target is still scored exactly once. A
-    batch or phase starts only if it and then disjoint windows (the cheapest legal scoring) over
-    this rank's unscored documents are predicted to end by the deadline, at token_s seconds per
-    window token (measured by the disjoint eval, whose graphs score them); the leftovers get sliding
-    windows if those are predicted to fit. stats, if given, gets the documents scored by TTT and by windows (all
-    ranks) and the windows' seconds."""
+    of them with TTT_TAIL_CHUNK_SIZE > 0), longest first, in batches dealt to ranks by work, get
+    per-document LoRA TTT; after the first b_k documents are scored (b_k = PREFIX*k/PHASES) the base
+    model takes a global SGD pass over exactly those. Longer documents, and every batch not started
+    in time, are scored by windows on the adapted base model at the end: every target is still
+    scored exactly once. A batch or phase starts only if it and then disjoint windows (the cheapest
+    legal scoring) over this rank's unscored documents are predicted to end by the deadline, at
+    token_s seconds per window token (measured by the disjoint eval, whose graphs score them); the
+    leftovers get sliding windows if those are predicted to fit. stats, if given, gets the documents
+    scored by TTT and by windows (all ranks) and the windows' seconds."""
     model.requires_grad_(False)
     spans = document_spans(val.tokens)
     plan = ttt_plan(spans, h, rt.rank, rt.world_size)
