@@ -9,13 +9,15 @@ sys.path.insert(0, ROOT); sys.path.insert(0, os.path.join(ROOT, "tools"))
 import train_gpt as tg, eval_workload as ew
 L = np.asarray(ew.target_lengths(6250))
 spans = [(0, int(n)) for n in L]  # (start, n): n tokens incl BOS -> targets n-1? use n as document_spans n
-h = tg.Hyperparameters(); h.validate()
+# The seventh session's defaults: chunk 48 past the window too (TTT_LONG_CHUNK_SIZE=64 became the default after)
+H0 = dict(ttt_long_chunk_size=0)
+h = tg.Hyperparameters(**H0); h.validate()
 print("defaults: chunk", h.ttt_chunk_size, "W", h.ttt_eval_seq_len, "long", h.ttt_long_chunk, "maxdoc", h.ttt_max_doc_tokens,
       "batch", h.ttt_batch_size, "grow", h.ttt_batch_grow)
 def plan(h):
     p = tg.ttt_plan(spans, h, 0, 1)
     C, W, C2 = h.ttt_chunk_size, h.ttt_eval_seq_len, h.ttt_long_chunk
-    work = [tg.ttt_batch_work(b, W, C, C2) for b in p.batches]
+    work = [tg.ttt_batch_work(b, C, W, C2) for b in p.batches]
     steps = [max(tg.ttt_n_chunks(n, C, W, C2) for _, n in b) for b in p.batches]
     return p, np.array(work), np.array(steps)
 p, work, steps = plan(h)
@@ -33,7 +35,7 @@ print(f"fit: {a*1e6:.3f} us per row token, {bcoef*1e3:.2f} ms per chunk step")
 for b, t in obs.items():
     print(b, t, round(a*cw[b-1] + bcoef*cs[b-1] + (sgd if b >= 5 else 0), 1))
 def predict(**kw):
-    hh = tg.Hyperparameters(**kw); hh.validate()
+    hh = tg.Hyperparameters(**{**H0, **kw}); hh.validate()
     p2, w2, s2 = plan(hh)
     left = sum(n for _, n in p2.leftover)
     return a*w2.sum() + bcoef*s2.sum() + sgd, len(p2.leftover), left
@@ -45,7 +47,7 @@ for kw in [dict(ttt_long_chunk_size=64), dict(ttt_max_doc_tokens=12288), dict(tt
     print(kw, "TTT", round(t, 1), "delta", round(t - base[0], 1), "leftover docs", nl, "tokens", lt)
 
 def fit(obs, sgd, **kw):
-    hh = tg.Hyperparameters(**kw); hh.validate()
+    hh = tg.Hyperparameters(**{**H0, **kw}); hh.validate()
     p2, w2, s2 = plan(hh)
     cw, cs = np.cumsum(w2), np.cumsum(s2)
     A = [[cw[b-1], cs[b-1]] for b in obs]; y = [t - (sgd if b >= 5 else 0) for b, t in obs.items()]
@@ -56,5 +58,5 @@ fwA3 = {1: 47.9, 11: 169.0, 21: 202.4, 31: 219.1, 41: 230.2, 51: 236.7, 61: 240.
 for name, obs, sg, kw in (("fwA3 (48)", fwA3, 26.8, {}), ("fw64 (64)", fw64, 27.2, dict(ttt_long_chunk_size=64)), ("fwg (48)", obs, 27.0, {})):
     co = fit(obs, sg, **kw)
     for k2 in ({}, dict(ttt_long_chunk_size=64)):
-        hh = tg.Hyperparameters(**k2); hh.validate(); p2, w2, s2 = plan(hh)
+        hh = tg.Hyperparameters(**{**H0, **k2}); hh.validate(); p2, w2, s2 = plan(hh)
         print(name, f"{co[0]*1e6:.3f} us/row token {co[1]*1e3:.2f} ms/step", "predicts", k2 or "chunk 48", round(co[0]*w2.sum() + co[1]*s2.sum() + sg, 1))
