@@ -633,43 +633,36 @@ class FakeClock:
         return ttt
 
 
+# TTT chunk schedules: (config, the reference config whose score must differ, (document length, target)
+# pairs probed for causality)
+SCHEDULES = {
+    "long_chunks": (dict(ttt_long_chunk_size=6), {}, ((40, 13), (40, 25), (30, 20), (16, 9))),
+    "tail": (dict(ttt_long_chunk_size=6, ttt_tail_chunk_size=10), dict(ttt_long_chunk_size=6),
+             ((70, 45), (70, 63), (45, 42), (40, 25))),
+}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("variant", ["correct", "two_pass_ttt"])
-def test_phased_ttt_with_long_chunks_past_the_window_is_causal_and_single_pass(tmp_path, monkeypatch, variant):
-    """TTT_LONG_CHUNK_SIZE=6 past the 16-token window (chunks of 4 inside it): every target once,
-    only from its past, a broken ttt_batch still caught; the schedule changes the score."""
-    h = make_h(tmp_path, ttt_long_chunk_size=6)
+def test_phased_ttt_chunk_schedules_are_causal_and_single_pass(tmp_path, monkeypatch, variant, schedule):
+    """long_chunks: TTT_LONG_CHUNK_SIZE=6 past the 16-token window (chunks of 4 inside it). tail: also
+    TTT_TAIL_CHUNK_SIZE=10, so the 45- and 70-token documents (over TTT_MAX_DOC_TOKENS=40) are adapted
+    too, in chunks of 10 from target 40 on, and none is left to the windows. Every target once, only
+    from its past, a broken ttt_batch still caught; the schedule changes the score."""
+    cfg, reference, probes = SCHEDULES[schedule]
+    h = make_h(tmp_path, **cfg)
     val = make_val()
     run = lambda v: run_phased(monkeypatch, h, v, ttt_variant=two_pass_ttt if variant == "two_pass_ttt" else None)
     rec, out = run(val)
-    positions = [doc_start(val, 40) + 13, doc_start(val, 40) + 25, doc_start(val, 30) + 20, doc_start(val, 16) + 9]
+    positions = [doc_start(val, n) + i for n, i in probes]
     causal = lambda: assert_causal(lambda v: run(v)[0], val, positions, ttt_allowed(val), "phased_ttt")
     check(variant, causal, "saw the future")
     if variant == "correct":
         assert_single_pass(rec, out, val)
-        assert abs(out[0] - run_phased(monkeypatch, make_h(tmp_path), val)[1][0]) > 1e-4
-
-
-@pytest.mark.parametrize("variant", ["correct", "two_pass_ttt"])
-def test_phased_ttt_with_a_tail_adapts_every_document_causally_and_once(tmp_path, monkeypatch, variant):
-    """TTT_TAIL_CHUNK_SIZE=10: the 45- and 70-token documents (over TTT_MAX_DOC_TOKENS=40) are adapted
-    too, in chunks of 10 from target 40 on (chunks of 4 in the first 16-token window, then 6): every
-    document goes through TTT, nothing is left to the windows, every target is scored once and only
-    from its past (a broken ttt_batch still caught); the tails' adaptation changes the score."""
-    h = make_h(tmp_path, ttt_long_chunk_size=6, ttt_tail_chunk_size=10)
-    val = make_val()
-    spans = REAL.document_spans(val.tokens)
-    run = lambda v: run_phased(monkeypatch, h, v, ttt_variant=two_pass_ttt if variant == "two_pass_ttt" else None)
-    rec, out = run(val)
-    positions = [doc_start(val, 70) + 45, doc_start(val, 70) + 63, doc_start(val, 45) + 42, doc_start(val, 40) + 25]
-    causal = lambda: assert_causal(lambda v: run(v)[0], val, positions, ttt_allowed(val), "phased_ttt")
-    check(variant, causal, "saw the future")
-    if variant == "correct":
-        assert_single_pass(rec, out, val)
-        assert {d for b in rec.ttt_batches for d in b} == set(spans)
-        src = rec.sources()
-        assert src["ttt"] == set(range(1, len(val.tokens))) and not src["eval"]
-        windows = run_phased(monkeypatch, make_h(tmp_path, ttt_long_chunk_size=6), val)[1]  # the tails by windows
-        assert abs(out[0] - windows[0]) > 1e-4
+        if schedule == "tail":
+            assert {d for b in rec.ttt_batches for d in b} == set(REAL.document_spans(val.tokens))
+            assert not rec.sources()["eval"]
+        assert abs(out[0] - run_phased(monkeypatch, make_h(tmp_path, **reference), val)[1][0]) > 1e-4
 
 
 @pytest.mark.parametrize("targets", ["k,o,mlp,head", "q"])
