@@ -2785,6 +2785,7 @@ class TTTPlan:
     mine: list  # per batch: this rank runs it (ttt_batch_ranks)
     leftover: list  # this rank's share of the longer documents (none with a tail), scored by windows at the end
     boundaries: list  # global SGD phase k trains on docs[:boundaries[k]], once those are scored
+    work: list  # per batch: its row tokens (ttt_batch_work), the cost model of phased_ttt and ttt_batch_ranks
 
 
 def ttt_batch_work(batch, C, W, C2, tail=(0, 0)):
@@ -2796,16 +2797,14 @@ def ttt_batch_work(batch, C, W, C2, tail=(0, 0)):
     return int((rows * tiles(np.minimum(spans[:, 1], min(ns[0], W)))).sum())
 
 
-def ttt_batch_ranks(batches, h: Hyperparameters, world_size):
-    """Each TTT batch's rank, in order: the one with the least predicted work so far. Batches come
+def ttt_batch_ranks(costs, world_size):
+    """Each TTT batch's rank, in order: the one with the least predicted cost so far. Batches come
     longest first, so the slowest rank ends near the mean; dealt round-robin, rank 0 got the longest
-    batch of every round (FineWeb's 8 ranks: 15% over the mean, 2026-12-01d rank_balance_model).
-    Work: a batch's row tokens plus W per chunk step (a step's host time on the H200, fitted)."""
+    batch of every round (FineWeb's 8 ranks: 15% over the mean, 2026-12-01d rank_balance_model)."""
     load, ranks = [0] * world_size, []
-    for b in batches:
+    for c in costs:
         ranks.append(load.index(min(load)))
-        steps = max(ttt_n_chunks(n, *h.ttt_chunking) for _, n in b)
-        load[ranks[-1]] += ttt_batch_work(b, *h.ttt_chunking) + h.ttt_eval_seq_len * steps
+        load[ranks[-1]] += c
     return ranks
 
 
@@ -2825,9 +2824,12 @@ def ttt_plan(spans, h: Hyperparameters, rank, world_size) -> TTTPlan:
     prefix = min(h.phased_ttt_prefix_docs, len(docs))
     # Distinct, non-empty prefixes: with fewer documents than phases some would repeat or be 0.
     boundaries = sorted({prefix * k // h.phased_ttt_num_phases for k in range(1, h.phased_ttt_num_phases + 1)} - {0})
-    ranks = ttt_batch_ranks(batches, h, world_size) if world_size > 1 else [0] * len(batches)
+    work = [ttt_batch_work(b, *h.ttt_chunking) for b in batches]
+    # A chunk step's host time is about W row tokens' GPU time (H200, fitted in 2026-12-01d).
+    steps = [max(ttt_n_chunks(n, *h.ttt_chunking) for _, n in b) for b in batches]
+    ranks = ttt_batch_ranks([w + h.ttt_eval_seq_len * k for w, k in zip(work, steps)], world_size)
     return TTTPlan(docs, batches, [r == rank for r in ranks],
-                   [sp for sp in spans if not adapted(sp)][rank::world_size], boundaries)
+                   [sp for sp in spans if not adapted(sp)][rank::world_size], boundaries, work)
 
 
 def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, token_s=0.0, stats=None):
@@ -2870,7 +2872,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
             t1 = time.perf_counter()
             # Longest first, the next batch costs at most the last, unless it has more row tokens
             # (TTT_BATCH_GROW: twice the documents at about the same length).
-            work = ttt_batch_work(batch, *h.ttt_chunking)
+            work = plan.work[bi]
             cost = batch_s * max(1.0, work / prev_work) if prev_work else batch_s
             if stopped or t1 + cost + token_s * (after[bi] + left) > deadline:
                 stopped = True
