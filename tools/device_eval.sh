@@ -14,15 +14,15 @@
 #   gputest tests/test_gpu.py (-s: its printed timings)
 #   steps   STEPS=... (in ENV; 50) training steps logged one by one (looping from the middle), stopped before
 #           GPTQ, for a same-seed A/B
-# DIR=... in a steps, eval or fweval job's ENV: the folder whose train_gpt.py runs (default: the repo's), for
-# an A/B of two versions in one lease; copied out first, with tools/ (each call's carry replaces a carried
-# folder: a job running in it lost its cwd).
 #   prof    tools/profile_ttt.py (TTT ms/step by document length, a profiled batch, global SGD)
 #   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
 #   kbench  tools/bench_kernels.py: the step's pieces on the model's shapes (fused MLP kernel vs cuBLAS,
 #           bf16 vs FP8 GEMMs, fp32 vs bf16 norms), forward and forward + backward
 #   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
 #           lprof:l786=TRAIN_BATCH_TOKENS=786432 for the 8-GPU run's per-GPU load
+# DIR=... in a steps, eval or fweval job's ENV: the folder whose train_gpt.py runs (default: the repo's), for
+# an A/B of two versions in one lease; copied out first, with tools/ (each call's carry replaces a carried
+# folder: a job running in it lost its cwd).
 # BENCH_STEPS=... in a train job's ENV times steps with looping off and on after the compile, then ends it.
 # eval jobs read ARTIFACT_PATH from their ENV, e.g. ARTIFACT_PATH=/tmp/evaldev/base.pgq (a train job's);
 # ARGS=... in ENV adds flags to eval/fweval's tools/eval_artifact.py, e.g. ARGS=--memory-gib 79 (an H100's memory).
