@@ -177,7 +177,7 @@ class Hyperparameters:
     ttt_long_chunk_size: int = 64  # chunks that start past TTT_EVAL_SEQ_LEN (0: TTT_CHUNK_SIZE; ttt_chunk_span)
     ttt_eval_seq_len: int = 2048
     ttt_max_doc_tokens: int = 16384
-    ttt_tail_chunk_size: int = 0  # longer documents: 0 scored by sliding windows; > 0 adapted too (ttt_chunk_bounds)
+    ttt_tail_chunk_size: int = 256  # longer documents: 0 scored by sliding windows; > 0 adapted too (ttt_chunk_bounds)
     ttt_lora_rank: int = 80
     ttt_lora_targets: str = "q,k,v,o,mlp,head"  # the adapted projections (PR #1953's no_qv: k,o,mlp,head)
     ttt_lora_alpha: float = 144.0

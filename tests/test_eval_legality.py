@@ -45,6 +45,7 @@ CFG = dict(
     eval_seq_len=32, eval_stride=8, val_batch_tokens=128,
     ttt_batch_size=3, ttt_chunk_size=4, ttt_eval_seq_len=16, ttt_lora_rank=2, ttt_max_doc_tokens=40,
     ttt_long_chunk_size=0,  # TTT_CHUNK_SIZE past the window too (the default, 64, exceeds this window)
+    ttt_tail_chunk_size=0,  # longer documents to the windows (the default, 256, exceeds this window)
     phased_ttt_prefix_docs=4, phased_ttt_num_phases=2, global_ttt_chunk_tokens=32, global_ttt_seq_len=16,
     # Global SGD chunks of 32 tokens: the cosine LR is exactly 0 on a phase's last chunk, and with
     # 64 the documents a broken phase appends (sgd_on_next_batch) all fell into it, unseen.

@@ -324,7 +324,8 @@ def test_ttt_step_graphs_replay_the_plain_steps(tmp_path):
 
     # chunks of 48 while inside the 128-token window, of 96 past it: two chunk widths on one row shape
     h = tg.Hyperparameters(vocab_size=512, log_dir=str(tmp_path), run_id="graphs", ttt_batch_size=8,
-                           ttt_lora_lr=0.003, ttt_eval_seq_len=128, ttt_long_chunk_size=96)
+                           ttt_lora_lr=0.003, ttt_eval_seq_len=128, ttt_long_chunk_size=96,
+                           ttt_tail_chunk_size=0)
     tg.use_attention_backend("auto", torch.device("cuda"))
     rng = np.random.default_rng(0)
     docs = [np.r_[tg.BOS_ID, np.resize(rng.integers(2, 512, 40), int(rng.integers(250, 330)))] for _ in range(24)]

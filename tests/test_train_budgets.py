@@ -34,7 +34,7 @@ def test_gptq_reserve_is_measured_and_taken_from_the_training_budget(tmp_path_fa
 # Phased TTT on every document takes ~13 s here (longest batches first: the first takes ~2 s),
 # its sliding diagnostic ~2 s: neither fits a 4 s budget (unbounded, the leftovers made it 6.4-6.8 s).
 TTT_ENV = dict(ITERATIONS=3, WARMUP_STEPS=0, SLIDING_EVAL=1, EVAL_STRIDE=16, TTT_ENABLED=1, TTT_BATCH_SIZE=4,
-               TTT_CHUNK_SIZE=16, TTT_EVAL_SEQ_LEN=128, TTT_LORA_RANK=4, PHASED_TTT_PREFIX_DOCS=16,
+               TTT_CHUNK_SIZE=16, TTT_EVAL_SEQ_LEN=128, TTT_TAIL_CHUNK_SIZE=0, TTT_LORA_RANK=4, PHASED_TTT_PREFIX_DOCS=16,
                PHASED_TTT_NUM_PHASES=2, GLOBAL_TTT_CHUNK_TOKENS=1024, GLOBAL_TTT_SEQ_LEN=128, GLOBAL_TTT_LR=0.05)
 SLACK_S = 1.0  # timing noise of a shared CPU: the predictions use one measured disjoint eval
 
@@ -63,7 +63,7 @@ def test_long_eval_stages_print_progress_with_an_eta(tmp_path, monkeypatch, caps
     tg.use_attention_backend("sdpa", tg.torch.device("cpu"))
     monkeypatch.setattr(tg, "PROGRESS_EVERY_S", 0.0)
     h = tiny_h(eval_seq_len=64, val_batch_tokens=64, sliding_mode="windows", log_dir=str(tmp_path), run_id="progress", ttt_batch_size=2,
-               ttt_chunk_size=16, ttt_eval_seq_len=32, ttt_long_chunk_size=0, ttt_lora_rank=2, phased_ttt_prefix_docs=2,
+               ttt_chunk_size=16, ttt_eval_seq_len=32, ttt_long_chunk_size=0, ttt_tail_chunk_size=0, ttt_lora_rank=2, phased_ttt_prefix_docs=2,
                phased_ttt_num_phases=1, global_ttt_chunk_tokens=64, global_ttt_seq_len=32)
     rt = tg.Runtime(h)
     rng = np.random.default_rng(0)

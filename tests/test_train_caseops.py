@@ -194,7 +194,7 @@ def test_phased_ttt_bytes_are_the_sidecar_bytes(hand_made, tmp_path):
     tg.use_attention_backend("sdpa", torch.device("cpu"))
     path, tokens, sidecar = hand_made
     h = caseops_h(path, eval_seq_len=64, val_batch_tokens=128, eval_stride=16, log_dir=str(tmp_path), run_id="ttt",
-                  ttt_chunk_size=16, ttt_eval_seq_len=32, ttt_long_chunk_size=0, ttt_max_doc_tokens=100, ttt_lora_rank=4, ttt_batch_size=2,
+                  ttt_chunk_size=16, ttt_eval_seq_len=32, ttt_long_chunk_size=0, ttt_tail_chunk_size=0, ttt_max_doc_tokens=100, ttt_lora_rank=4, ttt_batch_size=2,
                   phased_ttt_prefix_docs=2, phased_ttt_num_phases=1, global_ttt_chunk_tokens=32, global_ttt_seq_len=32)
     rt = tg.Runtime(h)
     model = make_model(h, seed=6)
