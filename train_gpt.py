@@ -123,7 +123,7 @@ class Hyperparameters:
     gate_width: int = 12
     mlp_act: str = "xielu"
     xielu_learnable: bool = False
-    fused_mlp: bool = True
+    fused_mlp: bool = False  # 1: the Triton kernel, slower than cuBLAS + inductor's activation (2026-12-01e)
     attn_backend: str = "auto"
     compile: bool = True
     bench_steps: int = 0

@@ -109,7 +109,9 @@ def mlp_rows(M, h, device, compile_fn, iters, rows):
     for name, coeffs in (("xIELU", h.layer_xielu(0)), ("LeakyReLU(0.5)^2", tg.LEAKY_RELU2)):
         c = torch.tensor(coeffs, device=device, dtype=torch.float32)
         if tg.fused_mlp_enabled(True, device):
-            f = lambda a, b, c=c: tg.xielu_linear(a, b, c)  # noqa: E731
+            # compiled, as in the model, where inductor compiles the op's backward formula (2026-12-01e's
+            # uncompiled run timed the eager backward: forward + backward 2.8-4.4x the cuBLAS rows')
+            f = compile_fn(lambda a, b, c=c: tg.xielu_linear(a, b, c))
             rows.append((f"up {d}->{hidden} + {name}, fused kernel", timed(lambda: f(x, w), iters, device),
                          timed(fwd_bwd(f, x, w), iters, device), ""))
         else:
