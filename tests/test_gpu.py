@@ -59,9 +59,11 @@ def random_packed(n_seq, max_len, heads=8, kv_heads=4, d=64, seed=0):
     return q, k, v, cu, int(lengths.max())
 
 
-def test_compiled_model_matches_eager():
-    """Regional compilation must not change the function: compare loss and grads."""
-    h = tg.Hyperparameters(vocab_size=512, train_seq_len=256)
+@pytest.mark.parametrize("fused_mlp", [False, True])
+def test_compiled_model_matches_eager(fused_mlp):
+    """Regional compilation must not change the function: compare loss and grads (with the MLP's
+    cuBLAS path, the default, and with FUSED_MLP=1's Triton kernel)."""
+    h = tg.Hyperparameters(vocab_size=512, train_seq_len=256, fused_mlp=fused_mlp)
     tg.use_attention_backend("auto", torch.device("cuda"))
     torch.manual_seed(0)
     ids = torch.randint(2, 512, (1, 2048), device="cuda")
@@ -179,12 +181,14 @@ def test_capped_attention_scores_like_stride_one_windows_on_the_gpu(tmp_path, mo
     assert diff < 3e-2, f"capped attention differs from stride-1 windows by up to {diff:.4f}"
 
 
-def test_compiled_step_has_no_graph_break_or_recompile():
+@pytest.mark.parametrize("fused_mlp", [False, True])
+def test_compiled_step_has_no_graph_break_or_recompile(fused_mlp):
     """A compiled training step: no graph break anywhere, and a new packing (other document count
-    and longest document) recompiles nothing."""
+    and longest document) recompiles nothing; with either MLP path (FUSED_MLP)."""
     import torch._dynamo.utils as dyn
 
-    h = tg.Hyperparameters(vocab_size=512, train_seq_len=256)
+    torch._dynamo.reset()  # the other MLP path's graphs are not this one's
+    h = tg.Hyperparameters(vocab_size=512, train_seq_len=256, fused_mlp=fused_mlp)
     tg.use_attention_backend("varlen", torch.device("cuda"))
     torch.manual_seed(0)
     model = tg.GPT(h).cuda()
@@ -214,8 +218,8 @@ def test_compiled_step_has_no_graph_break_or_recompile():
 def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path, monkeypatch):
     """Phased TTT on the compiled model in the eval's order (diagnostic, warm-up on random tokens,
     TTT) at the record's TTT settings, under fail_on_recompile: chunks of 1 to 64 documents in
-    windows of 64 to 2048 tokens, global SGD and the leftovers' windows compile nothing after the
-    warm-up and break no graph, and the score matches eager TTT's; so does it with CUDA graphs
+    windows of 64 to 2048 tokens, the tail chunks of the documents over 4,000 tokens and global SGD
+    compile nothing after the warm-up and break no graph, and the score matches eager TTT's; so does it with CUDA graphs
     (TTT_CUDA_GRAPH=1: padded chunk steps captured and replayed; global SGD eager and replayed),
     which capture some graphs, and with TTT_COMPILE=0 on the compiled model (eager steps replayed,
     nothing compiled). Prints the times (-s)."""
