@@ -2836,9 +2836,9 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     """Phased TTT (LEAD, SPEC 5.3) run by ttt_plan: documents up to TTT_MAX_DOC_TOKENS targets (all
     of them with TTT_TAIL_CHUNK_SIZE > 0), longest first, in batches dealt to ranks by work, get
     per-document LoRA TTT; after the first b_k documents are scored (b_k = PREFIX*k/PHASES) the base
-    model takes a global SGD pass over exactly those. Longer documents, and every batch not started
-    in time, are scored by windows on the adapted base model at the end: every target is still
-    scored exactly once. A batch or phase starts only if it and then disjoint windows (the cheapest
+    model takes a global SGD pass over exactly those. Longer documents with TTT_TAIL_CHUNK_SIZE=0, and
+    every batch not started in time, are scored by windows on the adapted base model at the end:
+    every target is still scored exactly once. A batch or phase starts only if it and then disjoint windows (the cheapest
     legal scoring) over this rank's unscored documents are predicted to end by the deadline, at
     token_s seconds per window token (measured by the disjoint eval, whose graphs score them); the
     leftovers get sliding windows if those are predicted to fit. stats, if given, gets the documents

@@ -272,6 +272,9 @@ def test_eval_artifact_scores_a_runs_artifact_like_the_run(eval_runs, data):
     assert alone[3] == in_run[3] and alone[2] == pytest.approx(in_run[2], abs=2e-3)
     assert list(parse_train_log(out)["eval_stages"]) == list(parse_train_log(run_log)["eval_stages"])
     assert re.search(r"^eval_artifact: first calls: ttt_batch:\S+s global_sgd:\S+s$", out, re.M)
+    settings = re.search(r"^eval_artifact: \d+ settings differ from the defaults: (.*)$", out, re.M)[1].split()
+    assert {"ttt_batch_size=8", "ttt_chunk_size=64", "ttt_tail_chunk_size=0"} <= set(settings) and not any(
+        s.startswith(("run_id=", "ttt_lora_alpha=")) for s in settings), settings  # ttt_lora_alpha: the default
 
 
 def test_eval_artifact_makes_a_timing_artifact_and_counts_train_gpt_code(tmp_path, data):
