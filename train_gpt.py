@@ -325,6 +325,12 @@ class Hyperparameters:
         return self.ttt_chunk_size, self.ttt_eval_seq_len, self.ttt_long_chunk, tail
 
     @property
+    def changed(self):
+        """NAME=value of each setting that differs from its default (run_id, artifact_path aside)."""
+        return [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                if getattr(self, f.name) != f.default and f.name not in ("run_id", "artifact_path")]
+
+    @property
     def micro_tokens(self):
         return self.train_batch_tokens // self.micro_batches
 
@@ -3080,11 +3086,9 @@ def main():
         rt.log("hyperparameters:", console=False)
         for f in fields(h):
             rt.log(f"  {f.name}: {getattr(h, f.name)}", console=False)
-        changed = [f"{f.name}={getattr(h, f.name)}" for f in fields(h)
-                   if getattr(h, f.name) != f.default and f.name not in ("run_id", "artifact_path")]
         if rt.master:
-            print(f"run_id: {h.run_id} log: {rt.log_path} artifact: {h.artifact_path}; {len(changed)} settings differ "
-                  f"from the defaults (all in the log): {' '.join(changed)}", flush=True)
+            print(f"run_id: {h.run_id} log: {rt.log_path} artifact: {h.artifact_path}; {len(h.changed)} settings differ "
+                  f"from the defaults (all in the log): {' '.join(h.changed)}", flush=True)
         with open(__file__, encoding="utf-8") as src:
             rt.log(src.read(), console=False)
         if rt.master:

@@ -219,8 +219,8 @@ def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path, monkeypatch)
     """Phased TTT on the compiled model in the eval's order (diagnostic, warm-up on random tokens,
     TTT) at the record's TTT settings, under fail_on_recompile: chunks of 1 to 64 documents in
     windows of 64 to 2048 tokens, the tail chunks of the documents over 4,000 tokens and global SGD
-    compile nothing after the warm-up and break no graph, and the score matches eager TTT's; so does it with CUDA graphs
-    (TTT_CUDA_GRAPH=1: padded chunk steps captured and replayed; global SGD eager and replayed),
+    compile nothing after the warm-up and break no graph, and the score matches eager TTT's; so does
+    it with CUDA graphs (TTT_CUDA_GRAPH=1: padded chunk steps captured and replayed; global SGD eager and replayed),
     which capture some graphs, and with TTT_COMPILE=0 on the compiled model (eager steps replayed,
     nothing compiled). Prints the times (-s)."""
     import dataclasses

@@ -18,7 +18,6 @@ artifact, DATA_PATH the val shard (e.g. tools/eval_workload.py's FineWeb-shaped 
 (GLOBAL_TTT_COMPILE=1 is the A/B of compiling global SGD.)
 """
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -61,9 +60,7 @@ def main(argv=None):
     rt = tg.Runtime(h, new_log=True)
     try:
         # so a record's eval logs say which variant each one ran (train_gpt.py's first line does it for a run)
-        changed = [f"{f.name}={getattr(h, f.name)}" for f in dataclasses.fields(h)
-                   if getattr(h, f.name) != f.default and f.name not in ("run_id", "artifact_path")]
-        rt.log(f"eval_artifact: {len(changed)} settings differ from the defaults: {' '.join(changed)}")
+        rt.log(f"eval_artifact: {len(h.changed)} settings differ from the defaults: {' '.join(h.changed)}")
         if args.memory_gib is not None:
             total = torch.cuda.get_device_properties(rt.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total), rt.device)
