@@ -2844,11 +2844,11 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     per-document LoRA TTT; after the first b_k documents are scored (b_k = PREFIX*k/PHASES) the base
     model takes a global SGD pass over exactly those. Longer documents with TTT_TAIL_CHUNK_SIZE=0, and
     every batch not started in time, are scored by windows on the adapted base model at the end:
-    every target is still scored exactly once. A batch or phase starts only if it and then disjoint windows (the cheapest
-    legal scoring) over this rank's unscored documents are predicted to end by the deadline, at
-    token_s seconds per window token (measured by the disjoint eval, whose graphs score them); the
-    leftovers get sliding windows if those are predicted to fit. stats, if given, gets the documents
-    scored by TTT and by windows (all ranks) and the windows' seconds."""
+    every target is still scored exactly once. A batch or phase starts only if it and then disjoint
+    windows (the cheapest legal scoring) over this rank's unscored documents are predicted to end by
+    the deadline, at token_s seconds per window token (measured by the disjoint eval, whose graphs
+    score them); the leftovers get sliding windows if those are predicted to fit. stats, if given,
+    gets the documents scored by TTT and by windows (all ranks) and the windows' seconds."""
     model.requires_grad_(False)
     spans = document_spans(val.tokens)
     plan = ttt_plan(spans, h, rt.rank, rt.world_size)
@@ -3086,9 +3086,10 @@ def main():
         rt.log("hyperparameters:", console=False)
         for f in fields(h):
             rt.log(f"  {f.name}: {getattr(h, f.name)}", console=False)
+        changed = h.changed
         if rt.master:
-            print(f"run_id: {h.run_id} log: {rt.log_path} artifact: {h.artifact_path}; {len(h.changed)} settings differ "
-                  f"from the defaults (all in the log): {' '.join(h.changed)}", flush=True)
+            print(f"run_id: {h.run_id} log: {rt.log_path} artifact: {h.artifact_path}; {len(changed)} settings differ "
+                  f"from the defaults (all in the log): {' '.join(changed)}", flush=True)
         with open(__file__, encoding="utf-8") as src:
             rt.log(src.read(), console=False)
         if rt.master:

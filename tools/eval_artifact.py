@@ -60,7 +60,8 @@ def main(argv=None):
     rt = tg.Runtime(h, new_log=True)
     try:
         # so a record's eval logs say which variant each one ran (train_gpt.py's first line does it for a run)
-        rt.log(f"eval_artifact: {len(h.changed)} settings differ from the defaults: {' '.join(h.changed)}")
+        changed = h.changed
+        rt.log(f"eval_artifact: {len(changed)} settings differ from the defaults: {' '.join(changed)}")
         if args.memory_gib is not None:
             total = torch.cuda.get_device_properties(rt.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total), rt.device)
