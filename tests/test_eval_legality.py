@@ -1190,6 +1190,29 @@ def test_phased_ttt_with_fewer_ttt_documents_than_phases(tmp_path, monkeypatch, 
     assert_single_pass(rec, out, val)
 
 
+@pytest.mark.parametrize("cut", [0, 8, 39])
+def test_global_sgd_trains_on_the_scored_prefix_cut_per_document(tmp_path, monkeypatch, cut):
+    """GLOBAL_TTT_DOC_TOKENS: each phase's stream is the scored prefix's documents in TTT order,
+    each cut to its first `cut` tokens (0: whole), so still only scored tokens. Batches [40 37 33]
+    [30 25 20]: the phases train on the first 2 and 4 documents, all longer than 8, one than 39."""
+    h = make_h(tmp_path, global_ttt_doc_tokens=cut)
+    val = make_val()
+    streams = []
+
+    def sgd(model_, stream, h_, rt):
+        streams.append(stream.copy())
+        REAL.global_sgd(model_, stream, h_, rt)
+
+    monkeypatch.setattr(tg, "global_sgd", sgd)
+    rec, out = run_phased(monkeypatch, h, val)
+    assert_single_pass(rec, out, val)
+    docs = [d for batch in rec.ttt_batches for d in batch]
+    expected = [np.concatenate([val.tokens[s:s + (min(n, cut) if cut else n)] for s, n in docs[:k]]) for k in (2, 4)]
+    assert [len(x) for x in streams] == [len(x) for x in expected]
+    assert all(np.array_equal(a, b) for a, b in zip(streams, expected))
+    assert len(streams[1]) == {0: 40 + 37 + 33 + 30, 8: 4 * 8, 39: 39 + 37 + 33 + 30}[cut]
+
+
 # ---------------------------------------------------------------------------------------
 # 5. The TTT warm-up (compiles TTT's graphs inside the eval timer): no val data, nothing kept
 # ---------------------------------------------------------------------------------------
