@@ -193,7 +193,7 @@ class Hyperparameters:
     global_ttt_chunk_tokens: int = 32768
     global_ttt_seq_len: int = 2048
     global_ttt_grad_clip: float = 1.0
-    global_ttt_doc_tokens: int = 0  # > 0: each document's first N tokens in global SGD's stream (long ones lead it)
+    global_ttt_doc_tokens: int = 8192  # each document's first N tokens in global SGD's stream (0: all; long ones lead it)
     global_ttt_cuda_graph: bool = True  # global SGD's forward + backward replayed as CUDA graphs
     global_ttt_compile: bool = False  # 1: global SGD compiled (~80 s of compile for ~2x faster kernels)
     # distributed (set by torchrun)
