@@ -123,7 +123,6 @@ class Hyperparameters:
     gate_width: int = 12
     mlp_act: str = "xielu"
     xielu_learnable: bool = False
-    fused_mlp: bool = False  # 1: the Triton kernel, slower than cuBLAS + inductor's activation (2026-12-01e)
     attn_backend: str = "auto"
     compile: bool = True
     bench_steps: int = 0
@@ -390,7 +389,6 @@ class Runtime:
             self.log(f"config error: {e}", console=False)  # main prints it
             raise
         self.compile = h.compile and self.device.type == "cuda"
-        self.fused_mlp = fused_mlp_enabled(h.fused_mlp, self.device)
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside GPTQ
         torch.manual_seed(h.seed)
 
@@ -780,91 +778,6 @@ def xielu(h, coeffs):
     return torch.where(h > 0, (ap * h + bp) * h, (an * h + bn) * h)
 
 
-if triton is not None:
-
-    @triton.autotune(
-        configs=[triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-                 triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
-                 triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=4, num_stages=4)],
-        key=["N", "K"],
-    )
-    @triton.jit
-    def _xielu_linear_kernel(x_ptr, w_ptr, pre_ptr, post_ptr, c_ptr, M, N, K,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # Grouped tile order (8 row-tiles per group) keeps W tiles hot in L2.
-        pid = tl.program_id(0)
-        n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = 8 * n_n
-        first_m = (pid // group) * 8
-        size_m = min(n_m - first_m, 8)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :],
-                        mask=(rm[:, None] < M) & ((k0 + rk)[None, :] < K), other=0.0)
-            b = tl.load(w_ptr + rn[None, :] * K + (k0 + rk)[:, None],
-                        mask=(rn[None, :] < N) & ((k0 + rk)[:, None] < K), other=0.0)
-            acc = tl.dot(a, b, acc)
-        ap, an = tl.load(c_ptr), tl.load(c_ptr + 1)
-        bp, bn = tl.load(c_ptr + 2), tl.load(c_ptr + 3)
-        post = tl.where(acc > 0, (ap * acc + bp) * acc, (an * acc + bn) * acc)
-        offs = rm[:, None] * N + rn[None, :]
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(pre_ptr + offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
-        tl.store(post_ptr + offs, post.to(post_ptr.dtype.element_ty), mask=mask)
-
-
-@torch.library.custom_op("pgolf::xielu_linear", mutates_args=())
-def xielu_linear(x: torch.Tensor, w: torch.Tensor, coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up-projection and xIELU in one kernel: returns (pre, post) of shape [M, N]; pre is what
-    the backward needs for f'(h). x [M, K] and w [N, K] are bf16, coeffs fp32 [4]."""
-    x, w = x.contiguous(), w.contiguous()
-    M, K = x.shape
-    N = w.size(0)
-    pre, post = x.new_empty(M, N), x.new_empty(M, N)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _xielu_linear_kernel[grid](x, w, pre, post, coeffs.float().contiguous(), M, N, K)
-    return pre, post
-
-
-@xielu_linear.register_fake
-def _(x, w, coeffs):
-    return x.new_empty(x.size(0), w.size(0)), x.new_empty(x.size(0), w.size(0))
-
-
-def _xielu_linear_setup(ctx, inputs, output):
-    x, w, coeffs = inputs
-    ctx.save_for_backward(x, w, coeffs, output[0])
-
-
-def _xielu_linear_backward(ctx, grad_pre, grad_post):
-    x, w, coeffs, pre = ctx.saved_tensors
-    ap, an, bp, bn = coeffs.float().unbind()
-    h = pre.float()
-    pos = h > 0
-    g = grad_post.float()
-    grad_h = (g * torch.where(pos, 2 * ap * h + bp, 2 * an * h + bn)).to(x.dtype)
-    grad_x = grad_h @ w if ctx.needs_input_grad[0] else None
-    grad_w = grad_h.t() @ x if ctx.needs_input_grad[1] else None
-    grad_c = None
-    if ctx.needs_input_grad[2]:
-        gh2, gh = g * h * h, g * h
-        grad_c = torch.stack([(gh2 * pos).sum(), (gh2 * ~pos).sum(), (gh * pos).sum(), (gh * ~pos).sum()]).to(coeffs.dtype)
-    return grad_x, grad_w, grad_c
-
-
-xielu_linear.register_autograd(_xielu_linear_backward, setup_context=_xielu_linear_setup)
-
-
-def fused_mlp_enabled(requested, device):
-    """FUSED_MLP=1 takes this kernel on CUDA only."""
-    return requested and device.type == "cuda" and triton is not None
-
-
 def bf16_autocast(device, cache=True):
     """bf16 autocast on CUDA; CPU runs (tests, the embedded job) stay in fp32. cache=False: no cast
     cache, which a CUDA graph capture needs to record every cast (same values)."""
@@ -1019,17 +932,9 @@ class MLP(nn.Module):
             self.act_coeffs = with_role(nn.Parameter(coeffs), "scalar")
         else:
             self.register_buffer("act_coeffs", coeffs, persistent=False)  # rebuilt from config
-        self.fused = h.fused_mlp
 
     def forward(self, u, lora=None):
-        if fused_mlp_enabled(self.fused, u.device):
-            B, T, d = u.shape
-            dtype = torch.bfloat16
-            _, post = xielu_linear(u.reshape(B * T, d).to(dtype), self.fc.weight.to(dtype), self.act_coeffs)
-            post = post.view(B, T, -1)
-        else:
-            post = xielu(self.fc(u), self.act_coeffs)
-        return add_lora(self.proj(post), u, lora)
+        return add_lora(self.proj(xielu(self.fc(u), self.act_coeffs)), u, lora)
 
 
 class Block(nn.Module):
@@ -3106,7 +3011,7 @@ def main():
         check_shards(train_files, h.vocab_size)
         rt.log(f"shards_checked: {len(train_files)} train shards (header, size, token ids) in {time.perf_counter() - t0:.1f}s")
         rt.log(f"device: {rt.device} world_size: {rt.world_size} grad_accum_steps: {h.grad_accum_steps} "
-               f"attention_backend: {rt.attn_backend} compile: {rt.compile} fused_mlp: {rt.fused_mlp}")
+               f"attention_backend: {rt.attn_backend} compile: {rt.compile}")
         gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
         rt.log(f"runtime: torch {torch.__version__} cuda {torch.version.cuda} gpu {gpu} x {rt.world_size}")
         rt.log(f"train_shards: {len(train_files)} val_tokens: {len(val.tokens)} val_bytes: {val.target_bytes.sum()} "

@@ -55,7 +55,7 @@ def make_log(seed=42, source=SOURCE, final_loss=2.80, final_bpb=1.08, artifact_b
     out = ["hyperparameters:"] + [f"  {k}: {v}" for k, v in hyper.items()]
     out.append(source)  # rt.log(src.read()): the source and print's newline
     out += [
-        "device: cuda:0 world_size: 8 grad_accum_steps: 1 attention_backend: fa3 compile: True fused_mlp: True",
+        "device: cuda:0 world_size: 8 grad_accum_steps: 1 attention_backend: fa3 compile: True",
         "runtime: torch 2.9.1+cu128 cuda 12.8 gpu NVIDIA H100 80GB HBM3 x 8",
         f"train_shards: 80 val_tokens: {scored + 1} val_bytes: 151080633 (LUT accounting)",
         "model_params:35947159",

@@ -197,7 +197,6 @@ def test_bench_kernels_runs_on_the_cpu_and_says_what_it_skipped():
     lines = out.stdout.splitlines()
     assert "== 64 tokens" in lines
     for name in ("xIELU", "LeakyReLU(0.5)^2"):
-        assert any(f"+ {name}, fused kernel" in ln and "skipped: needs CUDA and Triton" in ln for ln in lines)
         assert any(f"+ {name}, cuBLAS + separate activation" in ln and "skipped" not in ln for ln in lines)
     assert sum("bf16" in ln and ln.startswith("gemm ") and "skipped" not in ln for ln in lines) == 6
     assert sum("fp8 + casts" in ln and "skipped: timed on the GPU only" in ln for ln in lines) == 6

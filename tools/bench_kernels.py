@@ -1,15 +1,15 @@
 """Micro-benchmarks of the training step's pieces on the model's shapes (issue 10): what a change could
 buy, measured before it is built. Each row is the median of --iters timed calls (CUDA events on the GPU,
 wall clock elsewhere), forward alone and forward + backward (grads of input and weight):
-  - the MLP up-projection + activation: the fused Triton kernel (train_gpt.xielu_linear) with xIELU's
-    and with LeakyReLU(0.5)^2's coefficients (one kernel, other constants), and cuBLAS + the compiled
-    activation (FUSED_MLP=0);
+  - the MLP up-projection + activation: cuBLAS + the compiled activation, xIELU against LeakyReLU(0.5)^2
+    (train_gpt's fused Triton up-projection + xIELU kernel lost to it at both loads, forward and
+    forward + backward, and was removed: records/eval/2026-12-01f_h200_sgd_doc_cut/kb.log);
   - each projection's GEMM in bf16 and in FP8 (e4m3 forward, e5m2 gradients, per-tensor scales from
     each tensor's amax, the casts included: what an FP8 CastedLinear would cost), with FP8's error;
   - the RMS norm of the residual stream in fp32 (today's stream) and in bf16.
     python3 tools/bench_kernels.py [--tokens 32768,98304] [--iters 30] [--no-compile]
 Tokens: 32,768 is the proxy's micro-batch, 98,304 an 8-GPU run's per-GPU micro-batch. FP8 needs
-torch._scaled_mm on a GPU (Hopper/Ada; the CPU's is a slow reference, checked by the tests only); the Triton kernel needs CUDA."""
+torch._scaled_mm on a GPU (Hopper/Ada; the CPU's is a slow reference, checked by the tests only)."""
 import argparse
 import os
 import statistics
@@ -82,18 +82,14 @@ def timed(fn, iters, device):
 
 
 def fwd_bwd(f, *inputs):
-    """fn timing f's forward and backward (into fresh grads) on inputs, with a random output gradient
-    (f's last output when it returns several: the fused kernel's (pre, post))."""
+    """fn timing f's forward and backward (into fresh grads) on inputs, with a random output gradient."""
     leaves = [t.detach().requires_grad_() for t in inputs]
-
-    def last(out):
-        return out[-1] if isinstance(out, tuple) else out
-    grad = torch.randn_like(last(f(*leaves)))
+    grad = torch.randn_like(f(*leaves))
 
     def run():
         for t in leaves:
             t.grad = None
-        last(f(*leaves)).backward(grad)
+        f(*leaves).backward(grad)
     return run
 
 
@@ -102,20 +98,12 @@ def rel_err(a, b):
 
 
 def mlp_rows(M, h, device, compile_fn, iters, rows):
-    """The up-projection + activation, fused kernel vs cuBLAS + the compiled activation."""
+    """The up-projection + activation: cuBLAS + the compiled activation, xIELU vs LeakyReLU(0.5)^2."""
     d, hidden = h.model_dim, h.mlp_mult * h.model_dim
     x = torch.randn(M, d, device=device, dtype=torch.bfloat16)
     w = torch.randn(hidden, d, device=device, dtype=torch.bfloat16) / d ** 0.5
     for name, coeffs in (("xIELU", h.layer_xielu(0)), ("LeakyReLU(0.5)^2", tg.LEAKY_RELU2)):
         c = torch.tensor(coeffs, device=device, dtype=torch.float32)
-        if tg.fused_mlp_enabled(True, device):
-            # compiled, as in the model, where inductor compiles the op's backward formula (2026-12-01e's
-            # uncompiled run timed the eager backward: forward + backward 2.8-4.4x the cuBLAS rows')
-            f = compile_fn(lambda a, b, c=c: tg.xielu_linear(a, b, c))
-            rows.append((f"up {d}->{hidden} + {name}, fused kernel", timed(lambda: f(x, w), iters, device),
-                         timed(fwd_bwd(f, x, w), iters, device), ""))
-        else:
-            rows.append((f"up {d}->{hidden} + {name}, fused kernel", None, None, "skipped: needs CUDA and Triton"))
         g = compile_fn(lambda a, b, c=c: tg.xielu(F.linear(a, b), c))
         rows.append((f"up {d}->{hidden} + {name}, cuBLAS + separate activation", timed(lambda: g(x, w), iters, device),
                      timed(fwd_bwd(g, x, w), iters, device), ""))

@@ -6,7 +6,7 @@
 #        logged every step (looping from step STEPS/2), stopped once training ends (no GPTQ, no eval)
 #   bash tools/device_ab.sh wait [S]                               polls up to S s (default 540), then
 #        (PROFILE=1: then tools/profile_train.py without CUDA graphs) prints each variant's compile seconds, ms/step per phase and loss agreement, tars logs to $OUT
-# Example: bash tools/device_ab.sh start 0 fused=FUSED_MLP=1 unfused=FUSED_MLP=0
+# Example: bash tools/device_ab.sh start 0 xielu=MLP_ACT=xielu leaky=MLP_ACT=leaky_relu2
 set -u
 W=/tmp/ab
 source "$(dirname "$0")/device_lib.sh"
