@@ -2697,7 +2697,7 @@ class TTTPlan:
     batches: list  # docs in slices of TTT_BATCH_SIZE (up to x TTT_BATCH_GROW for short ones), in processing order
     mine: list  # per batch: this rank runs it (ttt_batch_ranks)
     leftover: list  # this rank's share of the longer documents (none with a tail), scored by windows at the end
-    boundaries: list  # global SGD phase k trains on docs[:boundaries[k]], once those are scored
+    boundaries: list  # global SGD phase k trains on docs[:boundaries[k]] (cut), once those are scored
     work: list  # per batch: its row tokens (ttt_batch_work), the cost model of phased_ttt and ttt_batch_ranks
 
 
@@ -2749,13 +2749,14 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
     """Phased TTT (LEAD, SPEC 5.3) run by ttt_plan: documents up to TTT_MAX_DOC_TOKENS targets (all
     of them with TTT_TAIL_CHUNK_SIZE > 0), longest first, in batches dealt to ranks by work, get
     per-document LoRA TTT; after the first b_k documents are scored (b_k = PREFIX*k/PHASES) the base
-    model takes a global SGD pass over exactly those. Longer documents with TTT_TAIL_CHUNK_SIZE=0, and
-    every batch not started in time, are scored by windows on the adapted base model at the end:
-    every target is still scored exactly once. A batch or phase starts only if it and then disjoint
-    windows (the cheapest legal scoring) over this rank's unscored documents are predicted to end by
-    the deadline, at token_s seconds per window token (measured by the disjoint eval, whose graphs
-    score them); the leftovers get sliding windows if those are predicted to fit. stats, if given,
-    gets the documents scored by TTT and by windows (all ranks) and the windows' seconds."""
+    model takes a global SGD pass over exactly those (each one's first GLOBAL_TTT_DOC_TOKENS). Longer
+    documents with TTT_TAIL_CHUNK_SIZE=0, and every batch not started in time, are scored by windows
+    on the adapted base model at the end: every target is still scored exactly once. A batch or phase
+    starts only if it and then disjoint windows (the cheapest legal scoring) over this rank's unscored
+    documents are predicted to end by the deadline, at token_s seconds per window token (measured by
+    the disjoint eval, whose graphs score them); the leftovers get sliding windows if those are
+    predicted to fit. stats, if given, gets the documents scored by TTT and by windows (all ranks) and
+    the windows' seconds."""
     model.requires_grad_(False)
     spans = document_spans(val.tokens)
     plan = ttt_plan(spans, h, rt.rank, rt.world_size)
@@ -2814,7 +2815,9 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
         if bi % 10 == 0 or bi == len(batches) - 1:
             rt.log(f"ttp: b{bi + 1}/{len(batches)} docs:{done} dl:{batch[-1][1]}-{batch[0][1]} t:{time.perf_counter() - t0:.1f}s")
         while phase < len(boundaries) and done >= boundaries[phase]:
-            cut = h.global_ttt_doc_tokens  # the prefix is the longest documents: on FineWeb 1/3 of it lies past 8,192 tokens
+            # The prefix is the longest documents: on FineWeb 1/3 of it lies past 8,192 tokens. A cut one's
+            # last token is trained to predict the next BOS: one false end per long document and phase.
+            cut = h.global_ttt_doc_tokens
             stream = np.concatenate([val.tokens[s:s + min(n, cut or n)] for s, n in docs[:boundaries[phase]]])
             t1 = time.perf_counter()
             # A stopped batch left documents of this prefix unscored: SGD on them would see them first.
