@@ -5,8 +5,8 @@
 #   bash tools/device_eval.sh wait [S]           polls up to S s (default 540) until every chain has
 #        finished, prints each job's eval lines, copies logs (one tgz) and trained artifacts to $OUT
 # JOB is KIND:NAME[=ENV,ENV...] (NAMEs unique within a lease: each is a log and a RUN_ID; a value may
-# hold commas: ENVs split where a NAME= follows one). Several chains may share a GPU (start it twice),
-# memory permitting: two TTT evals do not fit in an H200's 139 GiB (CUDA-graph pools, reserved memory):
+# hold commas: ENVs split where a NAME= follows one). Several chains may share a GPU (SHARE=1 start),
+# memory permitting: two TTT evals, or one beside gputest, do not fit in an H200's 139 GiB (CUDA-graph pools, reserved memory):
 #   train   train_gpt.py's full pipeline (proxy config: train, GPTQ, eval), artifact in $W/NAME.pgq
 #   eval    tools/eval_artifact.py --precompile --compile-times on the proxy val
 #   fweval  the same on a FineWeb-shaped rank's val (tools/eval_workload.py, 6,250 documents), with a
@@ -91,6 +91,12 @@ case "${1:-}" in
 start)
   shift; gpu=$1; shift
   mkdir -p $W
+  # A second chain on a busy GPU only with SHARE=1: a TTT eval beside the GPU tests ran out of memory
+  # (2026-12-01g: 68.5 + 71.3 GiB of 139.8), and two chains' seconds do not hold.
+  busy=$(( $(cat $W/chains 2>/dev/null | grep -cx "chain $gpu") - $(cat $W/status 2>/dev/null | grep -cx "chain $gpu finished") ))
+  if [ "$busy" -gt 0 ] && [ "${SHARE:-0}" != 1 ]; then
+    echo "GPU $gpu still runs a chain: SHARE=1 to start another beside it (memory permitting)"; exit 2
+  fi
   source .bench/device_prep.sh
   if [[ "$*" == *fweval:* ]] && [ ! -f /tmp/fwval/fineweb_val_000000.bin ]; then
     python3 tools/eval_workload.py "$DATA_PATH" /tmp/fwval --link-train > $W/workload.txt 2>&1
