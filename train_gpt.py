@@ -180,7 +180,7 @@ class Hyperparameters:
     ttt_lora_rank: int = 80
     ttt_lora_targets: str = "q,k,v,o,mlp,head"  # the adapted projections (PR #1953's no_qv: k,o,mlp,head)
     ttt_lora_alpha: float = 144.0
-    ttt_lora_lr: float = 2e-4  # proxy TTT gain -0.01704739 vs -0.01451824 with 1e-4 (one artifact, one run each)
+    ttt_lora_lr: float = 2e-4
     ttt_beta2: float = 0.99
     ttt_weight_decay: float = 0.5
     ttt_warm_start_a: bool = True
