@@ -173,14 +173,14 @@ class Hyperparameters:
     ttt_batch_size: int = 64
     ttt_batch_grow: int = 1  # short documents' batches up to this many times TTT_BATCH_SIZE (ttt_plan)
     ttt_chunk_size: int = 48
-    ttt_long_chunk_size: int = 64  # chunks that start past TTT_EVAL_SEQ_LEN (0: TTT_CHUNK_SIZE; ttt_chunk_span)
+    ttt_long_chunk_size: int = 80  # chunks that start past TTT_EVAL_SEQ_LEN (0: TTT_CHUNK_SIZE; ttt_chunk_span)
     ttt_eval_seq_len: int = 2048
     ttt_max_doc_tokens: int = 16384
     ttt_tail_chunk_size: int = 256  # longer documents: 0 scored by sliding windows; > 0 adapted too (ttt_chunk_bounds)
     ttt_lora_rank: int = 80
     ttt_lora_targets: str = "q,k,v,o,mlp,head"  # the adapted projections (PR #1953's no_qv: k,o,mlp,head)
     ttt_lora_alpha: float = 144.0
-    ttt_lora_lr: float = 2e-4
+    ttt_lora_lr: float = 3e-4
     ttt_beta2: float = 0.99
     ttt_weight_decay: float = 0.5
     ttt_warm_start_a: bool = True
@@ -192,7 +192,7 @@ class Hyperparameters:
     global_ttt_chunk_tokens: int = 32768
     global_ttt_seq_len: int = 2048
     global_ttt_grad_clip: float = 1.0
-    global_ttt_doc_tokens: int = 8192  # each document's first N tokens in global SGD's stream (0: all; long ones lead it)
+    global_ttt_doc_tokens: int = 4096  # each document's first N tokens in global SGD's stream (0: all; long ones lead it)
     global_ttt_cuda_graph: bool = True  # global SGD's forward + backward replayed as CUDA graphs
     global_ttt_compile: bool = False  # 1: global SGD compiled (~80 s of compile for ~2x faster kernels)
     # distributed (set by torchrun)
