@@ -71,13 +71,38 @@ def test_compare_runs_prints_each_runs_ms_per_step_over_the_phases(tmp_path):
 def test_bench_pack_reports_the_rans_container_smaller_than_brotli():
     import re
 
-    out = subprocess.run([sys.executable, str(TOOL.parent / "bench_pack.py")], capture_output=True, text=True,
-                         timeout=600)
+    # half the model width: a quarter of the default's code values (26 s against 85 s on 2 cores)
+    out = subprocess.run([sys.executable, str(TOOL.parent / "bench_pack.py"), "0", "MODEL_DIM=256"], capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     entropy = int(re.search(r"entropy of the rANS-coded arrays: (\d+) bytes", out.stdout)[1])
     old = int(re.search(r"brotli-per-array container: (\d+) bytes", out.stdout)[1])
     new = int(re.search(r"rANS container: (\d+) bytes", out.stdout)[1])
-    assert entropy < new and old - new > 0.005 * entropy, out.stdout  # measured: 0.92% of the entropy
+    assert entropy < new and old - new > 0.005 * entropy, out.stdout  # measured: 0.79% of the entropy (0.92% at 512)
+
+
+def test_bench_pack_reads_a_trained_artifact_and_repacks_it_to_the_same_bytes(tmp_path):
+    """ARTIFACT.pgq: the codes are the artifact's (unpacked), and pack_artifact is deterministic, so
+    the rANS container it reports is the artifact's own size."""
+    import re
+
+    import numpy as np
+
+    sys.path.insert(0, str(TOOL.parent))
+    import bench_pack
+    import train_gpt as tg
+
+    h = tg.Hyperparameters.from_env({"MODEL_DIM": "128", "VOCAB_SIZE": "1024"})
+    blob = tg.pack_artifact(bench_pack.synthetic_qstate(h, np.random.default_rng(3)))
+    path = tmp_path / "a.pgq"
+    path.write_bytes(blob)
+    out = subprocess.run([sys.executable, str(TOOL.parent / "bench_pack.py"), str(path)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{path}: {len(blob)} bytes" in out.stdout
+    assert int(re.search(r"rANS container: (\d+) bytes", out.stdout)[1]) == len(blob), out.stdout
+    codes = sum(e.data.numel() for e in tg.unpack_artifact(blob).values() if e.kind != "fp16")
+    assert f"code values: {codes};" in out.stdout
 
 
 def test_quant_sweep_prices_variants_of_one_trained_model(tmp_path):

@@ -1,8 +1,9 @@
 """Artifact container size on a synthetic model-shaped qstate (the default config's tensors, GPTQ
 codes drawn i.i.d. from a clipped Student-t at the configured clip, seeded): the rANS container of
 train_gpt.py against the previous container (brotli-11 per code array), and the codes' entropy.
-    python3 tools/bench_pack.py [seed]
-Trained weights may compress differently; this isolates the entropy coder."""
+    python3 tools/bench_pack.py [seed] [NAME=VALUE ...]   (NAME=VALUE: train_gpt.py settings, e.g. MODEL_DIM=256)
+    python3 tools/bench_pack.py ARTIFACT.pgq               (a trained artifact's codes instead)
+This isolates the entropy coder."""
 import json
 import os
 import sys
@@ -46,9 +47,15 @@ def brotli_container_bytes(q):
 
 
 def main():
-    seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0
-    h = tg.Hyperparameters.from_env({})
-    q = synthetic_qstate(h, np.random.default_rng(seed))
+    args = sys.argv[1:]
+    if args and args[0].endswith(".pgq"):
+        with open(args[0], "rb") as f:
+            packed = f.read()
+        q = tg.unpack_artifact(packed)
+        print(f"{args[0]}: {len(packed)} bytes")
+    else:
+        seed = int(args.pop(0)) if args and "=" not in args[0] else 0
+        q = synthetic_qstate(tg.Hyperparameters.from_env(dict(a.split("=", 1) for a in args)), np.random.default_rng(seed))
     entropy = 0.0
     for e in q.values():
         if e.kind != "fp16" and e.data.numel() >= tg.RANS_MIN_VALUES:
