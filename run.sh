@@ -2,7 +2,8 @@
 # The project's commands. Each runs in the Python that tools/env_setup.py picks: the current one
 # when it has what the command imports, otherwise the project's own .venv (made on first use).
 #   bash run.sh                   the main job (below)
-#   bash run.sh test [ARGS]       the tests: python -m pytest ARGS (default -q)
+#   bash run.sh test [ARGS]       the tests: python -m pytest ARGS (default -q -n 2 --dist loadfile: two
+#                                 workers, a test file's tests on one of them, so its fixtures run once)
 #   bash run.sh seeds S [S ...]   the main job once per seed, one GPU each, in parallel (queued when
 #                                 seeds outnumber GPUs; one after another on CPU); RUN_ID=seedS,
 #                                 logs/seedS.txt (+ .out), final_model_seedS.pgq; exit 1 if any failed
@@ -122,7 +123,7 @@ seeds() {
 
 case ${1:-} in
   "") use_env "$(main_need)"; main_job ;;
-  test) shift; use_env test; (($#)) || set -- -q; exec "$PY" -m pytest "$@" ;;
+  test) shift; use_env test; (($#)) || set -- -q -n 2 --dist loadfile; exec "$PY" -m pytest "$@" ;;
   seeds) shift; seeds "$@" ;;
   proxy)
     # staged by ../shared/bench/stage.sh: sets DATA_PATH, VOCAB_SIZE=8192, 300 s, SEED=42, brotli

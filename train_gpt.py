@@ -2815,7 +2815,7 @@ def phased_ttt(model, h: Hyperparameters, rt: Runtime, val: ValSet, deadline, to
         if bi % 10 == 0 or bi == len(batches) - 1:
             rt.log(f"ttp: b{bi + 1}/{len(batches)} docs:{done} dl:{batch[-1][1]}-{batch[0][1]} t:{time.perf_counter() - t0:.1f}s")
         while phase < len(boundaries) and done >= boundaries[phase]:
-            # The prefix is the longest documents: on FineWeb 1/3 of it lies past 8,192 tokens. A cut one's
+            # The prefix is the longest documents: on FineWeb half of it lies past 4,096 tokens. A cut one's
             # last token is trained to predict the next BOS: one false end per long document and phase.
             cut = h.global_ttt_doc_tokens
             stream = np.concatenate([val.tokens[s:s + min(n, cut or n)] for s, n in docs[:boundaries[phase]]])

@@ -91,7 +91,7 @@ def test_unknown_subcommand_is_a_usage_error(tmp_path):
 @pytest.mark.parametrize("args,gpus,expected", [
     ((), 2, "| -m torch.distributed.run --standalone --nproc_per_node=2 train_gpt.py"),
     ((), 0, "| -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py"),
-    (("test",), 0, "| -m pytest -q"),
+    (("test",), 0, "| -m pytest -q -n 2 --dist loadfile"),
     (("test", "-x", "tests/test_repo.py"), 0, "| -m pytest -x tests/test_repo.py"),
     (("sweep", "--grid", "a b"), 0, "| tools/sweep.py --grid a b"),
     (("records", "check"), 0, "| tools/records.py check"),

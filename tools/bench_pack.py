@@ -1,8 +1,9 @@
-"""Artifact container size on a synthetic model-shaped qstate (the default config's tensors, GPTQ
-codes drawn i.i.d. from a clipped Student-t at the configured clip, seeded): the rANS container of
-train_gpt.py against the previous container (brotli-11 per code array), and the codes' entropy.
+"""Artifact container size on a synthetic model-shaped qstate (the config's tensors, GPTQ codes drawn
+i.i.d. from a clipped Student-t at the configured clip, seeded) or on an artifact's own codes: the rANS
+container of train_gpt.py against the previous container (brotli-11 per code array), and the codes'
+entropy. Both of these leave out LQER's factors (an artifact's are in its rANS container).
     python3 tools/bench_pack.py [seed] [NAME=VALUE ...]   (NAME=VALUE: train_gpt.py settings, e.g. MODEL_DIM=256)
-    python3 tools/bench_pack.py ARTIFACT.pgq               (a trained artifact's codes instead)
+    python3 tools/bench_pack.py ARTIFACT                   (an artifact file's codes instead)
 This isolates the entropy coder."""
 import json
 import os
@@ -48,7 +49,7 @@ def brotli_container_bytes(q):
 
 def main():
     args = sys.argv[1:]
-    if args and args[0].endswith(".pgq"):
+    if args and os.path.isfile(args[0]):
         with open(args[0], "rb") as f:
             packed = f.read()
         q = tg.unpack_artifact(packed)

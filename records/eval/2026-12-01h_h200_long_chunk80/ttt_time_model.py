@@ -1,8 +1,9 @@
 """Phased TTT's seconds on the FineWeb-shaped rank as a*row_tokens + b*chunk_steps (+ global SGD at a fitted
 rate per stream token), fitted to the eleventh session's fw run (`../2026-12-01g_h200_lora_lr/fw.log`: long chunk 64,
 GLOBAL_TTT_DOC_TOKENS=8192), then evaluated on other settings' plans. An analysis of logged times, not a
-measurement: python3 ttt_time_model.py (from anywhere; CPU). The settings are pinned here, not read from the
-defaults, which moved after this fit."""
+measurement: python3 ttt_time_model.py (from anywhere; CPU). The settings that moved after this fit are pinned
+here (FITTED); the others (chunk 48, TTT_MAX_DOC_TOKENS 16384, tail 256, batch 64, window 2048) are read from
+the defaults of 2026-12-01h."""
 import os
 import sys
 
