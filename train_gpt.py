@@ -118,6 +118,7 @@ class Hyperparameters:
     loop_trunc_bwd: int = 1
     parcae: bool = True
     smear_gate: bool = True
+    residual_bf16: bool = False  # the residual stream (x, x0, lanes) in autocast's bf16 instead of fp32
     attn_gate: str = "out"
     sparse_attn_gate_scale: float = 0.5
     gate_width: int = 12
@@ -954,10 +955,12 @@ class Block(nn.Module):
 
     def forward(self, x, x0, cu_seqlens, max_len, rope, window, lora=None):
         la, lm = (lora.attn, lora.mlp) if lora is not None else (None, None)
-        x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x_in + self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, x_in, cu_seqlens, max_len, rope, window,
-                                               la)
-        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.ln_scale, lm)
+        # control vectors cast to the stream's dtype: an fp32 one would promote a bf16 stream
+        mix, dt = self.resid_mix.to(x.dtype), x.dtype
+        x_in = mix[0] * x + mix[1] * x0
+        x = x_in + self.attn_scale.to(dt) * self.attn(rms_norm(x_in) * self.ln_scale, x_in, cu_seqlens, max_len, rope,
+                                                      window, la)
+        return x + self.mlp_scale.to(dt) * self.mlp(rms_norm(x) * self.ln_scale, lm)
 
 
 class ParallelBlock(Block):
@@ -974,23 +977,24 @@ class ParallelBlock(Block):
     def forward(self, lanes, x0, cu_seqlens, max_len, rope, window, lora=None):
         la, lm = (lora.attn, lora.mlp) if lora is not None else (None, None)
         lane0, lane1 = lanes
-        a_in = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
-        a = self.attn_scale * self.attn(rms_norm(a_in) * self.ln_scale, a_in, cu_seqlens, max_len, rope, window, la)
-        m = self.mlp_scale * self.mlp(rms_norm(lane1) * self.ln_scale, lm)
+        mix, dt = self.resid_mix.to(lane0.dtype), lane0.dtype
+        a_in = mix[0] * lane0 + mix[1] * x0
+        a = self.attn_scale.to(dt) * self.attn(rms_norm(a_in) * self.ln_scale, a_in, cu_seqlens, max_len, rope, window, la)
+        m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * self.ln_scale, lm)
         r, p = self.resid_lambdas, self.post_lambdas
         return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
 
 
 def merge_skip(x, skip, weight, gate):
     """U-Net skip: sigmoid(g)*x + (1-sigmoid(g))*w*skip, 0.5x + 0.5skip at init."""
-    return torch.lerp(weight * skip, x, torch.sigmoid(gate))
+    return torch.lerp(weight.to(x.dtype) * skip, x, torch.sigmoid(gate).to(x.dtype))
 
 
 def parcae_inject(x, x0, log_a, delta, b):
     """Parcae constrained loop injection: x <- A*x + B*x0 with A = exp(-softplus(delta)*exp(log_a))
     in (0, 1), so the looped map stays contractive."""
     dt = F.softplus(delta)
-    return torch.exp(-dt * torch.exp(log_a)) * x + dt * b * x0
+    return torch.exp(-dt * torch.exp(log_a)).to(x.dtype) * x + (dt * b).to(x.dtype) * x0
 
 
 def softcap_logits(z, cap):
@@ -1171,6 +1175,10 @@ class GPT(nn.Module):
             return cu_seqlens, max_len, rope[block.attn.is_global], window_arg(block.attn.window)
 
         x0 = rms_norm(self.embed(ids, cu_seqlens))
+        if h.residual_bf16 and torch.is_autocast_enabled(ids.device.type):
+            # RESIDUAL_BF16: the stream in the matmuls' dtype (fp32 control vectors cast to it in the blocks),
+            # half the bytes of every elementwise kernel and gradient sum between the compiled blocks
+            x0 = x0.to(torch.get_autocast_dtype(ids.device.type))
         if lora is not None and any(a is not None for slot in lora for a in slot):
             # TTT: the frozen embedding would give the first block an input without grad, and a
             # graph of its own (compiled graphs are specialized on requires_grad). With the head's

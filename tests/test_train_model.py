@@ -376,6 +376,33 @@ def test_looping_changes_output_and_every_parameter_gets_a_gradient():
     assert not torch.allclose(logits(model, ids, cu, looping=False), logits(model, ids, cu))
 
 
+@pytest.mark.parametrize("residual_bf16", [False, True])
+def test_residual_stream_dtype_under_autocast(residual_bf16):
+    # RESIDUAL_BF16=1: under autocast every block (and the Parcae injection and skip merges, whose
+    # fp32 control vectors would otherwise promote it) carries the stream in bf16; without it, fp32.
+    # Either way the loss stays close to the fp32 model's and every parameter gets a gradient.
+    h = tiny_h(residual_bf16=residual_bf16)
+    model = make_model(h, seed=4)
+    ids = torch.randint(4, h.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    cu = torch.tensor([0, 25, 40], dtype=torch.int32)
+    stream = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, a, out: stream.extend(out if isinstance(out, tuple) else [out]))
+    with torch.no_grad():
+        ref = model(ids, ids, cu, 25)
+    assert {t.dtype for t in stream} == {torch.float32}  # no autocast: fp32 whatever the flag
+    stream.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, ids, cu, 25)
+    expected = torch.bfloat16 if residual_bf16 else torch.float32
+    assert len(stream) == sum(1 + model.blocks[i].parallel for i in sum(model.layer_plan(True), []))  # lanes: two
+    assert {t.dtype for t in stream} == {expected}
+    assert abs(loss.item() - ref.item()) < 0.05
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32, name
+
+
 def test_parcae_merge_skip_softcap_formulas():
     g = torch.Generator().manual_seed(0)
     x, x0, skip = (torch.randn(2, 3, 8, generator=g) for _ in range(3))
