@@ -1,10 +1,11 @@
 """The tools: compare_runs.py (the N=1 vs N=2 train_loss comparison of issue 2's device check, and
-an A/B's ms/step per phase),
-bench_pack.py, quant_sweep.py, profile_leader.py, eval_artifact.py's GPU-only flag, and the device
-scripts' syntax."""
+an A/B's ms/step per phase), bench_pack.py, quant_sweep.py, profile_leader.py and profile_train's
+kernel summary, bench_ab.py, eval_artifact.py's GPU-only flag, the device scripts' syntax and
+device_lib.sh's train_until."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,30 @@ def test_shell_scripts_parse(script):
     assert r.returncode == 0, r.stderr
 
 
+FAKE_TRAIN = """
+import sys, time
+print("1/9 train_loss: 5.0", flush=True)
+print("diagnostic pre-quantization post-ema val_loss:3.0 val_bpb:1.5", flush=True)
+time.sleep(60)  # GPTQ and eval: what a prequant job does not wait for
+print("never", flush=True)
+"""
+
+
+@pytest.mark.parametrize("pattern, ok", [("pre-quantization post-ema val_loss", True), ("^no such line", False)])
+def test_train_until_stops_the_run_at_its_line(tmp_path, pattern, ok):
+    """device_lib.sh's train_until (prequant and steps jobs): the run is stopped once its log has the
+    line, and the status says whether the line came."""
+    (tmp_path / "train_gpt.py").write_text(FAKE_TRAIN if ok else FAKE_TRAIN.replace("time.sleep(60)", "pass"))
+    script = f'W={tmp_path}; source {ROOT}/tools/device_lib.sh; train_until "{pattern}" run {tmp_path} SEED=1'
+    t0 = time.time()
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=50)
+    assert (r.returncode == 0) == ok, r.stderr
+    assert time.time() - t0 < 30  # stopped, not waited out
+    log = (tmp_path / "run.log").read_text()
+    assert "val_bpb:1.5" in log and ("never" in log) != ok
+    assert (tmp_path / "status").read_text() == "run done\n"
+
+
 FAKE_LEADER = '''
 import torch
 
@@ -186,6 +211,66 @@ def test_profile_leader_windows_back_to_back_and_the_warmup_from_the_env(tmp_pat
     assert "== leader steps 4-5 (main loop)" in r.stdout and "== leader steps 6-7 (main loop)" in r.stdout
     assert r.stdout.index("step 10\n") < r.stdout.index("leader steps 6-7")  # 2 x 2 warm-up steps, then 7 main steps
     assert "step 11\n" not in r.stdout
+
+
+def test_print_kernels_sums_kernels_by_kind_and_never_counts_a_gpu_range(capsys):
+    """profile_train.print_kernels (both scripts' profiles): the per-step kernel total and each kind's
+    share leave out GPU user ranges (Optimizer.step#Muon.step spans kernels already counted), and an
+    inductor kernel named after the flash backward it follows is not attention."""
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from profile_train import print_kernels
+
+    def ev(key, us, count=2, annotation=False):
+        return SimpleNamespace(key=key, self_device_time_total=us, count=count, is_user_annotation=annotation,
+                               device_type=torch.autograd.DeviceType.CUDA)
+
+    events = [ev("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>", 6000),
+              ev("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 4000),
+              ev("triton_per_fused__to_copy_add_expand_flash_attn_backward_mul_neg_sigmoid", 2000),
+              ev("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, ...>", 1000),
+              ev("Optimizer.step#Muon.step", 5000, count=1, annotation=True),
+              SimpleNamespace(key="aten::mm", self_device_time_total=0, count=9, is_user_annotation=False,
+                              device_type=torch.autograd.DeviceType.CPU)]
+    print_kernels(SimpleNamespace(key_averages=lambda: events), 2, 0.01, 1000, "test")
+    out = capsys.readouterr().out
+    assert "== test: wall 10.0 ms/step, kernels 6.5 ms/step, 100000 tok/s" in out
+    assert "by kind (ms/step): attention 3.0, gemm 2.0, inductor 1.0, aten add (gradient sums) 0.5" in out
+    assert "ranges (ms/step): Optimizer.step#Muon.step 2.50" in out
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 4 and "Optimizer" not in "".join(rows)
+
+
+def test_bench_ab_alternates_the_two_settings_in_one_process(tmp_path):
+    """tools/bench_ab.py: both loop phases, every round timing A and B (the first one alternating);
+    settings fixed when the model is built, malformed, or equal to A's are refused before a model is built."""
+    import re
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers_train import script_env, tiny_dataset
+
+    data, tok, vocab = tiny_dataset(tmp_path)
+    env = script_env(tmp_path, data, tok, vocab)
+    tool = [sys.executable, str(ROOT / "tools" / "bench_ab.py")]
+    r = subprocess.run(tool + ["RESIDUAL_BF16=1", "--rounds", "3", "--steps", "1"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "A {'residual_bf16': False} B {'residual_bf16': True}" in r.stdout
+    for looping in (0, 1):
+        firsts = re.findall(rf"looping:{looping} round \d \(([AB]) first\): A \d+\.\d+ B \d+\.\d+ ms/step", r.stdout)
+        assert firsts == ["A", "B", "A"], r.stdout
+        assert re.search(rf"looping:{looping} median ms/step A [\d.]+ B [\d.]+; B/A per round( [\d.]+){{3}} "
+                         r"\(median [\d.]+\); tok/s A \d+ B \d+", r.stdout), r.stdout
+    for bad, msg in ((["MODEL_DIM=256"], "MODEL_DIM cannot be switched in one process"),
+                     (["RESIDUAL_BF16"], "expected NAME=VALUE"),
+                     (["RESIDUAL_BF16=0"], "B's settings equal A's"),
+                     (["RESIDUAL_BF16=2"], "RESIDUAL_BF16='2': expected 0 or 1"),
+                     (["RESIDUAL_BF16=1", "--rounds", "1"], "--rounds must be at least 2")):
+        r = subprocess.run(tool + bad, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr, (bad, r.stderr)
 
 
 def test_eval_artifact_refuses_a_memory_cap_without_a_gpu(tmp_path):

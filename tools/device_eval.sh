@@ -14,18 +14,22 @@
 #   gputest tests/test_gpu.py (-s: its printed timings)
 #   steps   STEPS=... (in ENV; 50) training steps logged one by one (looping from the middle), stopped before
 #           GPTQ, for a same-seed A/B
+#   prequant STEPS=... (in ENV; 50) training steps logged one by one (looping from ENABLE_LOOPING_AT, 0.35),
+#           stopped after the pre-quantization val_bpb: a fixed-step quality A/B (no GPTQ, no sliding/TTT eval)
 #   prof    tools/profile_ttt.py (TTT ms/step by document length, a profiled batch, global SGD)
 #   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
+#   abench  tools/bench_ab.py: ARGS=... its arguments, e.g. abench:ab=ARGS=RESIDUAL_BF16=1 --rounds 6 (an in-process
+#           speed A/B in alternating rounds)
 #   kbench  tools/bench_kernels.py: the step's pieces on the model's shapes (MLP activations with cuBLAS,
 #           bf16 vs FP8 GEMMs, fp32 vs bf16 norms), forward and forward + backward
 #   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
 #           lprof:l786=TRAIN_BATCH_TOKENS=786432 for the 8-GPU run's per-GPU load
-# DIR=... in a steps, eval or fweval job's ENV: the folder whose train_gpt.py runs (default: the repo's), for
+# DIR=... in a train, steps, prequant, eval or fweval job's ENV: the folder whose train_gpt.py runs (default: the repo's), for
 # an A/B of two versions in one lease; copied out first, with tools/ (each call's carry replaces a carried
 # folder: a job running in it lost its cwd).
 # BENCH_STEPS=... in a train job's ENV times steps with looping off and on after the compile, then ends it.
 # eval jobs read ARTIFACT_PATH from their ENV, e.g. ARTIFACT_PATH=/tmp/evaldev/base.pgq (a train job's);
-# ARGS=... in ENV adds flags to eval/fweval's tools/eval_artifact.py, e.g. ARGS=--memory-gib 79 (an H100's memory).
+# ARGS=... in ENV adds flags to eval/fweval's tools/eval_artifact.py (abench: bench_ab.py's arguments), e.g. ARGS=--memory-gib 79 (an H100's memory).
 # Example: bash tools/device_eval.sh start 0 fweval:fw=EVAL_BUDGET_SECONDS=1200
 #          bash tools/device_eval.sh start 1 train:base
 set -u
@@ -53,16 +57,19 @@ job() {  # KIND:NAME[=ENV,...]
     mkdir -p $W/code/$name && cp -r tools "$dir/train_gpt.py" $W/code/$name/ && dir=$W/code/$name || return 1
   fi
   case $kind in
-  train) env "${cold[@]}" RUN_ID=$name ARTIFACT_PATH=$W/$name.pgq "${extra[@]}" python3 train_gpt.py > $W/$name.log 2>&1 ;;
+  train) env "${cold[@]}" RUN_ID=$name ARTIFACT_PATH=$W/$name.pgq "${extra[@]}" python3 $dir/train_gpt.py > $W/$name.log 2>&1 ;;
   eval) env "${cold[@]}" RUN_ID=$name "${extra[@]}" python3 $dir/tools/eval_artifact.py --precompile --compile-times \
           "${args[@]}" > $W/$name.log 2>&1 ;;
   fweval) env "${cold[@]}" RUN_ID=$name DATA_PATH=/tmp/fwval ARTIFACT_PATH=$W/$name.timing GPTQ_CALIBRATION_TOKENS=262144 \
             "${extra[@]}" python3 $dir/tools/eval_artifact.py --make-artifact --precompile --compile-times "${args[@]}" \
             > $W/$name.log 2>&1 ;;
   steps) train_steps "$name" "$dir" "$steps" "${cold[@]}" "${extra[@]}" ;;
+  prequant) train_until "pre-quantization post-ema val_loss" "$name" "$dir" ITERATIONS=$steps TRAIN_LOG_EVERY=1 \
+              MAX_WALLCLOCK_SECONDS=0 GPTQ_RESERVE_SECONDS=0 "${cold[@]}" "${extra[@]}" ;;
   gputest) env "${cold[@]}" "${extra[@]}" python3 -m pytest -q -s tests/test_gpu.py > $W/$name.log 2>&1 ;;
   prof) env "${cold[@]}" PHASED_TTT_PREFIX_DOCS=0 "${extra[@]}" python3 tools/profile_ttt.py > $W/$name.log 2>&1 ;;
   tprof) env "${cold[@]}" "${extra[@]}" python3 tools/profile_train.py 3 > $W/$name.log 2>&1 ;;
+  abench) env "${cold[@]}" "${extra[@]}" python3 $dir/tools/bench_ab.py "${args[@]}" > $W/$name.log 2>&1 ;;
   kbench) env "${cold[@]}" "${extra[@]}" python3 tools/bench_kernels.py > $W/$name.log 2>&1 ;;
   lprof) leader_profile "$name" "${cold[@]}" "${extra[@]}" > $W/$name.log 2>&1 ;;
   *) echo "unknown job kind $kind" > $W/$name.log; false ;;
@@ -101,7 +108,7 @@ start)
   if [[ "$*" == *fweval:* ]] && [ ! -f /tmp/fwval/fineweb_val_000000.bin ]; then
     python3 tools/eval_workload.py "$DATA_PATH" /tmp/fwval --link-train > $W/workload.txt 2>&1
   fi
-  export -f chain job leader_profile train_steps train_only alive; export W CUDA_VISIBLE_DEVICES=$gpu
+  export -f chain job leader_profile train_steps train_only train_until alive; export W CUDA_VISIBLE_DEVICES=$gpu
   echo "chain $gpu" >> $W/chains
   setsid bash -c 'chain "$@"' chain "$@" >> $W/chain$gpu.out 2>&1 < /dev/null &
   echo "chain started on GPU $gpu: $*"
@@ -114,7 +121,7 @@ wait)
   cat $W/status 2>/dev/null
   for f in $W/*.log; do
     echo "== $(basename $f .log)"
-    grep -hE "^compile_warmup|^training:|^bench:|val_bpb|^peak memory|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== |^phased TTT on|passed|failed|Error|error" $f | tail -14
+    grep -hE "^compile_warmup|^training:|^bench:|^bench_ab|val_bpb|^peak memory|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== |^phased TTT on|passed|failed|Error|error" $f | tail -14
   done
   mkdir -p "${OUT:-/tmp/out}"
   tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude=cache --exclude=data --exclude=code --exclude='*.pgq' --exclude='*.timing' -C /tmp evaldev 2>/dev/null

@@ -34,15 +34,40 @@ def main():
                       f"looping={looping} micro_tokens={h.micro_tokens} accum={h.grad_accum_steps}")
 
 
+KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins; anything else is "elementwise/other"
+    ("attention", ("flash", "fmha", "attn_fwd", "attn_bwd")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "cublas", "splitkreduce", "linear_")),
+    ("cross-entropy", ("softcap", "cross_entropy")),
+    ("aten add (gradient sums)", ("cudafunctor_add<float>",)),
+    ("reduce (aten)", ("reduce_kernel",)),
+    ("memcpy/memset", ("memcpy", "memset")),
+)
+
+
+def kernel_kind(name):
+    low = name.lower()
+    if low.startswith("triton_"):  # torch.compile's fused kernels (norms, rope, gates, residuals), "flash" or not
+        return "inductor"
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "elementwise/other")
+
+
 def print_kernels(prof, steps, wall, batch_tokens, label):
-    """Wall vs summed kernel time per step and the top PROFILE_ROWS (40) kernels of a profile (also
-    tools/profile_leader.py's)."""
+    """Wall vs summed kernel time per step, the kernel time by kind (KERNEL_KINDS) and the top
+    PROFILE_ROWS (40) kernels of a profile (also tools/profile_leader.py's). User ranges on the GPU
+    (Optimizer.step#Muon.step) span kernels counted already: listed apart, never summed."""
     events = prof.key_averages()
-    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total),
-                     key=lambda e: -e.self_device_time_total)
+    on_gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total]
+    ranges = [e for e in on_gpu if getattr(e, "is_user_annotation", False) or e.key.startswith("Optimizer.")]
+    kernels = sorted((e for e in on_gpu if e not in ranges), key=lambda e: -e.self_device_time_total)
     kernel_us = sum(e.self_device_time_total for e in kernels)
     print(f"\n== {label}: wall {1000 * wall:.1f} ms/step, kernels {kernel_us / 1000 / steps:.1f} ms/step, "
           f"{batch_tokens / wall:.0f} tok/s")
+    kinds = {}
+    for e in kernels:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1000 / steps
+    print("by kind (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    if ranges:
+        print("ranges (ms/step): " + ", ".join(f"{e.key} {e.self_device_time_total / 1000 / steps:.2f}" for e in ranges))
     print(f"{'ms/step':>8} {'calls/step':>10} {'us/call':>8}  kernel")
     for e in kernels[:int(os.environ.get("PROFILE_ROWS", "40"))]:
         print(f"{e.self_device_time_total / 1000 / steps:8.2f} {e.count / steps:10.0f} "
