@@ -135,6 +135,7 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
+    muon_compile: bool = False  # the orthogonalisations compiled (with COMPILE=1 on CUDA)
     gram_ns_ratio: float = 3.0
     muon_wd: float = 0.095
     embed_wd: float = 0.085
@@ -1285,10 +1286,15 @@ class Muon(torch.optim.Optimizer):
     decoupled weight decay and update scale sqrt(max(1, rows/cols)). Same-shape matrices are
     stacked so the orthogonalisation runs batched; ranks split that work and all-gather."""
 
-    def __init__(self, params, lr, momentum, weight_decay, backend_steps, gram_ratio, rank=0, world_size=1):
+    def __init__(self, params, lr, momentum, weight_decay, backend_steps, gram_ratio, rank=0, world_size=1,
+                 compile_ortho=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.backend_steps, self.gram_ratio = min(backend_steps, len(POLAR_EXPRESS)), gram_ratio
         self.rank, self.world_size = rank, world_size
+        # Eager, each orthogonalisation is ~50 small kernels per shape, launched faster by a graph
+        # (Muon's step took 12.0 ms of GPU time against the leader's 8.0, whose iteration is compiled).
+        self.ortho = [torch.compile(f, dynamic=False, fullgraph=True) if compile_ortho else f
+                      for f in (newton_schulz, gram_newton_schulz)]
         self.buckets = {}
         for p in self.param_groups[0]["params"]:
             self.buckets.setdefault(tuple(p.shape), []).append(p)
@@ -1311,7 +1317,7 @@ class Muon(torch.optim.Optimizer):
             if mine.size(0) < per_rank:
                 mine = torch.cat([mine, mine.new_zeros(per_rank - mine.size(0), *shape)])
             rows, cols = shape
-            ortho = gram_newton_schulz if max(rows, cols) >= self.gram_ratio * min(rows, cols) else newton_schulz
+            ortho = self.ortho[max(rows, cols) >= self.gram_ratio * min(rows, cols)]
             out = ortho(mine, self.backend_steps)
             if self.world_size > 1:
                 gathered = [torch.empty_like(out) for _ in range(self.world_size)]
@@ -1338,12 +1344,13 @@ def build_optimizers(model: nn.Module, h: Hyperparameters, rank, world_size):
         if role not in by_role:
             raise RuntimeError(f"parameter {name} has no optimizer role")
         by_role[role].append(p)
+    on_cuda = next(model.parameters()).is_cuda
     muon = Muon(by_role["matrix"], h.matrix_lr, h.muon_momentum, h.muon_wd, h.muon_backend_steps,
-                h.gram_ns_ratio, rank, world_size)
+                h.gram_ns_ratio, rank, world_size, compile_ortho=h.muon_compile and h.compile and on_cuda)
     adam_groups = [dict(params=by_role[r], lr=getattr(h, lr), base_lr=getattr(h, lr), weight_decay=getattr(h, wd))
                    for r, (kind, lr, wd) in OPTIMIZER_ROLES.items() if kind == "adamw" and by_role[r]]
     adamw = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps,
-                              fused=next(model.parameters()).is_cuda)
+                              fused=on_cuda)
     muon.param_groups[0]["base_lr"] = h.matrix_lr
     return [muon, adamw]
 

@@ -388,6 +388,7 @@ def test_residual_stream_dtype_under_autocast(residual_bf16):
     stream = []
     for block in model.blocks:
         block.register_forward_hook(lambda m, a, out: stream.extend(out if isinstance(out, tuple) else [out]))
+        block.attn.register_forward_pre_hook(lambda m, a: stream.append(a[1]))  # x_in, the mixed attention input
     with torch.no_grad():
         ref = model(ids, ids, cu, 25)
     assert {t.dtype for t in stream} == {torch.float32}  # no autocast: fp32 whatever the flag
@@ -395,7 +396,7 @@ def test_residual_stream_dtype_under_autocast(residual_bf16):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(ids, ids, cu, 25)
     expected = torch.bfloat16 if residual_bf16 else torch.float32
-    assert len(stream) == sum(1 + model.blocks[i].parallel for i in sum(model.layer_plan(True), []))  # lanes: two
+    assert len(stream) == sum(2 + model.blocks[i].parallel for i in sum(model.layer_plan(True), []))  # lanes: two
     assert {t.dtype for t in stream} == {expected}
     assert abs(loss.item() - ref.item()) < 0.05
     loss.backward()
@@ -530,6 +531,15 @@ def test_build_optimizers_assigns_each_parameter_once():
     # Muon buckets stack same-shape matrices
     assert sum(len(v) for v in muon.buckets.values()) == len(muon_ids)
     assert all(p.shape == shape for shape, ps in muon.buckets.items() for p in ps)
+
+
+@pytest.mark.parametrize("muon_compile", [False, True])
+def test_muon_orthogonalises_eagerly_without_cuda(muon_compile):
+    # MUON_COMPILE takes effect only with COMPILE=1 on CUDA (tests/test_gpu.py checks the compiled
+    # path); on the CPU Muon calls the eager functions themselves.
+    h = tiny_h(muon_compile=muon_compile, compile=True)
+    muon = tg.build_optimizers(make_model(h), h, 0, 1)[0]
+    assert muon.ortho == [tg.newton_schulz, tg.gram_newton_schulz]
 
 
 def test_parameter_without_role_is_refused():
