@@ -244,9 +244,10 @@ def test_print_kernels_sums_kernels_by_kind_and_never_counts_a_gpu_range(capsys)
     assert len(rows) == 4 and "Optimizer" not in "".join(rows)
 
 
-def test_bench_ab_alternates_the_two_settings_in_one_process(tmp_path):
-    """tools/bench_ab.py: both loop phases, every round timing A and B (the first one alternating);
-    settings fixed when the model is built, malformed, or equal to A's are refused before a model is built."""
+def test_bench_ab_alternates_two_models_in_one_process(tmp_path):
+    """tools/bench_ab.py: B is built with its own settings (here a narrower MLP), both loop phases
+    are timed, every round times A and B with the first one alternating; settings made once per
+    process, malformed ones, and ones equal to A's are refused before a model is built."""
     import re
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -255,16 +256,18 @@ def test_bench_ab_alternates_the_two_settings_in_one_process(tmp_path):
     data, tok, vocab = tiny_dataset(tmp_path)
     env = script_env(tmp_path, data, tok, vocab)
     tool = [sys.executable, str(ROOT / "tools" / "bench_ab.py")]
-    r = subprocess.run(tool + ["RESIDUAL_BF16=1", "--rounds", "3", "--steps", "1"], env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(tool + ["MLP_MULT=1", "RESIDUAL_BF16=1", "--rounds", "3", "--steps", "1"], env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "A {'residual_bf16': False} B {'residual_bf16': True}" in r.stdout
+    assert "B differs in mlp_mult 2 -> 1, residual_bf16 False -> True;" in r.stdout
+    params = {m[1]: int(m[2]) for m in re.finditer(r"bench_ab: ([AB]) (\d+) parameters", r.stdout)}
+    assert params["A"] - params["B"] == 6 * 2 * 64 * 64, params  # 6 layers' up and down: 64 -> 128 -> 64 vs 64 -> 64
     for looping in (0, 1):
         firsts = re.findall(rf"looping:{looping} round \d \(([AB]) first\): A \d+\.\d+ B \d+\.\d+ ms/step", r.stdout)
         assert firsts == ["A", "B", "A"], r.stdout
         assert re.search(rf"looping:{looping} median ms/step A [\d.]+ B [\d.]+; B/A per round( [\d.]+){{3}} "
                          r"\(median [\d.]+\); tok/s A \d+ B \d+", r.stdout), r.stdout
-    for bad, msg in ((["MODEL_DIM=256"], "MODEL_DIM cannot be switched in one process"),
+    for bad, msg in ((["ATTN_BACKEND=sdpa"], "ATTN_BACKEND is one per process"),
                      (["RESIDUAL_BF16"], "expected NAME=VALUE"),
                      (["RESIDUAL_BF16=0"], "B's settings equal A's"),
                      (["RESIDUAL_BF16=2"], "RESIDUAL_BF16='2': expected 0 or 1"),

@@ -15,16 +15,17 @@
 #   steps   STEPS=... (in ENV; 50) training steps logged one by one (looping from the middle), stopped before
 #           GPTQ, for a same-seed A/B
 #   prequant STEPS=... (in ENV; 50) training steps logged one by one (looping from ENABLE_LOOPING_AT, 0.35),
-#           stopped after the pre-quantization val_bpb: a fixed-step quality A/B (no GPTQ, no sliding/TTT eval)
+#           stopped after the pre-quantization val_bpb (GPTQ, which runs before it, included): a fixed-step
+#           quality A/B; SLIDING_EVAL=0,TTT_ENABLED=0 in ENV skip those evals' compiles
 #   prof    tools/profile_ttt.py (TTT ms/step by document length, a profiled batch, global SGD)
 #   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
-#   abench  tools/bench_ab.py: ARGS=... its arguments, e.g. abench:ab=ARGS=RESIDUAL_BF16=1 --rounds 6 (an in-process
-#           speed A/B in alternating rounds)
+#   abench  tools/bench_ab.py: ARGS=... its arguments, e.g. "abench:ab=ARGS=RESIDUAL_BF16=1 --rounds 6" (quoted: an
+#           in-process speed A/B of two models in alternating rounds)
 #   kbench  tools/bench_kernels.py: the step's pieces on the model's shapes (MLP activations with cuBLAS,
 #           bf16 vs FP8 GEMMs, fp32 vs bf16 norms), forward and forward + backward
 #   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
 #           lprof:l786=TRAIN_BATCH_TOKENS=786432 for the 8-GPU run's per-GPU load
-# DIR=... in a train, steps, prequant, eval or fweval job's ENV: the folder whose train_gpt.py runs (default: the repo's), for
+# DIR=... in a train, steps, prequant, abench, eval or fweval job's ENV: the folder whose train_gpt.py runs (default: the repo's), for
 # an A/B of two versions in one lease; copied out first, with tools/ (each call's carry replaces a carried
 # folder: a job running in it lost its cwd).
 # BENCH_STEPS=... in a train job's ENV times steps with looping off and on after the compile, then ends it.
