@@ -1293,6 +1293,7 @@ class Muon(torch.optim.Optimizer):
         self.rank, self.world_size = rank, world_size
         # Eager, each orthogonalisation is ~50 small kernels per shape, launched faster by a graph
         # (Muon's step took 12.0 ms of GPU time against the leader's 8.0, whose iteration is compiled).
+        # A second optimizer (training's, after the compile warm-up's) reuses the graphs dynamo cached.
         self.ortho = [torch.compile(f, dynamic=False, fullgraph=True) if compile_ortho else f
                       for f in (newton_schulz, gram_newton_schulz)]
         self.buckets = {}
