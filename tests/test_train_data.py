@@ -323,6 +323,31 @@ def test_tiny_tokenizer_bytes_and_load_tokenizer(tmp_path_factory):
         tg.load_tokenizer(tg.Hyperparameters(tokenizer_path=str(tmp_path_factory.mktemp("x") / "no.model")))
 
 
+def test_loader_reads_each_next_shard_in_a_thread_ahead_of_time(tmp_path, monkeypatch):
+    """Only the first shard (and a seek's) is read in the caller's thread; every later one is read
+    by the loader's thread, started as soon as the shard before it is opened, so crossing a shard
+    boundary does not wait for a read."""
+    import threading
+
+    files, stream = stream_shards(tmp_path, [37, 50, 23])
+    reads, load = [], tg.DocumentPackingLoader._load
+
+    def traced(self, i):
+        reads.append((i, threading.current_thread() is threading.main_thread()))
+        return load(self, i)
+
+    monkeypatch.setattr(tg.DocumentPackingLoader, "_load", traced)
+    loader = tg.DocumentPackingLoader(files, 7, 4, 0, 1, CPU)
+    loader.next.result()
+    assert reads == [(0, True), (1, False)]  # shard 1 read before any batch needs it
+    pieces = [loader.next_batch()[0][0].tolist() for _ in range(30)]  # 240 tokens: wraps twice
+    assert pieces == [np.take(stream, np.arange(8 * c, 8 * c + 7), mode="wrap").tolist() for c in range(30)]
+    assert [main for _, main in reads[1:]] == [False] * (len(reads) - 1)
+    assert [i for i, _ in reads] == [k % 3 for k in range(len(reads))]
+    loader.seek(40)  # a resume: shard 1 at token 3, read in the caller's thread unless prefetched
+    assert loader.next_batch()[0][0].tolist() == stream[40:47].tolist()
+
+
 def test_loader_rejects_a_train_token_outside_the_vocabulary(tmp_path):
     """A bad id in a later train shard is a ConfigError naming it when the loader reaches it."""
     write_shard(tmp_path / "fineweb_train_000000.bin", [1, 2, 3, 4] * 8)
