@@ -323,10 +323,10 @@ def test_tiny_tokenizer_bytes_and_load_tokenizer(tmp_path_factory):
         tg.load_tokenizer(tg.Hyperparameters(tokenizer_path=str(tmp_path_factory.mktemp("x") / "no.model")))
 
 
-def test_loader_reads_each_next_shard_in_a_thread_ahead_of_time(tmp_path, monkeypatch):
-    """Only the first shard (and a seek's) is read in the caller's thread; every later one is read
-    by the loader's thread, started as soon as the shard before it is opened, so crossing a shard
-    boundary does not wait for a read."""
+def test_loader_reads_each_next_shard_in_a_thread_half_way_through_this_one(tmp_path, monkeypatch):
+    """Only the first shard (and a seek's) is read in the caller's thread. Every later one is read by
+    the loader's thread, started once half of the shard before it is consumed (not before: GPTQ's
+    calibration batches read no second shard), so crossing a boundary does not wait for a read."""
     import threading
 
     files, stream = stream_shards(tmp_path, [37, 50, 23])
@@ -338,14 +338,34 @@ def test_loader_reads_each_next_shard_in_a_thread_ahead_of_time(tmp_path, monkey
 
     monkeypatch.setattr(tg.DocumentPackingLoader, "_load", traced)
     loader = tg.DocumentPackingLoader(files, 7, 4, 0, 1, CPU)
-    loader.next.result()
-    assert reads == [(0, True), (1, False)]  # shard 1 read before any batch needs it
-    pieces = [loader.next_batch()[0][0].tolist() for _ in range(30)]  # 240 tokens: wraps twice
-    assert pieces == [np.take(stream, np.arange(8 * c, 8 * c + 7), mode="wrap").tolist() for c in range(30)]
-    assert [main for _, main in reads[1:]] == [False] * (len(reads) - 1)
-    assert [i for i, _ in reads] == [k % 3 for k in range(len(reads))]
-    loader.seek(40)  # a resume: shard 1 at token 3, read in the caller's thread unless prefetched
-    assert loader.next_batch()[0][0].tolist() == stream[40:47].tolist()
+    batches = [loader.next_batch()[0][0].tolist() for _ in range(3)]  # 24 of shard 0's 37 tokens
+    assert reads == [(0, True)] and loader.next is None
+    batches.append(loader.next_batch()[0][0].tolist())  # taken past half way: shard 1 is being read
+    loader.next[1].result()
+    assert reads == [(0, True), (1, False)] and loader.idx == 0
+    batches += [loader.next_batch()[0][0].tolist() for _ in range(26)]  # 240 tokens: wraps twice
+    assert batches == [np.take(stream, np.arange(8 * c, 8 * c + 7), mode="wrap").tolist() for c in range(30)]
+    if loader.next:
+        loader.next[1].result()
+    done = list(reads)
+    assert [i for i, _ in done] == [k % 3 for k in range(len(done))] and len(done) >= 7
+    assert [main for _, main in done[1:]] == [False] * (len(done) - 1)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_loader_seek_continues_the_stream_from_any_position(tmp_path, world):
+    """A resume's seek(t) then reads exactly what the stream holds after its first t tokens: at
+    shard boundaries, inside shards shorter than a batch, past an empty shard, beyond a whole pass."""
+    files, stream = stream_shards(tmp_path, [13, 0, 5, 21, 3])
+    local, total = 6, len(stream)
+    for taken in range(0, 2 * total + 3):
+        loader = tg.DocumentPackingLoader(files, local, 4, world - 1, world, CPU)
+        loader.seek(taken)
+        for call in range(3):
+            start = taken + (call * world + world - 1) * (local + 1)
+            piece = np.take(stream, np.arange(start, start + local + 1), mode="wrap")
+            assert loader.next_batch()[0][0].tolist() == piece[:-1].tolist(), (taken, call)
+        assert loader.taken == taken + 3 * world * (local + 1)
 
 
 def test_loader_rejects_a_train_token_outside_the_vocabulary(tmp_path):
