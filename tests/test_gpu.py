@@ -214,10 +214,11 @@ def test_compiled_orthogonalisations_are_as_close_to_fp64_as_eager(shape):
         assert compiled <= 1.1 * eager + 1e-3, (f.__name__, compiled, eager)
 
 
-def test_compiled_muon_recompiles_nothing_as_its_rates_change():
-    """Muon with compiled orthogonalisations: a new momentum or lr every step (the warm-up and
-    warmdown schedules) compiles nothing after the first step, nor does a second optimizer; its
-    updates stay within 10% of the eager Muon's (both forms' rounding apart)."""
+def test_compiled_muon_compiles_once_and_updates_as_eager():
+    """Muon with compiled orthogonalisations compiles its graphs in the first step and nothing
+    after it, with a new momentum and lr every step (which stay outside the graphs), nor in a
+    second optimizer (training's, after the compile warm-up's); its updates stay within 10% of the
+    eager Muon's (both forms' rounding apart)."""
     import torch._dynamo.utils as dyn
 
     torch._dynamo.reset()
@@ -246,6 +247,13 @@ def test_compiled_muon_recompiles_nothing_as_its_rates_change():
             assert dyn.counters["stats"]["unique_graphs"] == graphs
     for eager, comp, w0 in zip(*results, start):
         assert rel_err(comp - w0.cuda(), eager - w0.cuda()) < 0.1  # the updates, not the weights, compared
+
+
+@pytest.mark.parametrize("muon_compile", [False, True])
+def test_muon_compile_setting_reaches_the_optimizer(muon_compile):
+    h = tg.Hyperparameters(vocab_size=512, muon_compile=muon_compile)
+    muon = tg.build_optimizers(tg.GPT(h).cuda(), h, 0, 1)[0]
+    assert (muon.ortho == [tg.newton_schulz, tg.gram_newton_schulz]) != muon_compile
 
 
 def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path, monkeypatch):

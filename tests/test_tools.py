@@ -245,9 +245,11 @@ def test_print_kernels_sums_kernels_by_kind_and_never_counts_a_gpu_range(capsys)
 
 
 def test_bench_ab_alternates_two_models_in_one_process(tmp_path):
-    """tools/bench_ab.py: B is built with its own settings (here a narrower MLP), both loop phases
-    are timed, every round times A and B with the first one alternating; settings made once per
-    process, malformed ones, and ones equal to A's are refused before a model is built."""
+    """tools/bench_ab.py: B is built and trained with its own settings (a narrower MLP, larger
+    batches), both loop phases are timed, every round times A and B with the first one alternating,
+    the summaries are those rounds' figures, and each model took its own batches to its own loss; unknown
+    settings, ones made once per process, malformed ones and ones equal to A's are refused before a
+    model is built."""
     import re
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -256,18 +258,34 @@ def test_bench_ab_alternates_two_models_in_one_process(tmp_path):
     data, tok, vocab = tiny_dataset(tmp_path)
     env = script_env(tmp_path, data, tok, vocab)
     tool = [sys.executable, str(ROOT / "tools" / "bench_ab.py")]
-    r = subprocess.run(tool + ["MLP_MULT=1", "RESIDUAL_BF16=1", "--rounds", "3", "--steps", "1"], env=env,
+    r = subprocess.run(tool + ["MLP_MULT=1", "RESIDUAL_BF16=1", "TRAIN_BATCH_TOKENS=2048", "--rounds", "3", "--steps",
+                               "1"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "B differs in mlp_mult 2 -> 1, residual_bf16 False -> True;" in r.stdout
-    params = {m[1]: int(m[2]) for m in re.finditer(r"bench_ab: ([AB]) (\d+) parameters", r.stdout)}
+    out = r.stdout
+    assert "B differs in mlp_mult 2 -> 1, residual_bf16 False -> True, train_batch_tokens 1024 -> 2048;" in out
+    params = {m[1]: int(m[2]) for m in re.finditer(r"bench_ab: ([AB]) (\d+) parameters", out)}
     assert params["A"] - params["B"] == 6 * 2 * 64 * 64, params  # 6 layers' up and down: 64 -> 128 -> 64 vs 64 -> 64
     for looping in (0, 1):
-        firsts = re.findall(rf"looping:{looping} round \d \(([AB]) first\): A \d+\.\d+ B \d+\.\d+ ms/step", r.stdout)
-        assert firsts == ["A", "B", "A"], r.stdout
-        assert re.search(rf"looping:{looping} median ms/step A [\d.]+ B [\d.]+; B/A per round( [\d.]+){{3}} "
-                         r"\(median [\d.]+\); tok/s A \d+ B \d+", r.stdout), r.stdout
+        rounds = re.findall(rf"looping:{looping} round \d \(([AB]) first\): A (\d+\.\d+) B (\d+\.\d+) ms/step", out)
+        assert [first for first, _, _ in rounds] == ["A", "B", "A"], out
+        a_ms, b_ms = ([float(x[i]) for x in rounds] for i in (1, 2))
+        m = re.search(rf"looping:{looping} median ms/step A ([\d.]+) B ([\d.]+); B/A per round ([\d. ]+) "
+                      r"\(median ([\d.]+)\); tok/s A (\d+) B (\d+) \(B/A ([\d.]+)\)", out)
+        assert m, out
+        assert float(m[1]) == pytest.approx(sorted(a_ms)[1], abs=0.006)
+        assert float(m[2]) == pytest.approx(sorted(b_ms)[1], abs=0.006)
+        for ratio, a, b in zip(map(float, m[3].split()), a_ms, b_ms):
+            assert ratio == pytest.approx(b / a, rel=2e-3)
+        assert int(m[5]) == pytest.approx(1024 * 1000 / float(m[1]), rel=1e-3)
+        assert int(m[6]) == pytest.approx(2048 * 1000 / float(m[2]), rel=1e-3)
+        assert float(m[7]) == pytest.approx(int(m[6]) / int(m[5]), rel=1e-3)
+    took = {m[1]: (int(m[2]), float(m[3])) for m in re.finditer(r"bench_ab: ([AB]) took (\d+) tokens, last loss ([\d.]+)", out)}
+    steps = 2 * (3 + 3)  # phases x (warm-up + rounds), each of 2 micro-batches
+    assert (took["A"][0], took["B"][0]) == (steps * 2 * (512 + 1), steps * 2 * (1024 + 1))
+    assert took["A"][1] != took["B"][1]
     for bad, msg in ((["ATTN_BACKEND=sdpa"], "ATTN_BACKEND is one per process"),
+                     (["MATRX_LR=0.1"], "MATRX_LR is not a setting of train_gpt.py"),
                      (["RESIDUAL_BF16"], "expected NAME=VALUE"),
                      (["RESIDUAL_BF16=0"], "B's settings equal A's"),
                      (["RESIDUAL_BF16=2"], "RESIDUAL_BF16='2': expected 0 or 1"),

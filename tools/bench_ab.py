@@ -8,24 +8,34 @@ A is train_gpt.py's environment (the proxy's on the device), B the same plus NAM
 each model built from the same seed and fed the same batches. Settings the process makes once for
 both (PROCESS_SETTINGS) cannot differ: compare those in two runs (tools/device_ab.sh). Both
 models' memory is held at once (the proxy's peak is ~15 GiB a model, 786K tokens a step ~47).
+Warm-up seconds are each model's first steps of each phase; B's may reuse graphs A compiled.
     python3 tools/bench_ab.py NAME=VALUE [NAME=VALUE ...] [--rounds 4] [--steps 10]"""
 import argparse
 import os
 import statistics
 import sys
 import time
+from dataclasses import fields
 
 import torch
 
-PROCESS_SETTINGS = {"ATTN_BACKEND", "COMPILE", "DATA_PATH", "BENCH_STEPS"}  # one per process (Runtime, data)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train_gpt as tg  # noqa: E402
+
+# one per process: the Runtime (device, attention, compile, ranks), the data, the run's files
+PROCESS_SETTINGS = {"ATTN_BACKEND", "COMPILE", "DATA_PATH", "BENCH_STEPS", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                    "RUN_ID", "LOG_DIR"}
 
 
 def parse_settings(items, ap):
+    known = {f.name.upper() for f in fields(tg.Hyperparameters)}
     settings = {}
     for item in items:
         name, eq, value = item.partition("=")
         if not eq or not name:
             ap.error(f"{item!r}: expected NAME=VALUE")
+        if name not in known:
+            ap.error(f"{name} is not a setting of train_gpt.py")
         if name in PROCESS_SETTINGS:
             ap.error(f"{name} is one per process: compare it in two runs (tools/device_ab.sh)")
         settings[name] = value
@@ -41,9 +51,6 @@ def main(argv=None):
     if args.rounds < 2 or args.steps < 1:
         ap.error("--rounds must be at least 2 (each model goes first once) and --steps at least 1")
     settings = parse_settings(args.settings, ap)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    import train_gpt as tg
-
     try:
         hp = {"A": tg.Hyperparameters.from_env()}
         hp["B"] = tg.Hyperparameters.from_env({**os.environ, **settings})  # parsed and checked as the script would
@@ -59,27 +66,25 @@ def main(argv=None):
     for name, h in hp.items():
         torch.manual_seed(h.seed)  # the same initial weights where the shapes agree
         model = rt.place(tg.GPT(h))
-        runs[name] = (h, tg.Trainer(model, h, rt), tg.new_train_loader(h, rt, files))
-        params = sum(p.numel() for p in model.parameters())
-        print(f"bench_ab: {name} {params} parameters", flush=True)
+        runs[name] = dict(h=h, trainer=tg.Trainer(model, h, rt), loader=tg.new_train_loader(h, rt, files), loss=None)
+        print(f"bench_ab: {name} {sum(p.numel() for p in model.parameters())} parameters", flush=True)
+    print(f"bench_ab: B differs in {', '.join(f'{f} {a!r} -> {b!r}' for f, (a, b) in differ.items())}; "
+          f"{args.rounds} rounds of {args.steps} steps; attention {rt.attn_backend}, compile {rt.compile}, "
+          f"world size {rt.world_size}", flush=True)
     phases = [False, True] if hp["A"].num_loops > 0 or hp["B"].num_loops > 0 else [False]
 
     def run(name, looping, steps):
-        h, trainer, loader = runs[name]
+        r = runs[name]
         rt.sync()
         t0 = time.perf_counter()
         for i in range(steps):
-            trainer.step(loader, i, 0.0, looping and h.num_loops > 0)
+            r["loss"] = r["trainer"].step(r["loader"], i, 0.0, looping)
         rt.sync()
         return 1000 * (time.perf_counter() - t0) / steps
 
-    t0 = time.perf_counter()
     for looping in phases:
-        for name in "AB":
-            run(name, looping, 3)  # compiles each model's graphs
-    print(f"bench_ab: B differs in {', '.join(f'{f} {a!r} -> {b!r}' for f, (a, b) in differ.items())}; compile + "
-          f"warm-up {time.perf_counter() - t0:.1f}s; {args.rounds} rounds of {args.steps} steps; attention "
-          f"{rt.attn_backend}, world size {rt.world_size}", flush=True)
+        warm = {name: run(name, looping, 3) * 3 / 1000 for name in "AB"}  # compiles each model's graphs
+        print(f"bench_ab: looping:{int(looping)} warm-up (3 steps) A {warm['A']:.1f}s B {warm['B']:.1f}s", flush=True)
     for looping in phases:
         ms = {"A": [], "B": []}
         for r in range(args.rounds):
@@ -90,10 +95,12 @@ def main(argv=None):
                   f"B {ms['B'][-1]:.2f} ms/step", flush=True)
         ratios = [mb / ma for ma, mb in zip(ms["A"], ms["B"])]
         med = {name: statistics.median(v) for name, v in ms.items()}
-        tok_s = {name: runs[name][0].train_batch_tokens / med[name] * 1000 for name in med}
+        tok_s = {name: runs[name]["h"].train_batch_tokens / med[name] * 1000 for name in med}
         print(f"bench_ab: looping:{int(looping)} median ms/step A {med['A']:.2f} B {med['B']:.2f}; B/A per round "
               f"{' '.join(f'{x:.4f}' for x in ratios)} (median {statistics.median(ratios):.4f}); tok/s A "
-              f"{tok_s['A']:.0f} B {tok_s['B']:.0f}", flush=True)
+              f"{tok_s['A']:.0f} B {tok_s['B']:.0f} (B/A {tok_s['B'] / tok_s['A']:.4f})", flush=True)
+    for name, r in runs.items():  # what each model did: the same batches, its own loss
+        print(f"bench_ab: {name} took {r['loader'].taken} tokens, last loss {float(r['loss']):.4f}", flush=True)
     rt.close(ok=True)
 
 

@@ -38,7 +38,7 @@ KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins; any
     ("attention", ("flash", "fmha", "attn_fwd", "attn_bwd")),
     ("gemm", ("nvjet", "gemm", "cutlass", "cublas", "splitkreduce", "linear_")),
     ("cross-entropy", ("softcap", "cross_entropy")),
-    ("aten add (gradient sums)", ("cudafunctor_add<",)),  # fp32 (parameters, an fp32 stream) or bf16
+    ("aten add (gradient sums)", ("cudafunctor_add<float>", "cudafunctor_add<c10::bfloat16>")),
     ("reduce (aten)", ("reduce_kernel",)),
     ("memcpy/memset", ("memcpy", "memset")),
 )
