@@ -508,7 +508,7 @@ class DocumentPackingLoader:
     def __init__(self, files, local_tokens, seq_len, rank, world_size, device, vocab_size=None):
         self.files, self.local, self.seq_len = files, local_tokens, seq_len
         self.rank, self.world_size, self.device, self.vocab_size = rank, world_size, device, vocab_size
-        self.reader, self.next = ThreadPoolExecutor(1), None  # next: (shard index, its read) once started
+        self.next = None  # (shard index, its read) once started
         self._open(0, 0)
         self.taken = 0
 
@@ -529,8 +529,9 @@ class DocumentPackingLoader:
         self.taken += n
         while n:
             if self.next is None and 2 * self.pos >= len(self.buf):  # half way: GPTQ's few batches read no more
-                j = (self.idx + 1) % len(self.files)
-                self.next = (j, self.reader.submit(self._load, j))
+                j, reader = (self.idx + 1) % len(self.files), ThreadPoolExecutor(1)
+                self.next = (j, reader.submit(self._load, j))
+                reader.shutdown(wait=False)  # its thread ends with the read: none is left idle at exit
             if self.pos == len(self.buf):
                 self._open(self.next[0], 0)
                 continue
