@@ -64,7 +64,8 @@ def print_kernels(prof, steps, wall, batch_tokens, label):
           f"{batch_tokens / wall:.0f} tok/s")
     kinds = {}
     for e in kernels:
-        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1000 / steps
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1000 / steps
     print("by kind (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
     if ranges:
         print("ranges (ms/step): " + ", ".join(f"{e.key} {e.self_device_time_total / 1000 / steps:.2f}" for e in ranges))
