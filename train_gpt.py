@@ -119,7 +119,7 @@ class Hyperparameters:
     loop_trunc_bwd: int = 1
     parcae: bool = True
     smear_gate: bool = True
-    residual_bf16: bool = False  # the residual stream (x, x0, lanes) in autocast's bf16 instead of fp32
+    residual_bf16: bool = True  # the residual stream (x, x0, lanes) in autocast's bf16 instead of fp32
     attn_gate: str = "out"
     sparse_attn_gate_scale: float = 0.5
     gate_width: int = 12

@@ -258,12 +258,12 @@ def test_bench_ab_alternates_two_models_in_one_process(tmp_path):
     data, tok, vocab = tiny_dataset(tmp_path)
     env = script_env(tmp_path, data, tok, vocab)
     tool = [sys.executable, str(ROOT / "tools" / "bench_ab.py")]
-    r = subprocess.run(tool + ["MLP_MULT=1", "RESIDUAL_BF16=1", "TRAIN_BATCH_TOKENS=2048", "--rounds", "3", "--steps",
+    r = subprocess.run(tool + ["MLP_MULT=1", "RESIDUAL_BF16=0", "TRAIN_BATCH_TOKENS=2048", "--rounds", "3", "--steps",
                                "1"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    assert "B differs in mlp_mult 2 -> 1, residual_bf16 False -> True, train_batch_tokens 1024 -> 2048;" in out
+    assert "B differs in mlp_mult 2 -> 1, residual_bf16 True -> False, train_batch_tokens 1024 -> 2048;" in out
     params = {m[1]: int(m[2]) for m in re.finditer(r"bench_ab: ([AB]) (\d+) parameters", out)}
     assert params["A"] - params["B"] == 6 * 2 * 64 * 64, params  # 6 layers' up and down: 64 -> 128 -> 64 vs 64 -> 64
     for looping in (0, 1):
@@ -287,9 +287,9 @@ def test_bench_ab_alternates_two_models_in_one_process(tmp_path):
     for bad, msg in ((["ATTN_BACKEND=sdpa"], "ATTN_BACKEND is one per process"),
                      (["MATRX_LR=0.1"], "MATRX_LR is not a setting of train_gpt.py"),
                      (["RESIDUAL_BF16"], "expected NAME=VALUE"),
-                     (["RESIDUAL_BF16=0"], "B's settings equal A's"),
+                     (["RESIDUAL_BF16=1"], "B's settings equal A's"),
                      (["RESIDUAL_BF16=2"], "RESIDUAL_BF16='2': expected 0 or 1"),
-                     (["RESIDUAL_BF16=1", "--rounds", "1"], "--rounds must be at least 2")):
+                     (["RESIDUAL_BF16=0", "--rounds", "1"], "--rounds must be at least 2")):
         r = subprocess.run(tool + bad, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and msg in r.stderr, (bad, r.stderr)
 
