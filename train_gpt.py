@@ -127,6 +127,7 @@ class Hyperparameters:
     xielu_learnable: bool = False
     attn_backend: str = "auto"
     compile: bool = True
+    train_cuda_graph: bool = False  # each micro-batch's forward + backward replayed as a CUDA graph (MicroStepGraphs)
     bench_steps: int = 0
     # optimisation
     matrix_lr: float = 0.026
@@ -1407,6 +1408,92 @@ def optimizer_step(optimizers, params, rt: Runtime, clip_norm):
         p.grad = None
 
 
+class MicroStepGraphs:
+    """TRAIN_CUDA_GRAPH=1: a micro-batch's forward + backward replayed as a CUDA graph, one per loop
+    phase and packing shape. At 32K-token micro-batches the compiled step is bound by the host (~25
+    compiled calls each way per micro-batch, wall ~380-400 ms over 286 ms of kernels); a replay
+    launches them at once. Fixed addresses: cu_seqlens padded with empty sequences to a power of two
+    (>= 64), the longest sequence rounded up to a power of two (attention's grid reads it at capture),
+    gradients summed in place into buffers kept across steps (the sums of plain steps). One pool: graphs
+    replay one at a time and each loss is read before the next. capture=False (CPU, SDPA): the same
+    padded inputs and buffers through plain steps."""
+
+    def __init__(self, model, h: Hyperparameters, capture):
+        self.model, self.h, self.capture, self.graphs, self.used = model, h, capture, {}, {}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.bufs = [None] * len(self.params)
+        if capture:
+            self.pool, self.side = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+
+    def fwd_bwd(self, x, y, cu, max_len, looping):
+        with bf16_autocast(x.device, cache=False):  # no cast cache in a captured step
+            loss = self.model(x, y, cu, max_len, looping)
+        (loss / self.h.grad_accum_steps).backward()
+        return loss.detach()
+
+    def point_grads(self, looping):
+        """.grad = the kept buffer where this phase trains the parameter, None elsewhere (as in plain
+        steps: loop parameters get no update before the loop is on)."""
+        for i, (p, used) in enumerate(zip(self.params, self.used[looping])):
+            if used and self.bufs[i] is None:
+                self.bufs[i] = torch.zeros_like(p)
+            p.grad = self.bufs[i] if used else None
+
+    def add(self, key, static, looping):
+        """A new shape: a plain step first (on a side stream before a capture; its gradients dropped)
+        says which parameters this phase trains, then the capture."""
+        saved = [p.grad for p in self.params]  # this step's sums so far
+        for p in self.params:
+            p.grad = None
+        graph = loss = None
+        if self.capture:
+            self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side) if self.capture else contextlib.nullcontext():
+            self.fwd_bwd(*static, looping)
+        self.used.setdefault(looping, [p.grad is not None for p in self.params])
+        if self.capture:
+            torch.cuda.current_stream().wait_stream(self.side)
+            self.point_grads(looping)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                loss = self.fwd_bwd(*static, looping)
+        self.graphs[key] = graph, static, loss
+        for p, g in zip(self.params, saved):
+            p.grad = g
+
+    def run(self, x, y, cu, max_len, looping, first):
+        """One micro-batch (first: of a step, whose gradients start at zero); returns its loss, valid
+        until the next call."""
+        n_cu, m = max(64, 1 << (cu.numel() - 1).bit_length()), 1 << (max_len - 1).bit_length()
+        key = looping, x.shape, n_cu, m
+        if key not in self.graphs:
+            self.add(key, (x.clone(), y.clone(), F.pad(cu, (0, n_cu - cu.numel()), value=x.numel()), m), looping)
+        if first:
+            self.point_grads(looping)
+            torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
+        graph, (sx, sy, scu, _), loss = self.graphs[key]
+        sx.copy_(x)
+        sy.copy_(y)
+        scu[:cu.numel()].copy_(cu)
+        scu[cu.numel():].fill_(x.numel())
+        if graph is None:
+            return self.fwd_bwd(sx, sy, scu, m, looping)
+        graph.replay()
+        return loss
+
+
+def micro_step_graphs(model, h: Hyperparameters, rt: Runtime):
+    """The model's MicroStepGraphs with TRAIN_CUDA_GRAPH=1 (made once per model, so the compile warm-up's
+    captures serve training; train_model drops them before GPTQ), else None."""
+    if not h.train_cuda_graph:
+        return None
+    if getattr(model, "step_graphs", None) is None:
+        model.step_graphs = MicroStepGraphs(model, h, can_capture(rt))
+        if not model.step_graphs.capture:
+            rt.log("train_cuda_graph: no CUDA graphs here (CPU or SDPA): plain steps on the padded shapes")
+    return model.step_graphs
+
+
 class Trainer:
     """One optimizer step = MICRO_BATCHES micro-batches split over ranks; the gradient is
     averaged over all of them, so any world size computes the same step."""
@@ -1416,6 +1503,7 @@ class Trainer:
         self.params = [p for p in model.parameters()]
         self.optimizers = build_optimizers(model, h, rt.rank, rt.world_size)
         self.autocast = bf16_autocast(rt.device)
+        self.graphs = micro_step_graphs(model, h, rt)
 
     def step(self, loader, step, frac, looping):
         h = self.h
@@ -1427,8 +1515,11 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * mult
         loss_sum = torch.zeros((), device=self.rt.device)
-        for _ in range(h.grad_accum_steps):
+        for m in range(h.grad_accum_steps):
             x, y, cu, max_len = loader.next_batch()
+            if self.graphs is not None:
+                loss_sum += self.graphs.run(x, y, cu, max_len, looping, m == 0)
+                continue
             with self.autocast:
                 loss = self.model(x, y, cu, max_len, looping)
             (loss / h.grad_accum_steps).backward()
@@ -1679,6 +1770,7 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     rt.log("ema:applying EMA weights")
     ema.apply()
+    model.step_graphs = None  # TRAIN_CUDA_GRAPH's memory pool, freed before GPTQ and evaluation
     return step, train_ms
 
 

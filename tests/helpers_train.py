@@ -179,7 +179,8 @@ def script_env(tmp_path, data_path=None, tokenizer_path=None, vocab_size=None, *
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
            and k.upper() not in {f.name.upper() for f in fields(tg.Hyperparameters)}}
-    env.update(SCRIPT_ENV, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LOG_DIR=str(Path(tmp_path) / "logs"),
+    # PYTHONFAULTHANDLER: Python stacks if a run aborts (a rare SIGABRT of a 2-rank gloo run at exit, seen in CI)
+    env.update(SCRIPT_ENV, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", LOG_DIR=str(Path(tmp_path) / "logs"),
                RUN_ID="test", ARTIFACT_PATH=str(Path(tmp_path) / "final_model.pgq"))
     if data_path is not None:
         env.update(DATA_PATH=str(data_path), TOKENIZER_PATH=str(tokenizer_path), VOCAB_SIZE=str(vocab_size))

@@ -288,3 +288,49 @@ def test_train_model_leaves_the_ema_weights_for_quantization(tmp_path, monkeypat
     params = [p.detach() for p in model.parameters()]
     assert all(torch.equal(p, s) for p, s in zip(params, seen["shadow"]))
     assert any((p - r).abs().max() > 1e-4 for p, r in zip(params, seen["raw"]))
+
+
+def test_micro_step_graphs_pad_the_packing_and_train_as_plain_steps(tmp_path):
+    """TRAIN_CUDA_GRAPH=1 off the GPU (no capture): every micro-batch runs on its shape's fixed inputs,
+    cu_seqlens padded with empty sequences to a power of two (>= 64) and the longest sequence rounded up to
+    one, its gradients summed into buffers kept across steps. Losses and weights equal plain steps', the
+    loop's parameters stay untouched before the loop is on, and train_model drops the graphs at its end."""
+    tg.use_attention_backend("sdpa", torch.device("cpu"))
+    base = dict(log_dir=str(tmp_path / "logs"), run_id="g", train_batch_tokens=256, micro_batches=2, train_seq_len=64)
+    rng = np.random.default_rng(3)
+    stream = rng.integers(4, tiny_h().vocab_size, 6000)
+    stream[rng.random(6000) < 1 / 30] = tg.BOS_ID  # rows of differing sequence counts share a padded shape
+    files = [str(write_shard(tmp_path / "fineweb_train_000000.bin", stream))]
+    runs = {}
+    for graphs in (False, True):
+        h = tiny_h(train_cuda_graph=graphs, **base)
+        rt = tg.Runtime(h)
+        model = make_model(h, seed=5).train()
+        runs[graphs] = (model, tg.Trainer(model, h, rt), tg.new_train_loader(h, rt, files))
+    plain, graphed = runs[False][0], runs[True][0]
+    loop_params = [n for n, _ in graphed.named_parameters() if n.startswith("loop_")]
+    assert loop_params and runs[False][1].graphs is None
+    loop_init = {n: p.detach().clone() for n, p in graphed.named_parameters() if n in loop_params}
+    for step, looping in enumerate([False, False, True, True]):
+        losses = [float(trainer.step(loader, step, 0.0, looping)) for _, trainer, loader in runs.values()]
+        assert losses[0] == losses[1], (step, losses)
+        for (name, p), q in zip(graphed.named_parameters(), plain.parameters()):
+            assert torch.equal(p, q), (step, name)
+            assert p.grad is None, name
+        if not looping:
+            assert all(torch.equal(getattr(graphed, n), loop_init[n]) for n in loop_params)
+    assert not all(torch.equal(getattr(graphed, n), loop_init[n]) for n in loop_params)  # trained once looping
+    keys = graphed.step_graphs.graphs
+    assert {k[0] for k in keys} == {False, True} and len(keys) >= 2
+    for (looping, shape, n_cu, m), (graph, (sx, sy, scu, sm), loss) in keys.items():
+        assert graph is None and loss is None and sm == m and shape == sx.shape == (1, 128)
+        assert n_cu == scu.numel() == 64 and m in (16, 32, 64)
+    # the last micro-batch's padded row: its real sequences, then empty ones at the end of the row
+    x, y, cu, max_len = tg.DocumentPackingLoader(files, 128, 64, 0, 1, torch.device("cpu")).next_batch()
+    graphed.step_graphs.run(x, y, cu, max_len, False, True)
+    scu = graphed.step_graphs.graphs[(False, x.shape, 64, 1 << (max_len - 1).bit_length())][1][2]
+    assert torch.equal(scu[:cu.numel()], cu) and (scu[cu.numel():] == 128).all() and cu.numel() < 64
+    h = tiny_h(train_cuda_graph=True, iterations=2, **base)
+    model = make_model(h, seed=5).train()
+    assert tg.train_model(model, h, tg.Runtime(h), files, None, 0.0)[0] == 2 and model.step_graphs is None
+    assert "train_cuda_graph: no CUDA graphs here" in (tmp_path / "logs" / "g.txt").read_text()

@@ -11,7 +11,7 @@
 #   eval    tools/eval_artifact.py --precompile --compile-times on the proxy val
 #   fweval  the same on a FineWeb-shaped rank's val (tools/eval_workload.py, 6,250 documents), with a
 #           timing stand-in artifact made from the untrained model (--make-artifact; scores mean nothing)
-#   gputest tests/test_gpu.py (-s: its printed timings)
+#   gputest tests/test_gpu.py (-s: its printed timings; ARGS=... adds pytest arguments, e.g. "gputest:g=ARGS=-k train_cuda")
 #   steps   STEPS=... (in ENV; 50) training steps logged one by one (looping from the middle), stopped before
 #           GPTQ, for a same-seed A/B
 #   prequant STEPS=... (in ENV; 50) training steps logged one by one (looping from ENABLE_LOOPING_AT, 0.35),
@@ -19,7 +19,7 @@
 #           quality A/B; SLIDING_EVAL=0,TTT_ENABLED=0 in ENV skip those evals' compiles
 #   prof    tools/profile_ttt.py (TTT ms/step by document length, a profiled batch, global SGD)
 #   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
-#   abench  tools/bench_ab.py: ARGS=... its arguments, e.g. "abench:ab=ARGS=RESIDUAL_BF16=1 --rounds 6" (quoted: an
+#   abench  tools/bench_ab.py: ARGS=... its arguments, e.g. "abench:ab=ARGS=TRAIN_CUDA_GRAPH=1 --rounds 6" (quoted: an
 #           in-process speed A/B of two models in alternating rounds)
 #   kbench  tools/bench_kernels.py: the step's pieces on the model's shapes (MLP activations with cuBLAS,
 #           bf16 vs FP8 GEMMs, fp32 vs bf16 norms), forward and forward + backward
@@ -30,7 +30,7 @@
 # folder: a job running in it lost its cwd).
 # BENCH_STEPS=... in a train job's ENV times steps with looping off and on after the compile, then ends it.
 # eval jobs read ARTIFACT_PATH from their ENV, e.g. ARTIFACT_PATH=/tmp/evaldev/base.pgq (a train job's);
-# ARGS=... in ENV adds flags to eval/fweval's tools/eval_artifact.py (abench: bench_ab.py's arguments), e.g. ARGS=--memory-gib 79 (an H100's memory).
+# ARGS=... in ENV adds flags to eval/fweval's tools/eval_artifact.py (abench: bench_ab.py's arguments; gputest: pytest's), e.g. ARGS=--memory-gib 79 (an H100's memory).
 # Example: bash tools/device_eval.sh start 0 fweval:fw=EVAL_BUDGET_SECONDS=1200
 #          bash tools/device_eval.sh start 1 train:base
 set -u
@@ -67,7 +67,7 @@ job() {  # KIND:NAME[=ENV,...]
   steps) train_steps "$name" "$dir" "$steps" "${cold[@]}" "${extra[@]}" ;;
   prequant) train_until "pre-quantization post-ema val_loss" "$name" "$dir" ITERATIONS=$steps TRAIN_LOG_EVERY=1 \
               MAX_WALLCLOCK_SECONDS=0 GPTQ_RESERVE_SECONDS=0 "${cold[@]}" "${extra[@]}" ;;
-  gputest) env "${cold[@]}" "${extra[@]}" python3 -m pytest -q -s tests/test_gpu.py > $W/$name.log 2>&1 ;;
+  gputest) env "${cold[@]}" "${extra[@]}" python3 -m pytest -q -s tests/test_gpu.py "${args[@]}" > $W/$name.log 2>&1 ;;
   prof) env "${cold[@]}" PHASED_TTT_PREFIX_DOCS=0 "${extra[@]}" python3 tools/profile_ttt.py > $W/$name.log 2>&1 ;;
   tprof) env "${cold[@]}" "${extra[@]}" python3 tools/profile_train.py 3 > $W/$name.log 2>&1 ;;
   abench) env "${cold[@]}" "${extra[@]}" python3 $dir/tools/bench_ab.py "${args[@]}" > $W/$name.log 2>&1 ;;
