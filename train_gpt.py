@@ -1410,9 +1410,9 @@ def optimizer_step(optimizers, params, rt: Runtime, clip_norm):
 
 class MicroStepGraphs:
     """TRAIN_CUDA_GRAPH=1: a micro-batch's forward + backward replayed as a CUDA graph, one per loop
-    phase and packing shape. At 32K-token micro-batches the compiled step is bound by the host (~25
-    compiled calls each way per micro-batch, wall ~380-400 ms over 286 ms of kernels); a replay
-    launches them at once. Fixed addresses: cu_seqlens padded with empty sequences to a power of two
+    phase and packing shape. At 32K-token micro-batches the host may bound the compiled step (~25
+    compiled calls each way per micro-batch; proxy steps of 382-400 ms over 286 ms of kernels, measured
+    apart); a replay launches them at once. Fixed addresses: cu_seqlens padded with empty sequences to a power of two
     (>= 64), the longest sequence rounded up to a power of two (attention's grid reads it at capture),
     gradients summed in place into buffers kept across steps (the sums of plain steps). One pool: graphs
     replay one at a time and each loss is read before the next. capture=False (CPU, SDPA): the same
@@ -1455,11 +1455,17 @@ class MicroStepGraphs:
             torch.cuda.current_stream().wait_stream(self.side)
             self.point_grads(looping)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.side):  # the warm-up's stream: its cuBLAS workspace
                 loss = self.fwd_bwd(*static, looping)
         self.graphs[key] = graph, static, loss
         for p, g in zip(self.params, saved):
             p.grad = g
+
+    def summary(self):
+        """How many shapes (captured graphs) each loop phase has so far: a shape first met in a timed
+        step costs a plain step and a capture there."""
+        n = [sum(k[0] == looping for k in self.graphs) for looping in (False, True)]
+        return f"micro-step shapes {'captured' if self.capture else 'padded'}: {n[0]} unlooped, {n[1]} looped"
 
     def run(self, x, y, cu, max_len, looping, first):
         """One micro-batch (first: of a step, whose gradients start at zero); returns its loss, valid
@@ -1567,7 +1573,7 @@ def compile_warmup(model, h: Hyperparameters, rt: Runtime, train_files):
     rt.sync()
     seconds = time.perf_counter() - t0
     rt.log(f"compile_warmup: {h.warmup_steps} steps ({len(loop_phases)} loop phases) in {seconds:.1f}s, "
-           f"last loss {float(loss):.4f}")
+           f"last loss {float(loss):.4f}{', ' + trainer.graphs.summary() if trainer.graphs else ''}")
     model.load_state_dict(initial_state)
     return seconds
 
@@ -1636,8 +1642,9 @@ def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s):
         rt.log(f"bench: looping:{int(looping)} steps:{h.bench_steps} ms/step:{1000 * seconds / h.bench_steps:.2f} "
                f"tok/s:{tok_s:.0f} tok/s/gpu:{tok_s / rt.world_size:.0f} flops/token:{flops[looping]:.4g} "
                f"TFLOP/s/gpu:{achieved / 1e12:.1f} mfu:{100 * achieved / H200_BF16_FLOPS:.1f}%")
-    peak = torch.cuda.max_memory_allocated() // 2**20 if rt.device.type == "cuda" else 0
-    rt.log(f"bench: compile_warmup_s:{compile_s:.1f} peak_mem_mib:{peak} world_size:{rt.world_size} "
+    cuda = rt.device.type == "cuda"  # reserved: with TRAIN_CUDA_GRAPH its pool, past an H100's 80 GB at 98K before
+    peak, reserved = (torch.cuda.max_memory_allocated() // 2**20, torch.cuda.max_memory_reserved() // 2**20) if cuda else (0, 0)
+    rt.log(f"bench: compile_warmup_s:{compile_s:.1f} peak_mem_mib:{peak} reserved_mib:{reserved} world_size:{rt.world_size} "
            f"micro_tokens:{h.micro_tokens} attention_backend:{rt.attn_backend}")
 
 
@@ -1770,6 +1777,8 @@ def train_model(model, h: Hyperparameters, rt: Runtime, train_files, val: ValSet
                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     rt.log("ema:applying EMA weights")
     ema.apply()
+    if getattr(model, "step_graphs", None):
+        rt.log(f"train_cuda_graph: {model.step_graphs.summary()}")
     model.step_graphs = None  # TRAIN_CUDA_GRAPH's memory pool, freed before GPTQ and evaluation
     return step, train_ms
 

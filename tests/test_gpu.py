@@ -407,21 +407,28 @@ def test_ttt_step_graphs_replay_the_plain_steps(tmp_path):
 
 
 def test_train_cuda_graphs_replay_the_compiled_steps(tmp_path):
-    """TRAIN_CUDA_GRAPH=1: training micro-batches replayed as CUDA graphs (packings of differing
-    sequence counts and longest sequences, looping off then on) give the plain compiled steps' losses
-    and weight updates within bf16 noise, with graphs captured for both loop phases."""
+    """TRAIN_CUDA_GRAPH=1: training micro-batches replayed as CUDA graphs give the plain compiled steps'
+    losses and weight updates within bf16 noise. Each step's 4 micro-batches are rows of long, medium,
+    short (over 64 sequences), long documents: three shapes a loop phase, two of them first met in the
+    middle of a step (a capture while the buffers hold part of the step's sums), all in one pool."""
     import numpy as np
 
     from helpers_train import write_shard
 
     rng = np.random.default_rng(0)
-    tokens = np.concatenate([np.r_[tg.BOS_ID, rng.integers(2, 512, n - 1)] for n in rng.integers(5, 700, 400)])
+
+    def row(lo, hi):  # one micro-batch's 2,049 tokens (the loader takes 2,048 + 1) of documents lo..hi long
+        docs = [np.r_[tg.BOS_ID, rng.integers(2, 512, n - 1)] for n in rng.integers(lo, hi, 2049 // lo + 1)]
+        return np.concatenate(docs)[:2049]
+
+    kinds = {"long": (300, 700), "medium": (150, 250), "short": (10, 20)}  # longest 512 / 256 / 32 after rounding
+    tokens = np.concatenate([row(*kinds[k]) for k in ["long", "medium", "short", "long"] * 6])
     files = [str(write_shard(tmp_path / "fineweb_train_000000.bin", tokens))]
-    tg.use_attention_backend("varlen", torch.device("cuda"))
     runs = {}
     for graphed in (False, True):
         h = tg.Hyperparameters(vocab_size=512, train_seq_len=512, train_batch_tokens=8192, micro_batches=4,
-                               log_dir=str(tmp_path), run_id=f"g{int(graphed)}", train_cuda_graph=graphed)
+                               log_dir=str(tmp_path), run_id=f"g{int(graphed)}", train_cuda_graph=graphed,
+                               attn_backend="varlen")
         rt = tg.Runtime(h)
         model = rt.place(perturbed_gpt(h))  # compiled: COMPILE=1
         before = torch.cat([p.detach().float().flatten() for p in model.parameters()])
@@ -434,4 +441,6 @@ def test_train_cuda_graphs_replay_the_compiled_steps(tmp_path):
     assert max(abs(a - b) for a, b in zip(losses, ref)) < 0.02, (losses, ref)
     assert rel_err(delta, ref_delta) < 5e-2
     graphs = model.step_graphs.graphs
-    assert {k[0] for k in graphs} == {False, True} and all(g is not None for g, _, _ in graphs.values())
+    assert sorted((k[0], k[2], k[3]) for k in graphs) == sorted(
+        (looping, n_cu, m) for looping in (False, True) for n_cu, m in ((64, 512), (64, 256), (256, 32))), list(graphs)
+    assert all(g is not None for g, _, _ in graphs.values())

@@ -258,12 +258,16 @@ def test_bench_ab_alternates_two_models_in_one_process(tmp_path):
     data, tok, vocab = tiny_dataset(tmp_path)
     env = script_env(tmp_path, data, tok, vocab)
     tool = [sys.executable, str(ROOT / "tools" / "bench_ab.py")]
-    r = subprocess.run(tool + ["MLP_MULT=1", "RESIDUAL_BF16=0", "TRAIN_BATCH_TOKENS=2048", "--rounds", "3", "--steps",
-                               "1"], env=env,
+    r = subprocess.run(tool + ["MLP_MULT=1", "RESIDUAL_BF16=0", "TRAIN_BATCH_TOKENS=2048", "TRAIN_CUDA_GRAPH=1", "--rounds",
+                               "3", "--steps", "1"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    assert "B differs in mlp_mult 2 -> 1, residual_bf16 True -> False, train_batch_tokens 1024 -> 2048;" in out
+    assert ("B differs in mlp_mult 2 -> 1, residual_bf16 True -> False, train_batch_tokens 1024 -> 2048, "
+            "train_cuda_graph False -> True;") in out
+    # B's micro-steps on padded shapes (no CUDA here), met in its warm-up: A has none
+    assert re.search(r"bench_ab: B after the warm-up: TRAIN_CUDA_GRAPH micro-step shapes padded: [1-9]\d* unlooped, "
+                     r"[1-9]\d* looped", out) and "bench_ab: A after" not in out, out
     params = {m[1]: int(m[2]) for m in re.finditer(r"bench_ab: ([AB]) (\d+) parameters", out)}
     assert params["A"] - params["B"] == 6 * 2 * 64 * 64, params  # 6 layers' up and down: 64 -> 128 -> 64 vs 64 -> 64
     for looping in (0, 1):

@@ -218,7 +218,7 @@ def test_bench_mode_times_both_loop_phases_and_skips_gptq_and_eval(tmp_path_fact
     lines = re.findall(r"^bench: looping:(\d) steps:2 ms/step:(\S+) tok/s:(\d+) .* mfu:(\S+)%$", out, re.M)
     assert [ln[0] for ln in lines] == ["0", "1"]
     assert all(float(ms) > 0 and int(tok) > 0 for _, ms, tok, _ in lines)
-    assert re.search(r"^bench: compile_warmup_s:\S+ peak_mem_mib:\d+ ", out, re.M)
+    assert re.search(r"^bench: compile_warmup_s:\S+ peak_mem_mib:\d+ reserved_mib:\d+ ", out, re.M)
     assert "gptq:" not in out and "val_bpb" not in out and not (work / "final_model.pgq").exists()
 
 

@@ -42,6 +42,11 @@ def parse_settings(items, ap):
     return settings
 
 
+def shapes(runs):
+    """Each model's TRAIN_CUDA_GRAPH micro-step shapes (MicroStepGraphs.summary), if it has them."""
+    return {name: r["trainer"].graphs.summary() for name, r in runs.items() if r["trainer"].graphs}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("settings", nargs="+", help="B's NAME=VALUE settings")
@@ -85,6 +90,9 @@ def main(argv=None):
     for looping in phases:
         warm = {name: run(name, looping, 3) * 3 / 1000 for name in "AB"}  # compiles each model's graphs
         print(f"bench_ab: looping:{int(looping)} warm-up (3 steps) A {warm['A']:.1f}s B {warm['B']:.1f}s", flush=True)
+    graphs_seen = shapes(runs)
+    for name, summary in graphs_seen.items():
+        print(f"bench_ab: {name} after the warm-up: TRAIN_CUDA_GRAPH {summary}", flush=True)
     for looping in phases:
         ms = {"A": [], "B": []}
         for r in range(args.rounds):
@@ -101,6 +109,12 @@ def main(argv=None):
               f"{tok_s['A']:.0f} B {tok_s['B']:.0f} (B/A {tok_s['B'] / tok_s['A']:.4f})", flush=True)
     for name, r in runs.items():  # what each model did: the same batches, its own loss
         print(f"bench_ab: {name} took {r['loader'].taken} tokens, last loss {float(r['loss']):.4f}", flush=True)
+    if shapes(runs) != graphs_seen:  # a shape first met in a round: its plain step and capture were timed
+        print(f"bench_ab: new TRAIN_CUDA_GRAPH shapes in the timed rounds (each a plain step and a capture): "
+              f"{shapes(runs)}", flush=True)
+    if rt.device.type == "cuda":
+        print(f"bench_ab: peak memory of both models: {torch.cuda.max_memory_allocated() // 2**20} MiB allocated, "
+              f"{torch.cuda.max_memory_reserved() // 2**20} MiB reserved", flush=True)
     rt.close(ok=True)
 
 

@@ -11,7 +11,7 @@
 #   eval    tools/eval_artifact.py --precompile --compile-times on the proxy val
 #   fweval  the same on a FineWeb-shaped rank's val (tools/eval_workload.py, 6,250 documents), with a
 #           timing stand-in artifact made from the untrained model (--make-artifact; scores mean nothing)
-#   gputest tests/test_gpu.py (-s: its printed timings; ARGS=... adds pytest arguments, e.g. "gputest:g=ARGS=-k train_cuda")
+#   gputest tests/test_gpu.py (-s: its printed timings; ARGS=... adds pytest arguments split at spaces, e.g. "gputest:g=ARGS=-k train_cuda": a -k of one word)
 #   steps   STEPS=... (in ENV; 50) training steps logged one by one (looping from the middle), stopped before
 #           GPTQ, for a same-seed A/B
 #   prequant STEPS=... (in ENV; 50) training steps logged one by one (looping from ENABLE_LOOPING_AT, 0.35),
