@@ -1408,6 +1408,15 @@ def optimizer_step(optimizers, params, rt: Runtime, clip_norm):
         p.grad = None
 
 
+def micro_step(model, h: Hyperparameters, x, y, cu, max_len, looping, cache=True):
+    """One micro-batch's forward + backward, its loss scaled to its share of the step's mean; returns
+    the loss. cache=False: no autocast cast cache (a captured step)."""
+    with bf16_autocast(x.device, cache):
+        loss = model(x, y, cu, max_len, looping)
+    (loss / h.grad_accum_steps).backward()
+    return loss.detach()
+
+
 class MicroStepGraphs:
     """TRAIN_CUDA_GRAPH=1: a micro-batch's forward + backward replayed as a CUDA graph, one per loop
     phase and packing shape. At 32K-token micro-batches the host may bound the compiled step (~25
@@ -1426,10 +1435,7 @@ class MicroStepGraphs:
             self.pool, self.side = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
 
     def fwd_bwd(self, x, y, cu, max_len, looping):
-        with bf16_autocast(x.device, cache=False):  # no cast cache in a captured step
-            loss = self.model(x, y, cu, max_len, looping)
-        (loss / self.h.grad_accum_steps).backward()
-        return loss.detach()
+        return micro_step(self.model, self.h, x, y, cu, max_len, looping, cache=False)
 
     def point_grads(self, looping):
         """.grad = the kept buffer where this phase trains the parameter, None elsewhere (as in plain
@@ -1508,7 +1514,6 @@ class Trainer:
         self.model, self.h, self.rt = model, h, rt
         self.params = [p for p in model.parameters()]
         self.optimizers = build_optimizers(model, h, rt.rank, rt.world_size)
-        self.autocast = bf16_autocast(rt.device)
         self.graphs = micro_step_graphs(model, h, rt)
 
     def step(self, loader, step, frac, looping):
@@ -1525,11 +1530,8 @@ class Trainer:
             x, y, cu, max_len = loader.next_batch()
             if self.graphs is not None:
                 loss_sum += self.graphs.run(x, y, cu, max_len, looping, m == 0)
-                continue
-            with self.autocast:
-                loss = self.model(x, y, cu, max_len, looping)
-            (loss / h.grad_accum_steps).backward()
-            loss_sum += loss.detach()
+            else:
+                loss_sum += micro_step(self.model, h, x, y, cu, max_len, looping)
         optimizer_step(self.optimizers, self.params, self.rt, h.grad_clip_norm)
         return self.rt.all_reduce(loss_sum) / h.micro_batches
 
