@@ -109,9 +109,10 @@ def main(argv=None):
               f"{tok_s['A']:.0f} B {tok_s['B']:.0f} (B/A {tok_s['B'] / tok_s['A']:.4f})", flush=True)
     for name, r in runs.items():  # what each model did: the same batches, its own loss
         print(f"bench_ab: {name} took {r['loader'].taken} tokens, last loss {float(r['loss']):.4f}", flush=True)
-    if shapes(runs) != graphs_seen:  # a shape first met in a round: its plain step and capture were timed
+    graphs_now = shapes(runs)
+    if graphs_now != graphs_seen:  # a shape first met in a round: its plain step and capture were timed
         print(f"bench_ab: new TRAIN_CUDA_GRAPH shapes in the timed rounds (each a plain step and a capture): "
-              f"{shapes(runs)}", flush=True)
+              f"{graphs_now}", flush=True)
     if rt.device.type == "cuda":
         print(f"bench_ab: peak memory of both models: {torch.cuda.max_memory_allocated() // 2**20} MiB allocated, "
               f"{torch.cuda.max_memory_reserved() // 2**20} MiB reserved", flush=True)
