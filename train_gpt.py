@@ -127,7 +127,7 @@ class Hyperparameters:
     xielu_learnable: bool = False
     attn_backend: str = "auto"
     compile: bool = True
-    train_cuda_graph: bool = False  # each micro-batch's forward + backward replayed as a CUDA graph (MicroStepGraphs)
+    train_cuda_graph: str = "auto"  # 1: micro-batches replayed as CUDA graphs (MicroStepGraphs); auto: where they pay
     bench_steps: int = 0
     # optimisation
     matrix_lr: float = 0.026
@@ -262,6 +262,7 @@ class Hyperparameters:
         need(self.attn_gate in ("out", "sparse", "none"), "ATTN_GATE", "expected out, sparse or none")
         need(self.mlp_act in ("xielu", "leaky_relu2"), "MLP_ACT", "expected xielu or leaky_relu2")
         need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"), "ATTN_BACKEND", "expected auto, fa3, varlen or sdpa")
+        need(self.train_cuda_graph in ("auto", "0", "1"), "TRAIN_CUDA_GRAPH", "expected auto, 0 or 1")
         targets = self.ttt_lora_targets.split(",")
         need(set(targets) <= {"q", "k", "v", "o", "mlp", "head"} and len(set(targets)) == len(targets),
              "TTT_LORA_TARGETS", "expected distinct names from q, k, v, o, mlp, head, comma-separated")
@@ -1418,14 +1419,13 @@ def micro_step(model, h: Hyperparameters, x, y, cu, max_len, looping, cache=True
 
 
 class MicroStepGraphs:
-    """TRAIN_CUDA_GRAPH=1: a micro-batch's forward + backward replayed as a CUDA graph, one per loop
-    phase and packing shape. At 32K-token micro-batches the host may bound the compiled step (~25
-    compiled calls each way per micro-batch; proxy steps of 382-400 ms over 286 ms of kernels, measured
-    apart); a replay launches them at once. Fixed addresses: cu_seqlens padded with empty sequences to a power of two
-    (>= 64), the longest sequence rounded up to a power of two (attention's grid reads it at capture),
-    gradients summed in place into buffers kept across steps (the sums of plain steps). One pool: graphs
-    replay one at a time and each loss is read before the next. capture=False (CPU, SDPA): the same
-    padded inputs and buffers through plain steps."""
+    """TRAIN_CUDA_GRAPH: a micro-batch's forward + backward replayed as a CUDA graph, one per loop phase
+    and packing shape. At 32K-token micro-batches the host bounds the compiled step (~25 compiled calls
+    each way per micro-batch); a replay launches them at once. Fixed addresses: cu_seqlens padded with
+    empty sequences to a power of two (>= 64), the longest sequence rounded up to a power of two
+    (attention's grid reads it at capture), gradients summed in place into buffers kept across steps (the
+    sums of plain steps). One pool: graphs replay one at a time and each loss is read before the next.
+    capture=False (CPU, SDPA): the same padded inputs and buffers through plain steps."""
 
     def __init__(self, model, h: Hyperparameters, capture):
         self.model, self.h, self.capture, self.graphs, self.used = model, h, capture, {}, {}
@@ -1494,10 +1494,24 @@ class MicroStepGraphs:
         return loss
 
 
+# TRAIN_CUDA_GRAPH=auto's largest micro-batch (2026-12-02, H200, in-process A/B): at 32K tokens graphs gave
+# 1.12x tok/s without the loop and 1.02x looped; at 98K (an 8-GPU run's) 1.00x, and the warm-up of a new
+# shape beside the captured pool ran out of an H100's 79 GiB.
+TRAIN_GRAPH_AUTO_TOKENS = 32768
+
+
+def train_cuda_graph_on(h: Hyperparameters, rt: Runtime):
+    """TRAIN_CUDA_GRAPH: 1 on, 0 off; auto on where graphs capture, on one GPU (not yet run on NCCL), with
+    micro-batches of at most TRAIN_GRAPH_AUTO_TOKENS."""
+    if h.train_cuda_graph != "auto":
+        return h.train_cuda_graph == "1"
+    return can_capture(rt) and rt.world_size == 1 and h.micro_tokens <= TRAIN_GRAPH_AUTO_TOKENS
+
+
 def micro_step_graphs(model, h: Hyperparameters, rt: Runtime):
-    """The model's MicroStepGraphs with TRAIN_CUDA_GRAPH=1 (made once per model, so the compile warm-up's
+    """The model's MicroStepGraphs where train_cuda_graph_on (made once per model, so the compile warm-up's
     captures serve training; train_model drops them before GPTQ), else None."""
-    if not h.train_cuda_graph:
+    if not train_cuda_graph_on(h, rt):
         return None
     if getattr(model, "step_graphs", None) is None:
         model.step_graphs = MicroStepGraphs(model, h, can_capture(rt))
@@ -1644,7 +1658,7 @@ def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s):
         rt.log(f"bench: looping:{int(looping)} steps:{h.bench_steps} ms/step:{1000 * seconds / h.bench_steps:.2f} "
                f"tok/s:{tok_s:.0f} tok/s/gpu:{tok_s / rt.world_size:.0f} flops/token:{flops[looping]:.4g} "
                f"TFLOP/s/gpu:{achieved / 1e12:.1f} mfu:{100 * achieved / H200_BF16_FLOPS:.1f}%")
-    cuda = rt.device.type == "cuda"  # reserved: with TRAIN_CUDA_GRAPH its pool, past an H100's 80 GB at 98K before
+    cuda = rt.device.type == "cuda"  # reserved: with TRAIN_CUDA_GRAPH its pool (82,544 MiB at 98K micro-batches)
     peak, reserved = (torch.cuda.max_memory_allocated() // 2**20, torch.cuda.max_memory_reserved() // 2**20) if cuda else (0, 0)
     rt.log(f"bench: compile_warmup_s:{compile_s:.1f} peak_mem_mib:{peak} reserved_mib:{reserved} world_size:{rt.world_size} "
            f"micro_tokens:{h.micro_tokens} attention_backend:{rt.attn_backend}")
@@ -3149,7 +3163,8 @@ def main():
         check_shards(train_files, h.vocab_size)
         rt.log(f"shards_checked: {len(train_files)} train shards (header, size, token ids) in {time.perf_counter() - t0:.1f}s")
         rt.log(f"device: {rt.device} world_size: {rt.world_size} grad_accum_steps: {h.grad_accum_steps} "
-               f"attention_backend: {rt.attn_backend} compile: {rt.compile}")
+               f"attention_backend: {rt.attn_backend} compile: {rt.compile} "
+               f"train_cuda_graph: {h.train_cuda_graph} ({'on' if train_cuda_graph_on(h, rt) else 'off'})")
         gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
         rt.log(f"runtime: torch {torch.__version__} cuda {torch.version.cuda} gpu {gpu} x {rt.world_size}")
         rt.log(f"train_shards: {len(train_files)} val_tokens: {len(val.tokens)} val_bytes: {val.target_bytes.sum()} "

@@ -264,7 +264,7 @@ def test_bench_ab_alternates_two_models_in_one_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert ("B differs in mlp_mult 2 -> 1, residual_bf16 True -> False, train_batch_tokens 1024 -> 2048, "
-            "train_cuda_graph False -> True;") in out
+            "train_cuda_graph auto -> 1;") in out
     # B's micro-steps on padded shapes (no CUDA here), met in its warm-up: A has none
     assert re.search(r"bench_ab: B after the warm-up: TRAIN_CUDA_GRAPH micro-step shapes padded: [1-9]\d* unlooped, "
                      r"[1-9]\d* looped", out) and "bench_ab: A after" not in out, out

@@ -290,6 +290,24 @@ def test_train_model_leaves_the_ema_weights_for_quantization(tmp_path, monkeypat
     assert any((p - r).abs().max() > 1e-4 for p, r in zip(params, seen["raw"]))
 
 
+@pytest.mark.parametrize("setting, capture, world, micro_tokens, on", [
+    ("auto", True, 1, 32768, True),  # the one-GPU proxy's 32K micro-batches: graphs paid
+    ("auto", True, 1, 98304, False),  # an 8-GPU run's: they paid nothing and ran out of 79 GiB
+    ("auto", True, 2, 32768, False),  # several ranks: not yet run on NCCL
+    ("auto", False, 1, 32768, False),  # CPU or SDPA: nothing to capture
+    ("0", True, 1, 32768, False),
+    ("1", True, 2, 98304, True),
+    ("1", False, 1, 98304, True),  # forced where nothing captures: the padded plain steps
+])
+def test_train_cuda_graph_auto_turns_graphs_on_where_they_paid(monkeypatch, setting, capture, world, micro_tokens, on):
+    monkeypatch.setattr(tg, "can_capture", lambda rt: capture)
+    monkeypatch.setattr(tg, "MicroStepGraphs", lambda model, h, capture: type("Graphs", (), {"capture": True})())
+    h = tiny_h(train_cuda_graph=setting, train_batch_tokens=8 * micro_tokens, micro_batches=8)
+    rt = type("FakeRuntime", (), {"world_size": world})()
+    assert tg.train_cuda_graph_on(h, rt) is on
+    assert (tg.micro_step_graphs(torch.nn.Linear(2, 2), h, rt) is not None) is on
+
+
 def test_micro_step_graphs_pad_the_packing_and_train_as_plain_steps(tmp_path):
     """TRAIN_CUDA_GRAPH=1 off the GPU (no capture): every micro-batch runs on its shape's fixed inputs,
     cu_seqlens padded with empty sequences to a power of two (>= 64) and the longest sequence rounded up to
@@ -303,7 +321,7 @@ def test_micro_step_graphs_pad_the_packing_and_train_as_plain_steps(tmp_path):
     files = [str(write_shard(tmp_path / "fineweb_train_000000.bin", stream))]
     runs = {}
     for graphs in (False, True):
-        h = tiny_h(train_cuda_graph=graphs, **base)
+        h = tiny_h(train_cuda_graph="1", **base) if graphs else tiny_h(**base)  # auto: off on the CPU
         rt = tg.Runtime(h)
         model = make_model(h, seed=5).train()
         runs[graphs] = (model, tg.Trainer(model, h, rt), tg.new_train_loader(h, rt, files))
@@ -330,7 +348,7 @@ def test_micro_step_graphs_pad_the_packing_and_train_as_plain_steps(tmp_path):
     graphed.step_graphs.run(x, y, cu, max_len, False, True)
     scu = graphed.step_graphs.graphs[(False, x.shape, 64, 1 << (max_len - 1).bit_length())][1][2]
     assert torch.equal(scu[:cu.numel()], cu) and (scu[cu.numel():] == 128).all() and cu.numel() < 64
-    h = tiny_h(train_cuda_graph=True, iterations=2, **base)
+    h = tiny_h(train_cuda_graph="1", iterations=2, **base)
     model = make_model(h, seed=5).train()
     assert tg.train_model(model, h, tg.Runtime(h), files, None, 0.0)[0] == 2 and model.step_graphs is None
     assert "train_cuda_graph: no CUDA graphs here" in (tmp_path / "logs" / "g.txt").read_text()

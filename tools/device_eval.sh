@@ -19,7 +19,7 @@
 #           quality A/B; SLIDING_EVAL=0,TTT_ENABLED=0 in ENV skip those evals' compiles
 #   prof    tools/profile_ttt.py (TTT ms/step by document length, a profiled batch, global SGD)
 #   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
-#   abench  tools/bench_ab.py: ARGS=... its arguments, e.g. "abench:ab=ARGS=TRAIN_CUDA_GRAPH=1 --rounds 6" (quoted: an
+#   abench  tools/bench_ab.py: ARGS=... its arguments, e.g. "abench:ab=ARGS=TRAIN_CUDA_GRAPH=0 --rounds 6" (quoted: an
 #           in-process speed A/B of two models in alternating rounds)
 #   kbench  tools/bench_kernels.py: the step's pieces on the model's shapes (MLP activations with cuBLAS,
 #           bf16 vs FP8 GEMMs, fp32 vs bf16 norms), forward and forward + backward
