@@ -4,7 +4,9 @@
 # Proxy data, same seed: N=1 then N=2 ranks (torchrun, NCCL), ITERATIONS (80, about a minute) steps
 # each on the step-based schedule (a wallclock schedule would give the two speeds different
 # learning rates at the same step), quick eval only; compares train_loss step by step; then the
-# GPU tests (-s: they print their TTT timings; GPU_TESTS=0 skips them).
+# GPU tests (-s: they print their TTT timings; GPU_TESTS=0 skips them). TRAIN_CUDA_GRAPH's default
+# (auto) replays the proxy's steps as CUDA graphs at N=1 only: for a speed ratio give both runs the same
+# setting, e.g. TRAIN_CUDA_GRAPH=1 bash tools/device_check_n2.sh (the graphs under NCCL, not yet run).
 # FINEWEB_EVAL=1 (issue 11): meanwhile, on GPU 1 beside N=1, a FineWeb-shaped rank's eval
 #   (tools/eval_workload.py: 6,250 documents, ~6.5M tokens) of a model trained TRAIN_STEPS (10) steps,
 #   phased TTT on, sliding off, EVAL_BUDGET_SECONDS=EVAL_S (150): its stages' seconds (bpb means nothing).
