@@ -1420,8 +1420,8 @@ def micro_step(model, h: Hyperparameters, x, y, cu, max_len, looping, cache=True
 
 class MicroStepGraphs:
     """TRAIN_CUDA_GRAPH: a micro-batch's forward + backward replayed as a CUDA graph, one per loop phase
-    and packing shape. At 32K-token micro-batches the host bounds the compiled step (~25 compiled calls
-    each way per micro-batch); a replay launches them at once. Fixed addresses: cu_seqlens padded with
+    and packing shape. At 32K-token micro-batches the host bounds the compiled step without the loop (~25
+    compiled calls each way per micro-batch); a replay launches them at once. Fixed addresses: cu_seqlens padded with
     empty sequences to a power of two (>= 64), the longest sequence rounded up to a power of two
     (attention's grid reads it at capture), gradients summed in place into buffers kept across steps (the
     sums of plain steps). One pool: graphs replay one at a time and each loss is read before the next.
@@ -1495,8 +1495,8 @@ class MicroStepGraphs:
 
 
 # TRAIN_CUDA_GRAPH=auto's largest micro-batch (2026-12-02, H200, in-process A/B): at 32K tokens graphs gave
-# 1.12x tok/s without the loop and 1.02x looped; at 98K (an 8-GPU run's) 1.00x, and the warm-up of a new
-# shape beside the captured pool ran out of an H100's 79 GiB.
+# 1.12x tok/s without the loop and 1.02x looped; at 98K (an 8-GPU run's per GPU) 1.00x, and under a 79 GiB
+# cap (an H100's) a new shape's warm-up beside the captured pool ran out of memory.
 TRAIN_GRAPH_AUTO_TOKENS = 32768
 
 
@@ -1658,7 +1658,7 @@ def benchmark(model, h: Hyperparameters, rt: Runtime, train_files, compile_s):
         rt.log(f"bench: looping:{int(looping)} steps:{h.bench_steps} ms/step:{1000 * seconds / h.bench_steps:.2f} "
                f"tok/s:{tok_s:.0f} tok/s/gpu:{tok_s / rt.world_size:.0f} flops/token:{flops[looping]:.4g} "
                f"TFLOP/s/gpu:{achieved / 1e12:.1f} mfu:{100 * achieved / H200_BF16_FLOPS:.1f}%")
-    cuda = rt.device.type == "cuda"  # reserved: with TRAIN_CUDA_GRAPH its pool (82,544 MiB at 98K micro-batches)
+    cuda = rt.device.type == "cuda"  # reserved: with TRAIN_CUDA_GRAPH its pool too (82,544 MiB in all at 98K)
     peak, reserved = (torch.cuda.max_memory_allocated() // 2**20, torch.cuda.max_memory_reserved() // 2**20) if cuda else (0, 0)
     rt.log(f"bench: compile_warmup_s:{compile_s:.1f} peak_mem_mib:{peak} reserved_mib:{reserved} world_size:{rt.world_size} "
            f"micro_tokens:{h.micro_tokens} attention_backend:{rt.attn_backend}")

@@ -445,6 +445,7 @@ def test_train_cuda_graphs_replay_the_compiled_steps(tmp_path, monkeypatch):
         model = rt.place(perturbed_gpt(h))  # compiled: COMPILE=1
         arms.append((model, tg.Trainer(model, h, rt), tg.new_train_loader(h, rt, files)))
     (plain, plain_trainer, plain_loader), (model, trainer, loader) = arms
+    assert plain_trainer.graphs is None and trainer.graphs.capture
     for i in range(6):
         ref = float(plain_trainer.step(plain_loader, i, 0.0, i >= 3))
         loss = float(trainer.step(loader, i, 0.0, i >= 3))
@@ -453,7 +454,7 @@ def test_train_cuda_graphs_replay_the_compiled_steps(tmp_path, monkeypatch):
         err = rel_err(torch.cat([g.flatten() for g in grads if g is not None]),
                       torch.cat([g.flatten() for g in ref_grads if g is not None]))
         print(f"step {i} looping={i >= 3}: loss plain {ref:.6f} graphed {loss:.6f}, gradients' relative error {err:.2e}")
-        assert abs(loss - ref) < 0.01 and err < 5e-2, (i, loss, ref, err)
+        assert abs(loss - ref) < 0.01 and err < 1e-2, (i, loss, ref, err)  # 5.4e-4 to 2.8e-3 on 2026-12-02
         with torch.no_grad():  # same weights for the next step (in place: the graphs hold their addresses)
             for p, q in zip(model.parameters(), plain.parameters()):
                 p.copy_(q)

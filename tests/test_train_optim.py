@@ -292,6 +292,7 @@ def test_train_model_leaves_the_ema_weights_for_quantization(tmp_path, monkeypat
 
 @pytest.mark.parametrize("setting, capture, world, micro_tokens, on", [
     ("auto", True, 1, 32768, True),  # the one-GPU proxy's 32K micro-batches: graphs paid
+    ("auto", True, 1, 32768 + 64, False),  # just past the limit
     ("auto", True, 1, 98304, False),  # an 8-GPU run's: they paid nothing and ran out of 79 GiB
     ("auto", True, 2, 32768, False),  # several ranks: not yet run on NCCL
     ("auto", False, 1, 32768, False),  # CPU or SDPA: nothing to capture

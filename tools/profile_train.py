@@ -30,8 +30,9 @@ def main():
                 trainer.step(loader, i, 0.0, looping)
             rt.sync()
         wall = (time.perf_counter() - t0) / steps
+        graphs = trainer.graphs.summary() if trainer.graphs else "plain micro-steps"  # TRAIN_CUDA_GRAPH
         print_kernels(prof, steps, wall, h.train_batch_tokens,
-                      f"looping={looping} micro_tokens={h.micro_tokens} accum={h.grad_accum_steps}")
+                      f"looping={looping} micro_tokens={h.micro_tokens} accum={h.grad_accum_steps} {graphs}")
 
 
 KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins; anything else is "elementwise/other"
