@@ -1420,11 +1420,11 @@ def micro_step(model, h: Hyperparameters, x, y, cu, max_len, looping, cache=True
 
 class MicroStepGraphs:
     """TRAIN_CUDA_GRAPH: a micro-batch's forward + backward replayed as a CUDA graph, one per loop phase
-    and packing shape. At 32K-token micro-batches the host bounds the compiled step without the loop (~25
-    compiled calls each way per micro-batch); a replay launches them at once. Fixed addresses: cu_seqlens padded with
-    empty sequences to a power of two (>= 64), the longest sequence rounded up to a power of two
-    (attention's grid reads it at capture), gradients summed in place into buffers kept across steps (the
-    sums of plain steps). One pool: graphs replay one at a time and each loss is read before the next.
+    and packing shape. At 32K-token micro-batches the host bounds the compiled step without the loop
+    (~25 compiled calls each way per micro-batch); a replay launches them at once. Fixed addresses:
+    cu_seqlens padded with empty sequences to a power of two (>= 64), the longest sequence rounded up to
+    a power of two (attention's grid reads it at capture), gradients summed in place into buffers kept
+    across steps (the sums of plain steps). One pool: graphs replay one at a time and each loss is read before the next.
     capture=False (CPU, SDPA): the same padded inputs and buffers through plain steps."""
 
     def __init__(self, model, h: Hyperparameters, capture):
