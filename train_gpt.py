@@ -1424,8 +1424,8 @@ class MicroStepGraphs:
     (~25 compiled calls each way per micro-batch); a replay launches them at once. Fixed addresses:
     cu_seqlens padded with empty sequences to a power of two (>= 64), the longest sequence rounded up to
     a power of two (attention's grid reads it at capture), gradients summed in place into buffers kept
-    across steps (the sums of plain steps). One pool: graphs replay one at a time and each loss is read before the next.
-    capture=False (CPU, SDPA): the same padded inputs and buffers through plain steps."""
+    across steps (the sums of plain steps). One pool: graphs replay one at a time and each loss is read
+    before the next. capture=False (CPU, SDPA): the same padded inputs and buffers through plain steps."""
 
     def __init__(self, model, h: Hyperparameters, capture):
         self.model, self.h, self.capture, self.graphs, self.used = model, h, capture, {}, {}

@@ -66,9 +66,9 @@ def main(argv=None):
     if not differ:
         ap.error(f"B's settings equal A's ({', '.join(args.settings)}): nothing to compare")
     rt = tg.Runtime(hp["A"])
-    graphs = {name: tg.train_cuda_graph_on(h, rt) for name, h in hp.items()}  # auto depends on the load and device
+    graphs = {name: "on" if tg.train_cuda_graph_on(h, rt) else "off" for name, h in hp.items()}  # auto: load, device
     if set(differ) == {"train_cuda_graph"} and graphs["A"] == graphs["B"]:
-        ap.error(f"B's TRAIN_CUDA_GRAPH={hp['B'].train_cuda_graph} means {'on' if graphs['A'] else 'off'} here, "
+        ap.error(f"B's TRAIN_CUDA_GRAPH={hp['B'].train_cuda_graph} means {graphs['A']} here, "
                  f"as A's {hp['A'].train_cuda_graph}: nothing to compare")
     files = tg.shard_files(hp["A"].data_path, "train")
     runs = {}
@@ -79,8 +79,7 @@ def main(argv=None):
         print(f"bench_ab: {name} {sum(p.numel() for p in model.parameters())} parameters", flush=True)
     print(f"bench_ab: B differs in {', '.join(f'{f} {a!r} -> {b!r}' for f, (a, b) in differ.items())}; "
           f"{args.rounds} rounds of {args.steps} steps; attention {rt.attn_backend}, compile {rt.compile}, "
-          f"world size {rt.world_size}; training CUDA graphs A {'on' if graphs['A'] else 'off'}, "
-          f"B {'on' if graphs['B'] else 'off'}", flush=True)
+          f"world size {rt.world_size}; training CUDA graphs A {graphs['A']}, B {graphs['B']}", flush=True)
     phases = [False, True] if hp["A"].num_loops > 0 or hp["B"].num_loops > 0 else [False]
 
     def run(name, looping, steps):
