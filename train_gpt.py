@@ -125,6 +125,7 @@ class Hyperparameters:
     gate_width: int = 12
     mlp_act: str = "xielu"
     xielu_learnable: bool = False
+    fused_mlp: bool = False  # 1: xIELU inside the MLP's GEMM epilogues (xielu_mlp)
     attn_backend: str = "auto"
     compile: bool = True
     train_cuda_graph: str = "auto"  # 1: micro-batches replayed as CUDA graphs (MicroStepGraphs); auto: where they pay
@@ -263,6 +264,8 @@ class Hyperparameters:
         need(self.mlp_act in ("xielu", "leaky_relu2"), "MLP_ACT", "expected xielu or leaky_relu2")
         need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"), "ATTN_BACKEND", "expected auto, fa3, varlen or sdpa")
         need(self.train_cuda_graph in ("auto", "0", "1"), "TRAIN_CUDA_GRAPH", "expected auto, 0 or 1")
+        need(not (self.fused_mlp and self.xielu_learnable), "FUSED_MLP", "=1 keeps the xIELU coefficients fixed: "
+             "set FUSED_MLP=0 with XIELU_LEARNABLE=1")
         targets = self.ttt_lora_targets.split(",")
         need(set(targets) <= {"q", "k", "v", "o", "mlp", "head"} and len(set(targets)) == len(targets),
              "TTT_LORA_TARGETS", "expected distinct names from q, k, v, o, mlp, head, comma-separated")
@@ -798,6 +801,102 @@ def xielu(h, coeffs):
     return torch.where(h > 0, (ap * h + bp) * h, (an * h + bn) * h)
 
 
+if triton is not None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    @triton.jit
+    def _xielu_epilogue(acc, c_desc, aux_desc, om, on, ap, an, bp, bn, FORWARD: tl.constexpr):
+        # acc rounds to bf16 first, as cuBLAS's output would, so the activation sees what it saw unfused
+        h = acc.to(tl.bfloat16)
+        if FORWARD:
+            c_desc.store([om, on], h)
+            x = h.to(tl.float32)
+            aux_desc.store([om, on], tl.where(x > 0, (ap * x + bp) * x, (an * x + bn) * x).to(tl.bfloat16))
+        else:
+            x = aux_desc.load([om, on]).to(tl.float32)
+            slope = tl.where(x > 0, 2 * ap * x + bp, 2 * an * x + bn)
+            c_desc.store([om, on], (h.to(tl.float32) * slope).to(tl.bfloat16))
+
+    @triton.jit
+    def _xielu_gemm_kernel(a_desc, b_desc, c_desc, aux_desc, coeffs_ptr, M, N, K, BM: tl.constexpr,
+                           BN: tl.constexpr, BK: tl.constexpr, SMS: tl.constexpr, FORWARD: tl.constexpr):
+        # Persistent TMA GEMM a b^T (a [M, K], b [N, K]) with xIELU in the epilogue; each output tile
+        # leaves in two column halves (half the staging shared memory).
+        ap, an = tl.load(coeffs_ptr).to(tl.bfloat16).to(tl.float32), tl.load(coeffs_ptr + 1).to(tl.bfloat16).to(tl.float32)
+        bp, bn = tl.load(coeffs_ptr + 2).to(tl.bfloat16).to(tl.float32), tl.load(coeffs_ptr + 3).to(tl.bfloat16).to(tl.float32)
+        tiles_n = tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tiles_n, SMS, flatten=True):
+            om, on = (tile // tiles_n) * BM, (tile % tiles_n) * BN
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                acc = tl.dot(a_desc.load([om, k]), b_desc.load([on, k]).T, acc)
+            left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            _xielu_epilogue(left, c_desc, aux_desc, om, on, ap, an, bp, bn, FORWARD)
+            _xielu_epilogue(right, c_desc, aux_desc, om, on + BN // 2, ap, an, bp, bn, FORWARD)
+
+
+def xielu_gemm(a, b, coeffs, pre=None, tile=(128, 256, 64), stages=None):
+    """a b^T for a [M, K], b [N, K] with xIELU fused: (pre, xielu(pre)) when pre is None, else the
+    gradient through the activation (a b^T) * xielu'(pre). Triton on CUDA (bf16), torch elsewhere."""
+    if not a.is_cuda:
+        h = a @ b.t()
+        if pre is None:
+            return h, xielu(h, coeffs)
+        ap, an, bp, bn = coeffs.to(h.dtype).unbind()
+        return h * torch.where(pre > 0, 2 * ap * pre + bp, 2 * an * pre + bn)
+    a, b = a.contiguous(), b.contiguous()
+    (M, K), N = a.shape, b.size(0)
+    BM, BN, BK = tile
+    c = a.new_empty(M, N)
+    aux = a.new_empty(M, N) if pre is None else pre.contiguous()
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    descs = [TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(b, [BN, BK]),
+             TensorDescriptor.from_tensor(c, [BM, BN // 2]), TensorDescriptor.from_tensor(aux, [BM, BN // 2])]
+    grid = (min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
+    _xielu_gemm_kernel[grid](*descs, coeffs.float().contiguous(), M, N, K, BM=BM, BN=BN, BK=BK, SMS=sms,
+                             FORWARD=pre is None, num_warps=8, num_stages=stages or (4 if pre is None else 3))
+    return (c, aux) if pre is None else c
+
+
+@torch.library.custom_op("pgolf::xielu_mlp", mutates_args=())
+def xielu_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
+              coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FUSED_MLP: proj(xielu(fc(x))) for x [M, d], xIELU in the up-projection's epilogue (and its
+    derivative in the backward's); returns (out, pre, post), the last two kept for the backward."""
+    pre, post = xielu_gemm(x, w_fc, coeffs)
+    return post @ w_proj.t(), pre, post
+
+
+@xielu_mlp.register_fake
+def _(x, w_fc, w_proj, coeffs):
+    return x.new_empty(x.size(0), w_proj.size(0)), x.new_empty(x.size(0), w_fc.size(0)), x.new_empty(x.size(0), w_fc.size(0))
+
+
+@torch.library.custom_op("pgolf::xielu_mlp_backward", mutates_args=())
+def xielu_mlp_backward(grad: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
+                       coeffs: torch.Tensor, pre: torch.Tensor,
+                       post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad = grad.contiguous()
+    grad_pre = xielu_gemm(grad, w_proj.t(), coeffs, pre)
+    return grad_pre @ w_fc, grad_pre.t() @ x, grad.t() @ post
+
+
+@xielu_mlp_backward.register_fake
+def _(grad, x, w_fc, w_proj, coeffs, pre, post):
+    return torch.empty_like(x), torch.empty_like(w_fc), torch.empty_like(w_proj)
+
+
+def _xielu_mlp_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output[1:])
+
+
+def _xielu_mlp_grad(ctx, grad_out, grad_pre, grad_post):
+    return (*xielu_mlp_backward(grad_out, *ctx.saved_tensors), None)
+
+
+xielu_mlp.register_autograd(_xielu_mlp_grad, setup_context=_xielu_mlp_setup)
+
+
 def bf16_autocast(device, cache=True):
     """bf16 autocast on CUDA; CPU runs (tests, the embedded job) stay in fp32. cache=False: no cast
     cache, which a CUDA graph capture needs to record every cast (same values)."""
@@ -952,9 +1051,17 @@ class MLP(nn.Module):
             self.act_coeffs = with_role(nn.Parameter(coeffs), "scalar")
         else:
             self.register_buffer("act_coeffs", coeffs, persistent=False)  # rebuilt from config
+        self.fused = h.fused_mlp
 
     def forward(self, u, lora=None):
-        return add_lora(self.proj(xielu(self.fc(u), self.act_coeffs)), u, lora)
+        if self.fused:
+            x = u.reshape(-1, u.size(-1))
+            x = x.to(torch.bfloat16) if x.is_cuda else x  # autocast's dtype for a linear
+            y = xielu_mlp(x, self.fc.weight.to(x.dtype), self.proj.weight.to(x.dtype), self.act_coeffs)[0]
+            y = y.view(*u.shape[:-1], -1)
+        else:
+            y = self.proj(xielu(self.fc(u), self.act_coeffs))
+        return add_lora(y, u, lora)
 
 
 class Block(nn.Module):
@@ -1855,7 +1962,11 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
     local = min(h.micro_tokens, h.gptq_calibration_tokens // rt.world_size)
     loader = DocumentPackingLoader(train_files, local, h.train_seq_len, rt.rank, rt.world_size, rt.device, h.vocab_size)
     autocast = bf16_autocast(rt.device)
+    mlps = [block.mlp for block in model.blocks]
+    fused = [mlp.fused for mlp in mlps]
     try:
+        for mlp in mlps:
+            mlp.fused = False  # the fused MLP never calls mlp.proj, whose hook takes its input
         with torch.compiler.set_stance("force_eager"), autocast:
             for _ in range(max(1, h.gptq_calibration_tokens // (local * rt.world_size))):
                 x, _, cu, max_len = loader.next_batch()
@@ -1863,6 +1974,8 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
     finally:
         for hook in hooks:
             hook.remove()
+        for mlp, on in zip(mlps, fused):
+            mlp.fused = on
     hessians = {}
     for key, s in sums.items():
         rt.all_reduce(s)
@@ -3164,7 +3277,8 @@ def main():
         rt.log(f"shards_checked: {len(train_files)} train shards (header, size, token ids) in {time.perf_counter() - t0:.1f}s")
         rt.log(f"device: {rt.device} world_size: {rt.world_size} grad_accum_steps: {h.grad_accum_steps} "
                f"attention_backend: {rt.attn_backend} compile: {rt.compile} "
-               f"train_cuda_graph: {h.train_cuda_graph} ({'on' if train_cuda_graph_on(h, rt) else 'off'})")
+               f"train_cuda_graph: {h.train_cuda_graph} ({'on' if train_cuda_graph_on(h, rt) else 'off'}) "
+               f"fused_mlp: {int(h.fused_mlp)}")
         gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
         rt.log(f"runtime: torch {torch.__version__} cuda {torch.version.cuda} gpu {gpu} x {rt.world_size}")
         rt.log(f"train_shards: {len(train_files)} val_tokens: {len(val.tokens)} val_bytes: {val.target_bytes.sum()} "

@@ -362,15 +362,18 @@ def tiny_shards(root, n_tokens=6000, seed=0):
             for i, part in enumerate((tokens[:half], tokens[half:]))]
 
 
-@pytest.mark.parametrize("batches", [1, 2])
-def test_collect_hessians(tmp_path, batches):
-    h = tiny_h(train_batch_tokens=512, micro_batches=2, log_dir=str(tmp_path / "logs"), run_id="hess")
+@pytest.mark.parametrize("batches, fused_mlp", [(1, False), (2, False), (1, True)])
+def test_collect_hessians(tmp_path, batches, fused_mlp):
+    """Every GPTQ matrix's Hessian; FUSED_MLP's MLP never calls mlp.proj, so collection unfuses it."""
+    h = tiny_h(train_batch_tokens=512, micro_batches=2, log_dir=str(tmp_path / "logs"), run_id="hess",
+               fused_mlp=fused_mlp)
     h.gptq_calibration_tokens = batches * h.micro_tokens
     files = tiny_shards(tmp_path / "data")
     assert tg.shard_files(str(tmp_path / "data"), "train") == files
     model = make_model(h)
     rt = tg.Runtime(h)
     hess = tg.collect_hessians(model, h, rt, files)
+    assert all(block.mlp.fused == fused_mlp for block in model.blocks)  # restored
     state = model.state_dict()
     gptq = {n for n, plan in tg.quant_plans(model, h).items() if plan[0] == "gptq"}
     assert set(hess) == gptq

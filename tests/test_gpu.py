@@ -33,9 +33,10 @@ def random_packed(n_seq, max_len, heads=8, kv_heads=4, d=64, seed=0):
     return q, k, v, cu, int(lengths.max())
 
 
-def test_compiled_model_matches_eager():
-    """Regional compilation must not change the function: compare loss and grads."""
-    h = tg.Hyperparameters(vocab_size=512, train_seq_len=256)
+@pytest.mark.parametrize("fused_mlp", [False, True])
+def test_compiled_model_matches_eager(fused_mlp):
+    """Regional compilation must not change the function: compare loss and grads (either MLP path)."""
+    h = tg.Hyperparameters(vocab_size=512, train_seq_len=256, fused_mlp=fused_mlp)
     tg.use_attention_backend("auto", torch.device("cuda"))
     torch.manual_seed(0)
     ids = torch.randint(2, 512, (1, 2048), device="cuda")
@@ -86,6 +87,33 @@ def test_fused_softcap_ce_matches_reference(n, vocab, cap):
     fused = tg.softcap_cross_entropy(h, w, targets, cap)
     plain = tg.softcap_cross_entropy(h.float(), w, targets, cap)
     assert abs(fused.item() - plain.item()) < 1e-2 * plain.item()
+
+
+@pytest.mark.parametrize("coeffs", [tg.PARC_XIELU[0], tg.LEAKY_RELU2])
+@pytest.mark.parametrize("m", [32768, 1000, 64])
+def test_fused_xielu_mlp_matches_float64(m, coeffs):
+    """FUSED_MLP's Triton GEMMs (xIELU in the up-projection's epilogue, its derivative in the
+    backward's) against float64: output and every gradient as close as cuBLAS + the activation's.
+    m = 1000 and 64 leave partial tiles (128 x 256)."""
+    torch.manual_seed(m)
+    c = torch.tensor(coeffs, device="cuda")
+    x = torch.randn(m, 512, device="cuda").bfloat16().requires_grad_()
+    w_fc = (torch.randn(2048, 512, device="cuda") / 512 ** 0.5).bfloat16().requires_grad_()
+    w_proj = (torch.randn(512, 2048, device="cuda") / 2048 ** 0.5).bfloat16().requires_grad_()
+    g = torch.randn(m, 512, device="cuda").bfloat16()
+    leaves = (x, w_fc, w_proj)
+
+    def run(f, dtype):
+        ins = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        out = f(*ins)
+        return [out, *torch.autograd.grad(out, ins, g.to(dtype))]
+
+    fused = run(lambda a, b, d: tg.xielu_mlp(a, b, d, c)[0], torch.bfloat16)
+    plain = run(lambda a, b, d: tg.xielu(a @ b.t(), c.bfloat16()) @ d.t(), torch.bfloat16)
+    ref = run(lambda a, b, d: tg.xielu(a @ b.t(), c.bfloat16().double()) @ d.t(), torch.float64)
+    for name, f, p, r in zip(("out", "dx", "dw_fc", "dw_proj"), fused, plain, ref):
+        assert torch.isfinite(f).all(), name
+        assert rel_err(f, r) < max(1.5 * rel_err(p, r), 1e-3), (name, rel_err(f, r), rel_err(p, r))
 
 
 @pytest.mark.parametrize("backend", ["varlen", "fa3"])
@@ -153,13 +181,14 @@ def test_capped_attention_scores_like_stride_one_windows_on_the_gpu(tmp_path, mo
     assert diff < 3e-2, f"capped attention differs from stride-1 windows by up to {diff:.4f}"
 
 
-def test_compiled_step_has_no_graph_break_or_recompile():
-    """A compiled training step: no graph break anywhere, and a new packing (other document count
-    and longest document) recompiles nothing."""
+@pytest.mark.parametrize("fused_mlp", [False, True])
+def test_compiled_step_has_no_graph_break_or_recompile(fused_mlp):
+    """A compiled training step (either MLP path): no graph break anywhere, and a new packing (other
+    document count and longest document) recompiles nothing."""
     import torch._dynamo.utils as dyn
 
     torch._dynamo.reset()  # earlier tests' graphs are not this one's
-    h = tg.Hyperparameters(vocab_size=512, train_seq_len=256)
+    h = tg.Hyperparameters(vocab_size=512, train_seq_len=256, fused_mlp=fused_mlp)
     tg.use_attention_backend("varlen", torch.device("cuda"))
     torch.manual_seed(0)
     model = tg.GPT(h).cuda()

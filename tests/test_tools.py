@@ -334,6 +334,7 @@ def test_bench_kernels_runs_on_the_cpu_and_says_what_it_skipped():
     assert "== 64 tokens" in lines
     for name in ("xIELU", "LeakyReLU(0.5)^2"):
         assert any(f"+ {name}, cuBLAS + separate activation" in ln and "skipped" not in ln for ln in lines)
+        assert any(f"+ {name}, fused" in ln and "skipped: Triton on the GPU only" in ln for ln in lines)
     assert sum("bf16" in ln and ln.startswith("gemm ") and "skipped" not in ln for ln in lines) == 6
     assert sum("fp8 + casts" in ln and "skipped: timed on the GPU only" in ln for ln in lines) == 6
     assert any(ln.startswith("rms_norm [64, 512] bfloat16") for ln in lines)

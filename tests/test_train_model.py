@@ -429,6 +429,28 @@ def test_xielu_forms():
     torch.testing.assert_close(tg.xielu(h, torch.tensor(tg.PARC_XIELU[3])), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("mlp_act", ["xielu", "leaky_relu2"])
+def test_fused_mlp_matches_the_module_path_in_loss_and_every_gradient(mlp_act):
+    """FUSED_MLP=1 on the CPU runs xielu_mlp's torch reference through its own autograd (the
+    backward formulas the Triton path shares): the same loss and gradients as the modules'."""
+    ids = torch.randint(4, 128, (1, 40))
+    cu = torch.tensor([0, 25, 40], dtype=torch.int32)
+    results = []
+    for fused in (False, True):
+        model = make_model(tiny_h(mlp_act=mlp_act, fused_mlp=fused), seed=2)
+        with torch.no_grad():  # the zero-init down-projection would hide the up-projection's gradient
+            for block in model.blocks:
+                block.mlp.proj.weight.normal_(0, 0.05)
+        loss = model(ids, ids, cu, 25)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    assert g0.keys() == g1.keys() and any(".mlp.fc." in n for n in g0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_per_layer_tables_stretch_with_depth():
     h11 = tg.Hyperparameters()
     assert [h11.layer_qk_gain(i) for i in range(11)] == list(tg.PARC_QK_GAINS)

@@ -1,9 +1,10 @@
 """Micro-benchmarks of the training step's pieces on the model's shapes (issue 10): what a change could
 buy, measured before it is built. Each row is the median of --iters timed calls (CUDA events on the GPU,
 wall clock elsewhere), forward alone and forward + backward (grads of input and weight):
-  - the MLP up-projection + activation: cuBLAS + the compiled activation, xIELU against LeakyReLU(0.5)^2
-    (train_gpt's fused Triton up-projection + xIELU kernel lost to it at both loads, forward and
-    forward + backward, and was removed: records/eval/2026-12-01f_h200_sgd_doc_cut/kb.log);
+  - the whole MLP: cuBLAS + the compiled activation against FUSED_MLP's persistent TMA GEMMs with
+    the activation in their epilogues (several tiles), xIELU and LeakyReLU(0.5)^2. An earlier fused
+    up-projection alone (no TMA, backward unfused) lost at both loads and was removed
+    (records/eval/2026-12-01f_h200_sgd_doc_cut/kb.log);
   - each projection's GEMM in bf16 and in FP8 (e4m3 forward, e5m2 gradients, per-tensor scales from
     each tensor's amax, the casts included: what an FP8 CastedLinear would cost), with FP8's error;
   - the RMS norm of the residual stream in fp32 (today's stream) and in bf16.
@@ -97,16 +98,51 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
+FUSED_TILES = [((128, 256, 64), None), ((128, 256, 64), 3), ((256, 128, 64), None), ((128, 128, 64), 4)]
+
+
+def fused_mlp(c, tile, stages):
+    """tg.xielu_mlp with its kernel's tile (BM, BN, BK) and pipeline stages set (None: the defaults)."""
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w_fc, w_proj):
+            pre, post = tg.xielu_gemm(x, w_fc, c, tile=tile, stages=stages)
+            ctx.save_for_backward(x, w_fc, w_proj, pre, post)
+            return post @ w_proj.t()
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, w_fc, w_proj, pre, post = ctx.saved_tensors
+            grad_pre = tg.xielu_gemm(grad.contiguous(), w_proj.t(), c, pre, tile=tile, stages=stages)
+            return grad_pre @ w_fc, grad_pre.t() @ x, grad.t() @ post
+    return Fn.apply
+
+
 def mlp_rows(M, h, device, compile_fn, iters, rows):
-    """The up-projection + activation: cuBLAS + the compiled activation, xIELU vs LeakyReLU(0.5)^2."""
+    """The whole MLP (up, activation, down): cuBLAS + the compiled activation (what FUSED_MLP=0 runs)
+    against FUSED_MLP's Triton GEMMs with the activation in their epilogues, per tile, for xIELU and
+    LeakyReLU(0.5)^2, with the fused output's error against the unfused one."""
     d, hidden = h.model_dim, h.mlp_mult * h.model_dim
     x = torch.randn(M, d, device=device, dtype=torch.bfloat16)
     w = torch.randn(hidden, d, device=device, dtype=torch.bfloat16) / d ** 0.5
+    w2 = torch.randn(d, hidden, device=device, dtype=torch.bfloat16) / hidden ** 0.5
     for name, coeffs in (("xIELU", h.layer_xielu(0)), ("LeakyReLU(0.5)^2", tg.LEAKY_RELU2)):
         c = torch.tensor(coeffs, device=device, dtype=torch.float32)
-        g = compile_fn(lambda a, b, c=c: tg.xielu(F.linear(a, b), c))
-        rows.append((f"up {d}->{hidden} + {name}, cuBLAS + separate activation", timed(lambda: g(x, w), iters, device),
-                     timed(fwd_bwd(g, x, w), iters, device), ""))
+        g = compile_fn(lambda a, b, e, c=c: F.linear(tg.xielu(F.linear(a, b), c), e))
+        rows.append((f"mlp {d}->{hidden}->{d} + {name}, cuBLAS + separate activation",
+                     timed(lambda: g(x, w, w2), iters, device), timed(fwd_bwd(g, x, w, w2), iters, device), ""))
+        if device.type != "cuda" or tg.triton is None:
+            rows.append((f"mlp + {name}, fused", None, None, "skipped: Triton on the GPU only"))
+            continue
+        for tile, stages in FUSED_TILES:
+            f = fused_mlp(c, tile, stages)
+            label = f"mlp + {name}, fused {'x'.join(map(str, tile))} stages {stages or 'default'}"
+            try:
+                err = rel_err(f(x, w, w2), g(x, w, w2))
+                rows.append((label, timed(lambda: f(x, w, w2), iters, device), timed(fwd_bwd(f, x, w, w2), iters, device),
+                             f"rel. error vs unfused {err:.4f}"))
+            except Exception as e:  # a tile that does not fit shared memory
+                rows.append((label, None, None, f"failed: {str(e).splitlines()[0][:60]}"))
 
 
 def gemm_rows(M, h, device, compile_fn, iters, rows):
@@ -145,6 +181,7 @@ def main(argv=None):
     ap.add_argument("--tokens", default="32768,98304", help="micro-batch sizes (tokens), comma-separated")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--no-compile", action="store_true", help="eager (the CPU test; compiled is what training runs)")
+    ap.add_argument("--only", choices=["mlp", "gemm", "norm"], help="one section")
     args = ap.parse_args(argv)
     h = tg.Hyperparameters.from_env()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -154,6 +191,8 @@ def main(argv=None):
     for M in (int(t) for t in args.tokens.split(",")):
         rows = []
         for section in (mlp_rows, gemm_rows, norm_rows):
+            if args.only and section.__name__ != f"{args.only}_rows":
+                continue
             section(M, h, device, compile_fn, args.iters, rows)
         print(f"\n== {M} tokens\n{'':62} {'fwd ms':>9} {'fwd+bwd ms':>11}")
         for name, fwd, both, note in rows:

@@ -21,7 +21,7 @@
 #   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
 #   abench  tools/bench_ab.py: ARGS=... its arguments, e.g. "abench:ab=ARGS=TRAIN_CUDA_GRAPH=0 --rounds 6" (quoted: an
 #           in-process speed A/B of two models in alternating rounds)
-#   kbench  tools/bench_kernels.py: the step's pieces on the model's shapes (MLP activations with cuBLAS,
+#   kbench  tools/bench_kernels.py (ARGS=... its arguments, e.g. ARGS=--only mlp): the step's pieces on the model's shapes (the MLP fused or not,
 #           bf16 vs FP8 GEMMs, fp32 vs bf16 norms), forward and forward + backward
 #   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
 #           lprof:l786=TRAIN_BATCH_TOKENS=786432 for the 8-GPU run's per-GPU load
@@ -71,7 +71,7 @@ job() {  # KIND:NAME[=ENV,...]
   prof) env "${cold[@]}" PHASED_TTT_PREFIX_DOCS=0 "${extra[@]}" python3 tools/profile_ttt.py > $W/$name.log 2>&1 ;;
   tprof) env "${cold[@]}" "${extra[@]}" python3 tools/profile_train.py 3 > $W/$name.log 2>&1 ;;
   abench) env "${cold[@]}" "${extra[@]}" python3 $dir/tools/bench_ab.py "${args[@]}" > $W/$name.log 2>&1 ;;
-  kbench) env "${cold[@]}" "${extra[@]}" python3 tools/bench_kernels.py > $W/$name.log 2>&1 ;;
+  kbench) env "${cold[@]}" "${extra[@]}" python3 tools/bench_kernels.py "${args[@]}" > $W/$name.log 2>&1 ;;
   lprof) leader_profile "$name" "${cold[@]}" "${extra[@]}" > $W/$name.log 2>&1 ;;
   *) echo "unknown job kind $kind" > $W/$name.log; false ;;
   esac
