@@ -25,7 +25,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -125,7 +125,7 @@ class Hyperparameters:
     gate_width: int = 12
     mlp_act: str = "xielu"
     xielu_learnable: bool = False
-    fused_mlp: bool = False  # 1: xIELU inside the MLP's GEMM epilogues (xielu_mlp)
+    fused_mlp: str = "auto"  # 1: training's MLP as xielu_mlp (xIELU in its GEMMs' epilogues); auto: unless XIELU_LEARNABLE
     attn_backend: str = "auto"
     compile: bool = True
     train_cuda_graph: str = "auto"  # 1: micro-batches replayed as CUDA graphs (MicroStepGraphs); auto: where they pay
@@ -264,8 +264,9 @@ class Hyperparameters:
         need(self.mlp_act in ("xielu", "leaky_relu2"), "MLP_ACT", "expected xielu or leaky_relu2")
         need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"), "ATTN_BACKEND", "expected auto, fa3, varlen or sdpa")
         need(self.train_cuda_graph in ("auto", "0", "1"), "TRAIN_CUDA_GRAPH", "expected auto, 0 or 1")
-        need(not (self.fused_mlp and self.xielu_learnable), "FUSED_MLP", "=1 keeps the xIELU coefficients fixed: "
-             "set FUSED_MLP=0 with XIELU_LEARNABLE=1")
+        need(self.fused_mlp in ("auto", "0", "1"), "FUSED_MLP", "expected auto, 0 or 1")
+        need(self.fused_mlp != "1" or not self.xielu_learnable, "FUSED_MLP", "needs XIELU_LEARNABLE=0 (its backward "
+             "gives the coefficients no gradient)")
         targets = self.ttt_lora_targets.split(",")
         need(set(targets) <= {"q", "k", "v", "o", "mlp", "head"} and len(set(targets)) == len(targets),
              "TTT_LORA_TARGETS", "expected distinct names from q, k, v, o, mlp, head, comma-separated")
@@ -1039,6 +1040,11 @@ class CausalSelfAttention(nn.Module):
         return add_lora(self.proj(y), u, lo)
 
 
+def fused_mlp_on(h: Hyperparameters):
+    """FUSED_MLP: 1 on, 0 off, auto on unless XIELU_LEARNABLE (the fused backward gives the coefficients no gradient)."""
+    return h.fused_mlp == "1" or (h.fused_mlp == "auto" and not h.xielu_learnable)
+
+
 class MLP(nn.Module):
     """up -> xIELU (per-layer frozen coefficients, or LeakyReLU(0.5)^2) -> down."""
 
@@ -1051,12 +1057,13 @@ class MLP(nn.Module):
             self.act_coeffs = with_role(nn.Parameter(coeffs), "scalar")
         else:
             self.register_buffer("act_coeffs", coeffs, persistent=False)  # rebuilt from config
-        self.fused = h.fused_mlp
+        self.fused = fused_mlp_on(h)
 
     def forward(self, u, lora=None):
         if self.fused:
             x = u.reshape(-1, u.size(-1))
-            x = x.to(torch.bfloat16) if x.is_cuda else x  # autocast's dtype for a linear
+            if x.is_cuda or torch.is_autocast_enabled("cpu"):  # (CUDA always runs under bf16 autocast)
+                x = x.to(torch.bfloat16)  # autocast's dtype for a linear: the op's inputs share one dtype
             y = xielu_mlp(x, self.fc.weight.to(x.dtype), self.proj.weight.to(x.dtype), self.act_coeffs)[0]
             y = y.view(*u.shape[:-1], -1)
         else:
@@ -2461,8 +2468,9 @@ def load_artifact_model(h: Hyperparameters, rt: Runtime):
     t.append(time.perf_counter())
     # Built where it runs: its random init is overwritten (on the device's host its CPU QRs took ~13 s),
     # and draws nothing from the device's RNG, which TTT's LoRA draws then find as before.
+    # FUSED_MLP is the training step's: with it TTT's LoRA steps took 8.8 GiB more (unchecked under 79 GiB).
     with rt.device, torch.random.fork_rng([rt.device]) if rt.device.type == "cuda" else contextlib.nullcontext():
-        model = GPT(h)
+        model = GPT(replace(h, fused_mlp="0"))
     t.append(time.perf_counter())
     model.load_state_dict(dequantize_state(qstate, model.state_dict(), h.lqer_group), strict=True)
     model = rt.place(model)
@@ -3278,7 +3286,7 @@ def main():
         rt.log(f"device: {rt.device} world_size: {rt.world_size} grad_accum_steps: {h.grad_accum_steps} "
                f"attention_backend: {rt.attn_backend} compile: {rt.compile} "
                f"train_cuda_graph: {h.train_cuda_graph} ({'on' if train_cuda_graph_on(h, rt) else 'off'}) "
-               f"fused_mlp: {int(h.fused_mlp)}")
+               f"fused_mlp: {h.fused_mlp} ({'on' if fused_mlp_on(h) else 'off'})")
         gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
         rt.log(f"runtime: torch {torch.__version__} cuda {torch.version.cuda} gpu {gpu} x {rt.world_size}")
         rt.log(f"train_shards: {len(train_files)} val_tokens: {len(val.tokens)} val_bytes: {val.target_bytes.sum()} "

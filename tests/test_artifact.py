@@ -362,7 +362,7 @@ def tiny_shards(root, n_tokens=6000, seed=0):
             for i, part in enumerate((tokens[:half], tokens[half:]))]
 
 
-@pytest.mark.parametrize("batches, fused_mlp", [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("batches, fused_mlp", [(1, "0"), (2, "0"), (1, "1")])
 def test_collect_hessians(tmp_path, batches, fused_mlp):
     """Every GPTQ matrix's Hessian; FUSED_MLP's MLP never calls mlp.proj, so collection unfuses it."""
     h = tiny_h(train_batch_tokens=512, micro_batches=2, log_dir=str(tmp_path / "logs"), run_id="hess",
@@ -373,7 +373,7 @@ def test_collect_hessians(tmp_path, batches, fused_mlp):
     model = make_model(h)
     rt = tg.Runtime(h)
     hess = tg.collect_hessians(model, h, rt, files)
-    assert all(block.mlp.fused == fused_mlp for block in model.blocks)  # restored
+    assert all(block.mlp.fused == (fused_mlp == "1") for block in model.blocks)  # restored
     state = model.state_dict()
     gptq = {n for n, plan in tg.quant_plans(model, h).items() if plan[0] == "gptq"}
     assert set(hess) == gptq
@@ -479,7 +479,9 @@ def test_load_artifact_model_reads_the_file(quantized, tmp_path):
     h0, state, q = quantized
     h = tiny_h(lqer_top_k=3, artifact_path=str(tmp_path / "m.pgq"), log_dir=str(tmp_path / "logs"), run_id="load")
     (tmp_path / "m.pgq").write_bytes(tg.pack_artifact(q))
+    assert tg.fused_mlp_on(h)
     model = tg.load_artifact_model(h, tg.Runtime(h))
+    assert not any(block.mlp.fused for block in model.blocks)  # FUSED_MLP is training's only
     deq = tg.dequantize_state(q, state, h.lqer_group)
     assert set(model.state_dict()) == set(deq)
     assert all(torch.equal(model.state_dict()[n], deq[n]) for n in deq)

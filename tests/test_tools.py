@@ -264,7 +264,7 @@ def test_bench_ab_alternates_two_models_in_one_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert ("B differs in mlp_mult 2 -> 1, residual_bf16 True -> False, train_batch_tokens 1024 -> 2048, "
-            "train_cuda_graph 'auto' -> '1';") in out and "training CUDA graphs A off, B on" in out
+            "train_cuda_graph 'auto' -> '1';") in out and "training CUDA graphs A off, B on; fused MLP A on, B on" in out
     # B's micro-steps on padded shapes (no CUDA here), met in its warm-up: A has none
     assert re.search(r"bench_ab: B after the warm-up: TRAIN_CUDA_GRAPH micro-step shapes padded: [1-9]\d* unlooped, "
                      r"[1-9]\d* looped", out) and "bench_ab: A after" not in out, out
@@ -293,6 +293,7 @@ def test_bench_ab_alternates_two_models_in_one_process(tmp_path):
                      (["RESIDUAL_BF16"], "expected NAME=VALUE"),
                      (["RESIDUAL_BF16=1"], "B's settings equal A's"),
                      (["TRAIN_CUDA_GRAPH=0"], "B's TRAIN_CUDA_GRAPH=0 means off here, as A's auto"),  # the CPU
+                     (["FUSED_MLP=1"], "B's FUSED_MLP=1 means on here, as A's auto"),
                      (["RESIDUAL_BF16=2"], "RESIDUAL_BF16='2': expected 0 or 1"),
                      (["RESIDUAL_BF16=0", "--rounds", "1"], "--rounds must be at least 2")):
         r = subprocess.run(tool + bad, env=env, capture_output=True, text=True, timeout=120)

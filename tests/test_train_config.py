@@ -43,6 +43,7 @@ BAD = [
     ({"MLP_ACT": "gelu"}, "MLP_ACT"),
     ({"ATTN_BACKEND": "flash"}, "ATTN_BACKEND"),
     ({"TRAIN_CUDA_GRAPH": "true"}, "TRAIN_CUDA_GRAPH"),
+    ({"FUSED_MLP": "true"}, "FUSED_MLP"),
     ({"FUSED_MLP": "1", "XIELU_LEARNABLE": "1"}, "FUSED_MLP"),  # the fused backward gives the coefficients none
     ({"SLIDING_MODE": "swa"}, "SLIDING_MODE"),
     ({"SLIDING_MODE": "attention", "VAL_BATCH_TOKENS": "4096", "EVAL_SEQ_LEN": "4096"}, "VAL_BATCH_TOKENS"),

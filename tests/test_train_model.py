@@ -429,6 +429,14 @@ def test_xielu_forms():
     torch.testing.assert_close(tg.xielu(h, torch.tensor(tg.PARC_XIELU[3])), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("setting, learnable, on", [("auto", False, True), ("auto", True, False), ("1", False, True),
+                                                    ("0", False, False), ("0", True, False)])
+def test_fused_mlp_auto_is_on_unless_the_coefficients_learn(setting, learnable, on):
+    h = tiny_h(fused_mlp=setting, xielu_learnable=learnable)
+    assert tg.fused_mlp_on(h) == on
+    assert all(block.mlp.fused == on for block in make_model(h).blocks)
+
+
 @pytest.mark.parametrize("mlp_act", ["xielu", "leaky_relu2"])
 def test_fused_mlp_matches_the_module_path_in_loss_and_every_gradient(mlp_act):
     """FUSED_MLP=1 on the CPU runs xielu_mlp's torch reference through its own autograd (the
@@ -437,7 +445,7 @@ def test_fused_mlp_matches_the_module_path_in_loss_and_every_gradient(mlp_act):
     cu = torch.tensor([0, 25, 40], dtype=torch.int32)
     results = []
     for fused in (False, True):
-        model = make_model(tiny_h(mlp_act=mlp_act, fused_mlp=fused), seed=2)
+        model = make_model(tiny_h(mlp_act=mlp_act, fused_mlp="1" if fused else "0"), seed=2)
         with torch.no_grad():  # the zero-init down-projection would hide the up-projection's gradient
             for block in model.blocks:
                 block.mlp.proj.weight.normal_(0, 0.05)

@@ -25,6 +25,8 @@ import train_gpt as tg  # noqa: E402
 # one per process: the Runtime (device, attention, compile, ranks), the data, the run's files
 PROCESS_SETTINGS = {"ATTN_BACKEND", "COMPILE", "DATA_PATH", "BENCH_STEPS", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                     "RUN_ID", "LOG_DIR"}
+# settings whose auto resolves per load and device: B differs from A only if they resolve apart
+RESOLVED = {"train_cuda_graph": tg.train_cuda_graph_on, "fused_mlp": lambda h, rt: tg.fused_mlp_on(h)}
 
 
 def parse_settings(items, ap):
@@ -66,10 +68,12 @@ def main(argv=None):
     if not differ:
         ap.error(f"B's settings equal A's ({', '.join(args.settings)}): nothing to compare")
     rt = tg.Runtime(hp["A"])
-    graphs = {name: "on" if tg.train_cuda_graph_on(h, rt) else "off" for name, h in hp.items()}  # auto: load, device
-    if set(differ) == {"train_cuda_graph"} and graphs["A"] == graphs["B"]:
-        ap.error(f"B's TRAIN_CUDA_GRAPH={hp['B'].train_cuda_graph} means {graphs['A']} here, "
-                 f"as A's {hp['A'].train_cuda_graph}: nothing to compare")
+    state = {f: {name: "on" if on(h, rt) else "off" for name, h in hp.items()} for f, on in RESOLVED.items()}
+    same = [f for f in differ if f in RESOLVED and state[f]["A"] == state[f]["B"]]
+    if same and len(same) == len(differ):
+        ap.error("; ".join(f"B's {f.upper()}={getattr(hp['B'], f)} means {state[f]['A']} here, as A's "
+                           f"{getattr(hp['A'], f)}" for f in same) + ": nothing to compare")
+    graphs = state["train_cuda_graph"]
     files = tg.shard_files(hp["A"].data_path, "train")
     runs = {}
     for name, h in hp.items():
@@ -79,7 +83,8 @@ def main(argv=None):
         print(f"bench_ab: {name} {sum(p.numel() for p in model.parameters())} parameters", flush=True)
     print(f"bench_ab: B differs in {', '.join(f'{f} {a!r} -> {b!r}' for f, (a, b) in differ.items())}; "
           f"{args.rounds} rounds of {args.steps} steps; attention {rt.attn_backend}, compile {rt.compile}, "
-          f"world size {rt.world_size}; training CUDA graphs A {graphs['A']}, B {graphs['B']}", flush=True)
+          f"world size {rt.world_size}; training CUDA graphs A {graphs['A']}, B {graphs['B']}; fused MLP "
+          f"A {state['fused_mlp']['A']}, B {state['fused_mlp']['B']}", flush=True)
     phases = [False, True] if hp["A"].num_loops > 0 or hp["B"].num_loops > 0 else [False]
 
     def run(name, looping, steps):
