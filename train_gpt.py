@@ -25,7 +25,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -125,7 +125,7 @@ class Hyperparameters:
     gate_width: int = 12
     mlp_act: str = "xielu"
     xielu_learnable: bool = False
-    fused_mlp: str = "auto"  # 1: training's MLP as xielu_mlp (xIELU in its GEMMs' epilogues); auto: unless XIELU_LEARNABLE
+    fused_mlp: str = "auto"  # 1: training's MLP as xielu_mlp (xIELU in GEMM epilogues); auto: fused_mlp_on
     attn_backend: str = "auto"
     compile: bool = True
     train_cuda_graph: str = "auto"  # 1: micro-batches replayed as CUDA graphs (MicroStepGraphs); auto: where they pay
@@ -823,8 +823,10 @@ if triton is not None:
                            BN: tl.constexpr, BK: tl.constexpr, SMS: tl.constexpr, FORWARD: tl.constexpr):
         # Persistent TMA GEMM a b^T (a [M, K], b [N, K]) with xIELU in the epilogue; each output tile
         # leaves in two column halves (half the staging shared memory).
-        ap, an = tl.load(coeffs_ptr).to(tl.bfloat16).to(tl.float32), tl.load(coeffs_ptr + 1).to(tl.bfloat16).to(tl.float32)
-        bp, bn = tl.load(coeffs_ptr + 2).to(tl.bfloat16).to(tl.float32), tl.load(coeffs_ptr + 3).to(tl.bfloat16).to(tl.float32)
+        ap = tl.load(coeffs_ptr).to(tl.bfloat16).to(tl.float32)  # rounded to bf16, as xielu's
+        an = tl.load(coeffs_ptr + 1).to(tl.bfloat16).to(tl.float32)
+        bp = tl.load(coeffs_ptr + 2).to(tl.bfloat16).to(tl.float32)
+        bn = tl.load(coeffs_ptr + 3).to(tl.bfloat16).to(tl.float32)
         tiles_n = tl.cdiv(N, BN)
         for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tiles_n, SMS, flatten=True):
             om, on = (tile // tiles_n) * BM, (tile % tiles_n) * BN
@@ -836,7 +838,7 @@ if triton is not None:
             _xielu_epilogue(right, c_desc, aux_desc, om, on + BN // 2, ap, an, bp, bn, FORWARD)
 
 
-def xielu_gemm(a, b, coeffs, pre=None, tile=(128, 256, 64), stages=None):
+def xielu_gemm(a, b, coeffs, pre=None):
     """a b^T for a [M, K], b [N, K] with xIELU fused: (pre, xielu(pre)) when pre is None, else the
     gradient through the activation (a b^T) * xielu'(pre). Triton on CUDA (bf16), torch elsewhere."""
     if not a.is_cuda:
@@ -847,7 +849,7 @@ def xielu_gemm(a, b, coeffs, pre=None, tile=(128, 256, 64), stages=None):
         return h * torch.where(pre > 0, 2 * ap * pre + bp, 2 * an * pre + bn)
     a, b = a.contiguous(), b.contiguous()
     (M, K), N = a.shape, b.size(0)
-    BM, BN, BK = tile
+    BM, BN, BK = 128, 256, 64  # the fastest of 4 tiles at 98K tokens (records/speed/2026-12-02e_fused_mlp)
     c = a.new_empty(M, N)
     aux = a.new_empty(M, N) if pre is None else pre.contiguous()
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
@@ -855,7 +857,7 @@ def xielu_gemm(a, b, coeffs, pre=None, tile=(128, 256, 64), stages=None):
              TensorDescriptor.from_tensor(c, [BM, BN // 2]), TensorDescriptor.from_tensor(aux, [BM, BN // 2])]
     grid = (min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
     _xielu_gemm_kernel[grid](*descs, coeffs.float().contiguous(), M, N, K, BM=BM, BN=BN, BK=BK, SMS=sms,
-                             FORWARD=pre is None, num_warps=8, num_stages=stages or (4 if pre is None else 3))
+                             FORWARD=pre is None, num_warps=8, num_stages=4 if pre is None else 3)
     return (c, aux) if pre is None else c
 
 
@@ -870,7 +872,8 @@ def xielu_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
 
 @xielu_mlp.register_fake
 def _(x, w_fc, w_proj, coeffs):
-    return x.new_empty(x.size(0), w_proj.size(0)), x.new_empty(x.size(0), w_fc.size(0)), x.new_empty(x.size(0), w_fc.size(0))
+    m, hidden = x.size(0), w_fc.size(0)
+    return x.new_empty(m, w_proj.size(0)), x.new_empty(m, hidden), x.new_empty(m, hidden)
 
 
 @torch.library.custom_op("pgolf::xielu_mlp_backward", mutates_args=())
@@ -884,7 +887,7 @@ def xielu_mlp_backward(grad: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, 
 
 @xielu_mlp_backward.register_fake
 def _(grad, x, w_fc, w_proj, coeffs, pre, post):
-    return torch.empty_like(x), torch.empty_like(w_fc), torch.empty_like(w_proj)
+    return x.new_empty(x.shape), w_fc.new_empty(w_fc.shape), w_proj.new_empty(w_proj.shape)
 
 
 def _xielu_mlp_setup(ctx, inputs, output):
@@ -1041,8 +1044,11 @@ class CausalSelfAttention(nn.Module):
 
 
 def fused_mlp_on(h: Hyperparameters):
-    """FUSED_MLP: 1 on, 0 off, auto on unless XIELU_LEARNABLE (the fused backward gives the coefficients no gradient)."""
-    return h.fused_mlp == "1" or (h.fused_mlp == "auto" and not h.xielu_learnable)
+    """FUSED_MLP: 1 on, 0 off; auto on unless XIELU_LEARNABLE (the fused backward gives the coefficients
+    no gradient) or on a GPU before Hopper (the kernel loads through TMA). The CPU runs the reference."""
+    if h.fused_mlp != "auto":
+        return h.fused_mlp == "1"
+    return not h.xielu_learnable and (not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (9, 0))
 
 
 class MLP(nn.Module):
@@ -1265,6 +1271,12 @@ class GPT(nn.Module):
         GLOBAL_ROPE_DIMS."""
         D = self.h.model_dim // self.h.num_heads
         return tuple(rope_tables(T, D, dims, self.h.rope_base, device) for dims in (D, self.h.global_rope_dims))
+
+    def unfuse_mlp(self):
+        """The eval's MLPs, modules (FUSED_MLP is training's: with it TTT took 8.6 GiB more, unchecked under
+        79 GiB); GPTQ's Hessian hooks read mlp.proj's input, which the fused op never passes."""
+        for block in self.blocks:
+            block.mlp.fused = False
 
     def compile_regions(self):
         """Regional compilation: one graph per distinct block shape, shared by every layer and
@@ -1969,11 +1981,9 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
     local = min(h.micro_tokens, h.gptq_calibration_tokens // rt.world_size)
     loader = DocumentPackingLoader(train_files, local, h.train_seq_len, rt.rank, rt.world_size, rt.device, h.vocab_size)
     autocast = bf16_autocast(rt.device)
-    mlps = [block.mlp for block in model.blocks]
-    fused = [mlp.fused for mlp in mlps]
+    fused = [block.mlp.fused for block in model.blocks]  # the GPTQ reserve's pass meets training's MLPs
+    model.unfuse_mlp()
     try:
-        for mlp in mlps:
-            mlp.fused = False  # the fused MLP never calls mlp.proj, whose hook takes its input
         with torch.compiler.set_stance("force_eager"), autocast:
             for _ in range(max(1, h.gptq_calibration_tokens // (local * rt.world_size))):
                 x, _, cu, max_len = loader.next_batch()
@@ -1981,8 +1991,8 @@ def collect_hessians(model, h: Hyperparameters, rt: Runtime, train_files):
     finally:
         for hook in hooks:
             hook.remove()
-        for mlp, on in zip(mlps, fused):
-            mlp.fused = on
+        for block, on in zip(model.blocks, fused):
+            block.mlp.fused = on
     hessians = {}
     for key, s in sums.items():
         rt.all_reduce(s)
@@ -2468,9 +2478,9 @@ def load_artifact_model(h: Hyperparameters, rt: Runtime):
     t.append(time.perf_counter())
     # Built where it runs: its random init is overwritten (on the device's host its CPU QRs took ~13 s),
     # and draws nothing from the device's RNG, which TTT's LoRA draws then find as before.
-    # FUSED_MLP is the training step's: with it TTT's LoRA steps took 8.8 GiB more (unchecked under 79 GiB).
     with rt.device, torch.random.fork_rng([rt.device]) if rt.device.type == "cuda" else contextlib.nullcontext():
-        model = GPT(replace(h, fused_mlp="0"))
+        model = GPT(h)
+    model.unfuse_mlp()
     t.append(time.perf_counter())
     model.load_state_dict(dequantize_state(qstate, model.state_dict(), h.lqer_group), strict=True)
     model = rt.place(model)
@@ -3298,6 +3308,7 @@ def main():
             benchmark(model, h, rt, train_files, compile_s)
             return rt.close(ok=True)
         _, train_ms = train_model(model, h, rt, train_files, val, training_budget(model, h, rt, train_files), ckpt)
+        model.unfuse_mlp()  # the eval's MLP from here: the pre-quant diagnostic compiles the eval's graphs
         qstate = quantize_model(model, h, rt, train_files, train_ms)
         timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, h, rt, val), rt)
         write_artifact(qstate, h, rt)

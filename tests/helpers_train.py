@@ -28,7 +28,7 @@ TINY = dict(
     global_rope_dims=8, global_attn_layers=(2, 5), local_window_size_early=8, local_window_size_late=16,
     local_window_split=3, xsa_last_n=6, parallel_start_layer=4, num_loops=2, loop_start=1, loop_end=2,
     gate_width=8, train_seq_len=64, train_batch_tokens=256, micro_batches=2, eval_seq_len=64,
-    val_batch_tokens=128, compile=False, attn_backend="sdpa",
+    val_batch_tokens=128, compile=False, attn_backend="sdpa", fused_mlp="0",  # the eval's MLP; scripts: auto
 )
 
 
@@ -166,7 +166,7 @@ def env_of(cfg) -> dict[str, str]:
 # The tiny model for script runs: TINY (the vocabulary comes with the data) on the tiny corpus's
 # longer documents: 128-token sequences, windows 16/32, the auto attention backend.
 SCRIPT_ENV = env_of({
-    **{k: v for k, v in TINY.items() if k != "vocab_size"}, "local_window_size_early": 16,
+    **{k: v for k, v in TINY.items() if k not in ("vocab_size", "fused_mlp")}, "local_window_size_early": 16,
     "local_window_size_late": 32, "train_seq_len": 128, "train_batch_tokens": 1024, "eval_seq_len": 128,
     "val_batch_tokens": 512, "attn_backend": "auto", "max_wallclock_seconds": 0, "train_log_every": 1, "seed": 7,
     # quantization and evaluation sections further down (ignored by from_env if absent): keep them cheap

@@ -477,9 +477,9 @@ def test_artifact_round_trips_bit_exactly(quantized, tmp_path, monkeypatch, rans
 
 def test_load_artifact_model_reads_the_file(quantized, tmp_path):
     h0, state, q = quantized
-    h = tiny_h(lqer_top_k=3, artifact_path=str(tmp_path / "m.pgq"), log_dir=str(tmp_path / "logs"), run_id="load")
+    h = tiny_h(lqer_top_k=3, artifact_path=str(tmp_path / "m.pgq"), log_dir=str(tmp_path / "logs"), run_id="load",
+               fused_mlp="1")
     (tmp_path / "m.pgq").write_bytes(tg.pack_artifact(q))
-    assert tg.fused_mlp_on(h)
     model = tg.load_artifact_model(h, tg.Runtime(h))
     assert not any(block.mlp.fused for block in model.blocks)  # FUSED_MLP is training's only
     deq = tg.dequantize_state(q, state, h.lqer_group)

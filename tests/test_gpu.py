@@ -33,7 +33,7 @@ def random_packed(n_seq, max_len, heads=8, kv_heads=4, d=64, seed=0):
     return q, k, v, cu, int(lengths.max())
 
 
-@pytest.mark.parametrize("fused_mlp", ["0", "1"])
+@pytest.mark.parametrize("fused_mlp", ["0", "1"], ids=["unfused_mlp", "fused_mlp"])
 def test_compiled_model_matches_eager(fused_mlp):
     """Regional compilation must not change the function: compare loss and grads (either MLP path)."""
     h = tg.Hyperparameters(vocab_size=512, train_seq_len=256, fused_mlp=fused_mlp)
@@ -181,7 +181,7 @@ def test_capped_attention_scores_like_stride_one_windows_on_the_gpu(tmp_path, mo
     assert diff < 3e-2, f"capped attention differs from stride-1 windows by up to {diff:.4f}"
 
 
-@pytest.mark.parametrize("fused_mlp", ["0", "1"])
+@pytest.mark.parametrize("fused_mlp", ["0", "1"], ids=["unfused_mlp", "fused_mlp"])
 def test_compiled_step_has_no_graph_break_or_recompile(fused_mlp):
     """A compiled training step (either MLP path): no graph break anywhere, and a new packing (other
     document count and longest document) recompiles nothing."""

@@ -429,9 +429,14 @@ def test_xielu_forms():
     torch.testing.assert_close(tg.xielu(h, torch.tensor(tg.PARC_XIELU[3])), ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("setting, learnable, on", [("auto", False, True), ("auto", True, False), ("1", False, True),
-                                                    ("0", False, False), ("0", True, False)])
-def test_fused_mlp_auto_is_on_unless_the_coefficients_learn(setting, learnable, on):
+@pytest.mark.parametrize("setting, learnable, gpu, on", [
+    ("auto", False, None, True), ("auto", True, None, False), ("auto", False, (9, 0), True),
+    ("auto", False, (8, 0), False), ("1", False, (8, 0), True), ("0", False, None, False), ("0", True, None, False)])
+def test_fused_mlp_auto_is_on_unless_the_coefficients_learn_or_the_gpu_lacks_tma(monkeypatch, setting, learnable,
+                                                                                   gpu, on):
+    if gpu is not None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: gpu)
     h = tiny_h(fused_mlp=setting, xielu_learnable=learnable)
     assert tg.fused_mlp_on(h) == on
     assert all(block.mlp.fused == on for block in make_model(h).blocks)

@@ -2,8 +2,9 @@
 buy, measured before it is built. Each row is the median of --iters timed calls (CUDA events on the GPU,
 wall clock elsewhere), forward alone and forward + backward (grads of input and weight):
   - the whole MLP: cuBLAS + the compiled activation against FUSED_MLP's persistent TMA GEMMs with
-    the activation in their epilogues (several tiles), xIELU and LeakyReLU(0.5)^2. An earlier fused
-    up-projection alone (no TMA, backward unfused) lost at both loads and was removed
+    the activation in their epilogues (4 tiles measured: records/speed/2026-12-02e_fused_mlp/kb.log),
+    xIELU and LeakyReLU(0.5)^2. An earlier fused up-projection alone (no TMA, backward unfused) lost
+    at both loads and was removed
     (records/eval/2026-12-01f_h200_sgd_doc_cut/kb.log);
   - each projection's GEMM in bf16 and in FP8 (e4m3 forward, e5m2 gradients, per-tensor scales from
     each tensor's amax, the casts included: what an FP8 CastedLinear would cost), with FP8's error;
@@ -98,29 +99,9 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-FUSED_TILES = [((128, 256, 64), None), ((128, 256, 64), 3), ((256, 128, 64), None), ((128, 128, 64), 4)]
-
-
-def fused_mlp(c, tile, stages):
-    """tg.xielu_mlp with its kernel's tile (BM, BN, BK) and pipeline stages set (None: the defaults)."""
-    class Fn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, w_fc, w_proj):
-            pre, post = tg.xielu_gemm(x, w_fc, c, tile=tile, stages=stages)
-            ctx.save_for_backward(x, w_fc, w_proj, pre, post)
-            return post @ w_proj.t()
-
-        @staticmethod
-        def backward(ctx, grad):
-            x, w_fc, w_proj, pre, post = ctx.saved_tensors
-            grad_pre = tg.xielu_gemm(grad.contiguous(), w_proj.t(), c, pre, tile=tile, stages=stages)
-            return grad_pre @ w_fc, grad_pre.t() @ x, grad.t() @ post
-    return Fn.apply
-
-
 def mlp_rows(M, h, device, compile_fn, iters, rows):
     """The whole MLP (up, activation, down): cuBLAS + the compiled activation (what FUSED_MLP=0 runs)
-    against FUSED_MLP's Triton GEMMs with the activation in their epilogues, per tile, for xIELU and
+    against FUSED_MLP's op (Triton GEMMs with the activation in their epilogues), for xIELU and
     LeakyReLU(0.5)^2, with the fused output's error against the unfused one."""
     d, hidden = h.model_dim, h.mlp_mult * h.model_dim
     x = torch.randn(M, d, device=device, dtype=torch.bfloat16)
@@ -134,15 +115,10 @@ def mlp_rows(M, h, device, compile_fn, iters, rows):
         if device.type != "cuda" or tg.triton is None:
             rows.append((f"mlp + {name}, fused", None, None, "skipped: Triton on the GPU only"))
             continue
-        for tile, stages in FUSED_TILES:
-            f = fused_mlp(c, tile, stages)
-            label = f"mlp + {name}, fused {'x'.join(map(str, tile))} stages {stages or 'default'}"
-            try:
-                err = rel_err(f(x, w, w2), g(x, w, w2))
-                rows.append((label, timed(lambda: f(x, w, w2), iters, device), timed(fwd_bwd(f, x, w, w2), iters, device),
-                             f"rel. error vs unfused {err:.4f}"))
-            except Exception as e:  # a tile that does not fit shared memory
-                rows.append((label, None, None, f"failed: {str(e).splitlines()[0][:60]}"))
+        f = lambda a, b, e, c=c: tg.xielu_mlp(a, b, e, c)[0]  # noqa: E731
+        err = rel_err(f(x, w, w2), g(x, w, w2))
+        rows.append((f"mlp + {name}, fused (FUSED_MLP's op)", timed(lambda: f(x, w, w2), iters, device),
+                     timed(fwd_bwd(f, x, w, w2), iters, device), f"rel. error vs unfused {err:.4f}"))
 
 
 def gemm_rows(M, h, device, compile_fn, iters, rows):

@@ -35,6 +35,7 @@ def main(argv):
     model = rt.place(tg.GPT(h))  # seeded, TF32 and compiled by Runtime, as in train_gpt.py
     tg.compile_warmup(model, h, rt, train_files)
     tg.train_model(model, h, rt, train_files, val, tg.training_budget(model, h, rt, train_files))
+    model.unfuse_mlp()  # the eval's MLP, as train_gpt.py's after training
     trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with tg.exact_fp32():  # as tg.run_gptq; the evals below run in TF32 like train_gpt.py's
         hessians = tg.collect_hessians(model, h, rt, train_files)
