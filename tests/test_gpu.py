@@ -13,10 +13,13 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def perturbed_gpt(h):
-    """GPT(h) on the CPU (seed 1) with its matrices moved off the zero init, so every block contributes."""
+def perturbed_gpt(h, eval_model=False):
+    """GPT(h) on the CPU (seed 1) with its matrices moved off the zero init, so every block contributes;
+    eval_model: its MLPs unfused, as the artifact's model (load_artifact_model) that the eval runs."""
     torch.manual_seed(1)
     model = tg.GPT(h)
+    if eval_model:
+        model.unfuse_mlp()
     with torch.no_grad():
         for p in model.parameters():
             if p.role == "matrix":
@@ -157,7 +160,7 @@ def test_capped_attention_scores_like_stride_one_windows_on_the_gpu(tmp_path, mo
     val = tg.ValSet(tokens, np.ones(len(tokens), dtype=np.int64))
     rt = tg.Runtime(h)
     rt.compile = False  # the windows' side eager too: one kernel path against the other
-    model = rt.place(perturbed_gpt(h))
+    model = rt.place(perturbed_gpt(h, eval_model=True))
     build_row, token_losses = tg.build_row, model.token_losses
     rows, scores = [], {}
 
@@ -320,7 +323,7 @@ def test_compiled_ttt_recompiles_nothing_after_the_warmup(tmp_path, monkeypatch)
              ("TTT_COMPILE=0", True, dict(graphed, ttt_compile=False)))
     for mode, compiled, kw in modes:
         h = dataclasses.replace(h0, **kw)
-        model = perturbed_gpt(h)
+        model = perturbed_gpt(h, eval_model=True)
         rt = tg.Runtime(h)
         rt.compile = compiled
         model = rt.place(model)
@@ -368,7 +371,7 @@ def test_global_sgd_cuda_graphs_match_the_plain_steps(tmp_path):
     tokens = np.concatenate([np.r_[tg.BOS_ID, rng.integers(2, 512, n - 1)] for n in lengths]).astype(np.uint16)
     deltas = {}
     for graphed, compiled in ((False, True), (True, True), (True, False), (False, False)):
-        model = perturbed_gpt(h)
+        model = perturbed_gpt(h, eval_model=True)
         rt = tg.Runtime(h)
         model = rt.place(model)
         before = torch.cat([p.detach().float().flatten() for p in model.parameters()])
@@ -408,7 +411,7 @@ def test_ttt_step_graphs_replay_the_plain_steps(tmp_path):
     spans = tg.document_spans(val.tokens)
     rt = tg.Runtime(h)
     rt.compile = False  # eager blocks: captured the same way, no compile time
-    model = rt.place(perturbed_gpt(h)).requires_grad_(False)
+    model = rt.place(perturbed_gpt(h, eval_model=True)).requires_grad_(False)
     n_slots = len(sum(model.layer_plan(True), []))
     results = {}
     for arm, capture, lr in (("plain", False, h.ttt_lora_lr), ("graphs", True, h.ttt_lora_lr), ("frozen", False, 0.0)):

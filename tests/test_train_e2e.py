@@ -57,6 +57,7 @@ def test_tiny_config_learns(long_run, data):
     assert val_bpb == pytest.approx(val_loss / math.log(2) * (len(val) - 1) / n_bytes, rel=1e-6)
     assert re.search(rf"^train_shards: 3 val_tokens: {len(val)} val_bytes: {n_bytes} \(LUT accounting\)$", out, re.M)
     assert re.search(r"^layer_loop:enabled step:11 ", out, re.M)  # ENABLE_LOOPING_AT=0.35 of 30 steps
+    assert "fused_mlp: auto (on)" in out  # trained through the fused MLP's reference (the eval's is unfused)
     log = (work / "logs" / "test.txt").read_text()
     assert "diagnostic pre-quantization post-ema val_loss:" in log and "class Hyperparameters" in log
     assert train_losses(log) == losses
