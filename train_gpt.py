@@ -1274,9 +1274,10 @@ class GPT(nn.Module):
 
     def unfuse_mlp(self):
         """The eval's MLPs, modules (FUSED_MLP is training's: with it TTT took 8.6 GiB more, unchecked under
-        79 GiB); GPTQ's Hessian hooks read mlp.proj's input, which the fused op never passes."""
+        79 GiB); GPTQ's Hessian hooks read mlp.proj's input, which the fused op never passes. Returns self."""
         for block in self.blocks:
             block.mlp.fused = False
+        return self
 
     def compile_regions(self):
         """Regional compilation: one graph per distinct block shape, shared by every layer and

@@ -17,9 +17,7 @@ def perturbed_gpt(h, eval_model=False):
     """GPT(h) on the CPU (seed 1) with its matrices moved off the zero init, so every block contributes;
     eval_model: its MLPs unfused, as the artifact's model (load_artifact_model) that the eval runs."""
     torch.manual_seed(1)
-    model = tg.GPT(h)
-    if eval_model:
-        model.unfuse_mlp()
+    model = tg.GPT(h).unfuse_mlp() if eval_model else tg.GPT(h)
     with torch.no_grad():
         for p in model.parameters():
             if p.role == "matrix":

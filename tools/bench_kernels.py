@@ -4,8 +4,7 @@ wall clock elsewhere), forward alone and forward + backward (grads of input and 
   - the whole MLP: cuBLAS + the compiled activation against FUSED_MLP's persistent TMA GEMMs with
     the activation in their epilogues (4 tiles measured: records/speed/2026-12-02e_fused_mlp/kb.log),
     xIELU and LeakyReLU(0.5)^2. An earlier fused up-projection alone (no TMA, backward unfused) lost
-    at both loads and was removed
-    (records/eval/2026-12-01f_h200_sgd_doc_cut/kb.log);
+    at both loads and was removed (records/eval/2026-12-01f_h200_sgd_doc_cut/kb.log);
   - each projection's GEMM in bf16 and in FP8 (e4m3 forward, e5m2 gradients, per-tensor scales from
     each tensor's amax, the casts included: what an FP8 CastedLinear would cost), with FP8's error;
   - the RMS norm of the residual stream in fp32 (today's stream) and in bf16.

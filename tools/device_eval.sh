@@ -21,8 +21,9 @@
 #   tprof   tools/profile_train.py 3 (our training step: kernels per step, looping off and on)
 #   abench  tools/bench_ab.py: ARGS=... its arguments, e.g. "abench:ab=ARGS=TRAIN_CUDA_GRAPH=0 --rounds 6" (quoted: an
 #           in-process speed A/B of two models in alternating rounds)
-#   kbench  tools/bench_kernels.py (ARGS=... its arguments, e.g. ARGS=--only mlp): the step's pieces on the model's shapes (the MLP fused or not,
-#           bf16 vs FP8 GEMMs, fp32 vs bf16 norms), forward and forward + backward
+#   kbench  tools/bench_kernels.py (ARGS=... its arguments, e.g. ARGS=--only mlp): the step's pieces on
+#           the model's shapes (the MLP fused or not, bf16 vs FP8 GEMMs, fp32 vs bf16 norms), forward and
+#           forward + backward
 #   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
 #           lprof:l786=TRAIN_BATCH_TOKENS=786432 for the 8-GPU run's per-GPU load
 # DIR=... in a train, steps, prequant, abench, eval or fweval job's ENV: the folder whose train_gpt.py runs (default: the repo's), for

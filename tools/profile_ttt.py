@@ -23,9 +23,7 @@ def main():
     lengths = [int(a) for a in sys.argv[1:]] or [96, 480, 2096]
     h = tg.Hyperparameters.from_env()
     rt = tg.Runtime(h)
-    model = tg.GPT(h)
-    model.unfuse_mlp()  # TTT runs the artifact's model, whose MLPs are unfused (load_artifact_model)
-    model = rt.place(model)
+    model = rt.place(tg.GPT(h).unfuse_mlp())  # TTT runs the artifact's model, unfused (load_artifact_model)
     n, C = h.ttt_batch_size, h.ttt_chunk_size
     chunks = lambda length: tg.ttt_n_chunks(length, *h.ttt_chunking)  # noqa: E731
     n_slots = len(sum(model.layer_plan(True), []))
