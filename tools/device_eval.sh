@@ -26,6 +26,8 @@
 #           forward + backward
 #   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
 #           lprof:l786=TRAIN_BATCH_TOKENS=786432 for the 8-GPU run's per-GPU load
+#   leader  the leader's full proxy run, as side_by_side.sh's GPU 1 (training, GPTQ, its evals; TTT off): on one
+#           GPU, "leader:lead train:ours" is the side by side one after the other, in one lease
 # DIR=... in a train, steps, prequant, abench, eval or fweval job's ENV: the folder whose train_gpt.py runs (default: the repo's), for
 # an A/B of two versions in one lease; copied out first, with tools/ (each call's carry replaces a carried
 # folder: a job running in it lost its cwd).
@@ -74,13 +76,14 @@ job() {  # KIND:NAME[=ENV,...]
   abench) env "${cold[@]}" "${extra[@]}" python3 $dir/tools/bench_ab.py "${args[@]}" > $W/$name.log 2>&1 ;;
   kbench) env "${cold[@]}" "${extra[@]}" python3 tools/bench_kernels.py "${args[@]}" > $W/$name.log 2>&1 ;;
   lprof) leader_profile "$name" "${cold[@]}" "${extra[@]}" > $W/$name.log 2>&1 ;;
+  leader) leader_train "$name" "${cold[@]}" "${extra[@]}" > $W/$name.log 2>&1 ;;
   *) echo "unknown job kind $kind" > $W/$name.log; false ;;
   esac
   echo "$name exit $?" >> $W/status
 }
-leader_profile() {  # name env...: the leader (.bench/anchor) with its record's settings (as side_by_side.sh),
-  # its step profiled at main-loop steps 10 and 40 (looping from step 30 of 60) by tools/profile_leader.py
-  local name=$1 root=$PWD A=$PWD/.bench/anchor d=$W/lead_$1; shift
+leader_in() {  # name env... cmd...: in $W/lead_NAME, the leader (.bench/anchor) with its record's settings,
+  # as side_by_side.sh runs it (the same data, the LUT byte sidecar, the varlen stand-in for FA3)
+  local name=$1 A=$PWD/.bench/anchor d=$W/lead_$1; shift
   mkdir -p $d/data && ln -sf $DATA_PATH/fineweb_train_*.bin $DATA_PATH/fineweb_val_000000.bin $d/data/
   python3 $A/make_sidecar.py $DATA_PATH/fineweb_val_000000.bin "$TOKENIZER_PATH" $d/data/fineweb_val_bytes_000000.bin \
     || return 1
@@ -89,8 +92,17 @@ leader_profile() {  # name env...: the leader (.bench/anchor) with its record's 
     MLP_CLIP_SIGMAS=11.5 EMBED_CLIP_SIGMAS=14 WARMDOWN_FRAC=0.85 BETA2=0.99 TTT_BETA2=0.99 TTT_WEIGHT_DECAY=0.5 \
     TTT_LORA_RANK=80 SPARSE_ATTN_GATE_SCALE=0.5 PHASED_TTT_PREFIX_DOCS=130 PHASED_TTT_NUM_PHASES=3 EMBED_BITS=7 \
     MIN_LR=0.1 GPTQ_RESERVE_SECONDS=0.5 SMEAR_GATE_ENABLED=1 SPARSE_ATTN_GATE_ENABLED=1 GATED_ATTN_QUANT_GATE=1 \
-    LQER_ENABLED=1 VAL_LOSS_EVERY=0 TTT_ENABLED=0 RUN_ID=$name ITERATIONS=60 ENABLE_LOOPING_AT=0.5 \
-    MAX_WALLCLOCK_SECONDS=0 "$@" python3 $root/tools/profile_leader.py train_gpt.py --steps 3 --at 10,40)
+    LQER_ENABLED=1 VAL_LOSS_EVERY=0 TTT_ENABLED=0 RUN_ID=$name "$@")
+}
+leader_profile() {  # name env...: the leader's step profiled at main-loop steps 10 and 40 (looping from step 30
+  # of 60) by tools/profile_leader.py
+  local name=$1 root=$PWD; shift
+  leader_in $name ITERATIONS=60 ENABLE_LOOPING_AT=0.5 MAX_WALLCLOCK_SECONDS=0 "$@" \
+    python3 $root/tools/profile_leader.py train_gpt.py --steps 3 --at 10,40
+}
+leader_train() {  # name env...: the leader's full proxy run (MAX_WALLCLOCK_SECONDS of training, GPTQ, its evals)
+  local name=$1; shift
+  leader_in $name "$@" python3 train_gpt.py
 }
 chain() {
   for j in "$@"; do job "$j"; done
@@ -110,7 +122,7 @@ start)
   if [[ "$*" == *fweval:* ]] && [ ! -f /tmp/fwval/fineweb_val_000000.bin ]; then
     python3 tools/eval_workload.py "$DATA_PATH" /tmp/fwval --link-train > $W/workload.txt 2>&1
   fi
-  export -f chain job leader_profile train_steps train_only train_until alive; export W CUDA_VISIBLE_DEVICES=$gpu
+  export -f chain job leader_in leader_profile leader_train train_steps train_only train_until alive; export W CUDA_VISIBLE_DEVICES=$gpu
   echo "chain $gpu" >> $W/chains
   setsid bash -c 'chain "$@"' chain "$@" >> $W/chain$gpu.out 2>&1 < /dev/null &
   echo "chain started on GPU $gpu: $*"
@@ -123,10 +135,10 @@ wait)
   cat $W/status 2>/dev/null
   for f in $W/*.log; do
     echo "== $(basename $f .log)"
-    grep -hE "^compile_warmup|^training:|^bench:|^bench_ab|val_bpb|^peak memory|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^== |^phased TTT on|passed|failed|Error|error" $f | tail -14
+    grep -hE "^compile_warmup|^training:|^bench:|^bench_ab|val_bpb|^peak memory|^eval_stages|^ttt_leftover|^eval_artifact|^ttpp|^length|^warm-up|^global SGD|^stopping_early|^layer_loop|^== |^phased TTT on|passed|failed|Error|error" $f | tail -14
   done
   mkdir -p "${OUT:-/tmp/out}"
-  tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude=cache --exclude=data --exclude=code --exclude='*.pgq' --exclude='*.timing' -C /tmp evaldev 2>/dev/null
+  tar czf "${OUT:-/tmp/out}/eval_logs.tgz" --exclude=cache --exclude=data --exclude=code --exclude='*.pgq' --exclude='*.timing' --exclude='*.pt' --exclude='*.ptz' --exclude='*.bin' -C /tmp evaldev 2>/dev/null
   cp $W/*.pgq "${OUT:-/tmp/out}/" 2>/dev/null
   if done_all; then echo "all finished"; else echo "still running: call wait again"; fi
   ;;
