@@ -28,6 +28,9 @@
 #           lprof:l786=TRAIN_BATCH_TOKENS=786432 for the 8-GPU run's per-GPU load
 #   leader  the leader's full proxy run, as side_by_side.sh's GPU 1 (training, GPTQ, its evals; TTT off): on one
 #           GPU, "leader:lead train:ours" is the side by side one after the other, in one lease
+#   lonly   the leader's training only (stopped after it: no GPTQ, no eval); tonly: ours the same. A pair
+#           at the 8-GPU run's per-GPU load, for tools/phase_rates.py (--tokens 786432 --seconds S --leader-flops 2.683e8,4.009e8):
+#           "lonly:l786=TRAIN_BATCH_TOKENS=786432,MAX_WALLCLOCK_SECONDS=150" "tonly:o786=TRAIN_BATCH_TOKENS=786432,MAX_WALLCLOCK_SECONDS=150"
 # DIR=... in a train, steps, prequant, abench, eval or fweval job's ENV: the folder whose train_gpt.py runs (default: the repo's), for
 # an A/B of two versions in one lease; copied out first, with tools/ (each call's carry replaces a carried
 # folder: a job running in it lost its cwd).
@@ -77,6 +80,8 @@ job() {  # KIND:NAME[=ENV,...]
   kbench) env "${cold[@]}" "${extra[@]}" python3 tools/bench_kernels.py "${args[@]}" > $W/$name.log 2>&1 ;;
   lprof) leader_profile "$name" "${cold[@]}" "${extra[@]}" > $W/$name.log 2>&1 ;;
   leader) leader_train "$name" "${cold[@]}" "${extra[@]}" > $W/$name.log 2>&1 ;;
+  lonly) leader_train_only "$name" "${cold[@]}" "${extra[@]}" ;;
+  tonly) train_only "$name" "$dir" "${cold[@]}" "${extra[@]}" ;;
   *) echo "unknown job kind $kind" > $W/$name.log; false ;;
   esac
   echo "$name exit $?" >> $W/status
@@ -88,7 +93,7 @@ leader_in() {  # name env... cmd...: in $W/lead_NAME, the leader (.bench/anchor)
   python3 $A/make_sidecar.py $DATA_PATH/fineweb_val_000000.bin "$TOKENIZER_PATH" $d/data/fineweb_val_bytes_000000.bin \
     || return 1
   cp $A/leader_train_gpt.py $d/train_gpt.py
-  (cd $d && env PYTHONPATH="$A:${PYTHONPATH:-}" DATA_PATH=$d/data CASEOPS_ENABLED=1 COMPRESSOR=brotli \
+  (cd $d && echo $BASHPID > $W/$name.pid && exec env PYTHONPATH="$A:${PYTHONPATH:-}" DATA_PATH=$d/data CASEOPS_ENABLED=1 COMPRESSOR=brotli \
     MLP_CLIP_SIGMAS=11.5 EMBED_CLIP_SIGMAS=14 WARMDOWN_FRAC=0.85 BETA2=0.99 TTT_BETA2=0.99 TTT_WEIGHT_DECAY=0.5 \
     TTT_LORA_RANK=80 SPARSE_ATTN_GATE_SCALE=0.5 PHASED_TTT_PREFIX_DOCS=130 PHASED_TTT_NUM_PHASES=3 EMBED_BITS=7 \
     MIN_LR=0.1 GPTQ_RESERVE_SECONDS=0.5 SMEAR_GATE_ENABLED=1 SPARSE_ATTN_GATE_ENABLED=1 GATED_ATTN_QUANT_GATE=1 \
@@ -103,6 +108,17 @@ leader_profile() {  # name env...: the leader's step profiled at main-loop steps
 leader_train() {  # name env...: the leader's full proxy run (MAX_WALLCLOCK_SECONDS of training, GPTQ, its evals)
   local name=$1; shift
   leader_in $name "$@" python3 train_gpt.py
+}
+leader_train_only() {  # name env...: the leader's training, its process stopped once its training has ended
+  local name=$1; shift
+  leader_train $name "$@" > $W/$name.log 2>&1 &
+  local setup=$!
+  while kill -0 $setup 2>/dev/null; do
+    grep -qs "^peak memory allocated" $W/$name.log && { sleep 1; kill "$(cat $W/$name.pid)"; break; }
+    sleep 2
+  done
+  wait $setup
+  grep -qs "^stopping_early" $W/$name.log  # the status: it trained to its wallclock cap
 }
 chain() {
   for j in "$@"; do job "$j"; done
@@ -122,7 +138,7 @@ start)
   if [[ "$*" == *fweval:* ]] && [ ! -f /tmp/fwval/fineweb_val_000000.bin ]; then
     python3 tools/eval_workload.py "$DATA_PATH" /tmp/fwval --link-train > $W/workload.txt 2>&1
   fi
-  export -f chain job leader_in leader_profile leader_train train_steps train_only train_until alive; export W CUDA_VISIBLE_DEVICES=$gpu
+  export -f chain job leader_in leader_profile leader_train leader_train_only train_steps train_only train_until alive; export W CUDA_VISIBLE_DEVICES=$gpu
   echo "chain $gpu" >> $W/chains
   setsid bash -c 'chain "$@"' chain "$@" >> $W/chain$gpu.out 2>&1 < /dev/null &
   echo "chain started on GPU $gpu: $*"

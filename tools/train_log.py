@@ -28,7 +28,10 @@ Keys (None when absent unless said otherwise):
   compile_s, compile_warmup_steps, gptq_measured_s, gptq_reserve_s, train_budget_s
   steps, train_s, step_avg_ms, tok_s   from `training: S steps in Xs, step_avg: Yms, tok/s: Z`
   stopped_early     bool (False when the run trained to the end or the line is missing)
-  layer_loop_step   step at which the layer loop was enabled
+  stop_train_ms, stop_step   from `stopping_early: wallclock_cap train_time: Nms step: S/...`
+  layer_loop_step, layer_loop_frac   step at which the layer loop was enabled, and the training
+                    fraction it printed (`frac:`)
+  flops_per_token   (no loop, looped) from the `flops_per_token:` line (looped None if not printed)
   gptq_hessians, gptq_s (Hessians + quantization), train_plus_gptq_s, train_cap_s
   stages            {stage: {loss, bpb, eval_s, scored_targets}} for the timed evals, stage one of
                     prequant ("diagnostic pre-quantization post-ema"), quantized ("diagnostic
@@ -86,8 +89,9 @@ GPTQ_MEASURED = re.compile(r"^gptq:measured " + NUM + "s", re.M)
 GPTQ_RESERVE = re.compile(r"^gptq:reserving " + NUM + r"s, training budget " + NUM + "s", re.M)
 TRAINING_LINE = re.compile(r"^training: (\d+) steps in " + NUM + r"s, step_avg: " + NUM + r"ms"
                            r"(?:, tok/s: " + NUM + ")?", re.M)
-STOP_LINE = re.compile(r"^stopping_early: ", re.M)
-LOOP_LINE = re.compile(r"^layer_loop:enabled step:(\d+)", re.M)
+STOP_LINE = re.compile(r"^stopping_early: (?:\S+ train_time: (\d+)ms step: (\d+))?", re.M)
+LOOP_LINE = re.compile(r"^layer_loop:enabled step:(\d+)(?: frac:" + NUM + ")?", re.M)
+FLOPS_LINE = re.compile(r"^flops_per_token: " + NUM + r"(?: \(" + NUM + " looping\))?", re.M)
 GPTQ_LINE = re.compile(r"^GPTQ:collected (\d+) Hessians.*?training \+ GPTQ = " + NUM + r"s"
                        r"(?: \(cap " + NUM + r"s\))?", re.M)
 GPTQ_TIMES = re.compile(r"^GPTQ:collected \d+ Hessians(?: and quantized)? in " + NUM + r"s(?:, quantized in "
@@ -261,9 +265,12 @@ def parse_train_log(text: str) -> dict:
     r.update(gptq_reserve_s=_num(m and m[1]), train_budget_s=_num(m and m[2]))
     m = _last(TRAINING_LINE, body)
     r.update(steps=_int(m and m[1]), train_s=_num(m and m[2]), step_avg_ms=_num(m and m[3]), tok_s=_num(m and m[4]))
-    r["stopped_early"] = bool(STOP_LINE.search(body))
+    m = _last(STOP_LINE, body)
+    r.update(stopped_early=bool(m), stop_train_ms=_num(m and m[1]), stop_step=_int(m and m[2]))
     m = _last(LOOP_LINE, body)
-    r["layer_loop_step"] = _int(m and m[1])
+    r.update(layer_loop_step=_int(m and m[1]), layer_loop_frac=_num(m and m[2]))
+    m = _last(FLOPS_LINE, body)
+    r["flops_per_token"] = m and (float(m[1]), float(m[2]) if m[2] else None)
     m = _last(GPTQ_LINE, body)
     r.update(gptq_hessians=_int(m and m[1]), train_plus_gptq_s=_num(m and m[2]), train_cap_s=_num(m and m[3]))
     m = _last(GPTQ_TIMES, body)
