@@ -26,13 +26,19 @@ def test_log_keys_of_ours_and_the_leaders_logs():
 
 
 def test_spans_from_the_loop_fraction_and_the_stop():
-    run = dict(layer_loop_step=101, layer_loop_frac=0.25, stop_train_ms=200_000, stop_step=300,
+    # step:100 is printed before step 101 runs: 100 steps without the loop, then 200 looped
+    run = dict(layer_loop_step=100, layer_loop_frac=0.25, stop_train_ms=200_000, stop_step=300,
                train_points={250: {"step_avg_ms": 600.0}})
-    s = phase_rates.spans(run, budget_s=200.0, tokens=1000, check_step=250)
+    s, note = phase_rates.spans(run, budget_s=200.0, tokens=1000, check_step=250)
+    assert note is None
     assert s == {"no loop": (100, 50.0), "looped": (200, 150.0), "looped, step 250 to the end": (50, 50.0),
                  "whole run": (300, 200.0)}
     run["train_points"] = {250: {"tok_s": 1000 * 250 / 160.0}}  # the leader logs only the cumulative tok/s
-    assert phase_rates.spans(run, 200.0, 1000, 250)["looped, step 250 to the end"] == (50, pytest.approx(40.0))
+    assert phase_rates.spans(run, 200.0, 1000, 250)[0]["looped, step 250 to the end"] == (50, pytest.approx(40.0))
+    run["train_points"] = {99: {"step_avg_ms": 500.0}, 100: {"step_avg_ms": 500.0}}
+    assert phase_rates.spans(run, 200.0, 1000, 100)[0]["looped, step 100 to the end"] == (200, 150.0)
+    s, note = phase_rates.spans(run, 200.0, 1000, 99)  # a span holding an unlooped step: said, not skipped silently
+    assert "looped, step 99 to the end" not in s and "step 99 is not logged at or after the loop's start" in note
     with pytest.raises(ValueError, match="layer_loop_frac"):
         phase_rates.spans(dict(run, layer_loop_frac=None), 200.0, 1000, 250)
 
@@ -43,13 +49,21 @@ def test_the_recorded_ratios(capsys):
     assert out == (RUNS / "phases.txt").read_text()
     ratios = [line.split()[-1] for line in out.splitlines() if "ours / leader" in line]
     assert ratios == ["1.0337", "1.0190", "1.0094", "1.0254"]
-    assert "budgets: ours 290.567 s, leader 299.500 s" in out
+    assert "budgets: ours 290.567 s, leader 299.500 s" in out  # from each log's own budget line
+    assert "no loop                        ours       347" in out
 
 
-def test_a_log_that_did_not_loop_is_refused(tmp_path, capsys):
-    log = tmp_path / "short.log"
-    log.write_text("1/20000 train_loss: 9.0 train_time: 0.0m tok/s: 800000\n")
+def test_bad_input_is_refused(tmp_path, capsys):
+    short = tmp_path / "short.log"
+    short.write_text("gptq:reserving 0s, effective=299500ms\n1/20000 train_loss: 9.0 train_time: 0.0m tok/s: 800000\n")
     with pytest.raises(SystemExit):
-        phase_rates.main([str(RUNS / "ours.log"), str(log)])
-    err = capsys.readouterr().err
-    assert f"leader ({log}): no layer_loop_step" in err
+        phase_rates.main([str(RUNS / "ours.log"), str(short)])
+    assert f"leader ({short}): no layer_loop_step" in capsys.readouterr().err
+    no_budget = tmp_path / "no_budget.log"
+    no_budget.write_text((RUNS / "lead.log").read_text().replace("effective=", "effective "))
+    with pytest.raises(SystemExit):
+        phase_rates.main([str(RUNS / "ours.log"), str(no_budget)])
+    assert "no training budget line" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # both logs say 262144
+        phase_rates.main([str(RUNS / "ours.log"), str(RUNS / "lead.log"), "--tokens", "786432"])
+    assert "train_batch_tokens 262144, not --tokens 786432" in capsys.readouterr().err

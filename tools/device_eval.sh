@@ -26,11 +26,13 @@
 #           forward + backward
 #   lprof   the leader's step the same way (tools/profile_leader.py; its ~7 min compile first), e.g.
 #           lprof:l786=TRAIN_BATCH_TOKENS=786432 for the 8-GPU run's per-GPU load
-#   leader  the leader's full proxy run, as side_by_side.sh's GPU 1 (training, GPTQ, its evals; TTT off): on one
-#           GPU, "leader:lead train:ours" is the side by side one after the other, in one lease
-#   lonly   the leader's training only (stopped after it: no GPTQ, no eval); tonly: ours the same. A pair
-#           at the 8-GPU run's per-GPU load, for tools/phase_rates.py (--tokens 786432 --seconds S --leader-flops 2.683e8,4.009e8):
-#           "lonly:l786=TRAIN_BATCH_TOKENS=786432,MAX_WALLCLOCK_SECONDS=150" "tonly:o786=TRAIN_BATCH_TOKENS=786432,MAX_WALLCLOCK_SECONDS=150"
+#   leader  the leader's full proxy run with side_by_side.sh's settings (training, GPTQ, its evals; TTT off).
+#           Without x2, "leader:lead train:ours" runs the two one after the other on one GPU, in one lease
+#           (not side_by_side.sh: not at the same time); tools/phase_rates.py compares their logs
+#   lonly   the leader's training only (stopped after it: no GPTQ, no eval); tonly: ours the same. A pair at the
+#           8-GPU run's per-GPU load (tools/phase_rates.py --tokens 786432 --leader-flops 2.683e8,4.009e8):
+#           lonly:l786=TRAIN_BATCH_TOKENS=786432,MAX_WALLCLOCK_SECONDS=150
+#           tonly:o786=TRAIN_BATCH_TOKENS=786432,MAX_WALLCLOCK_SECONDS=150
 # DIR=... in a train, steps, prequant, abench, eval or fweval job's ENV: the folder whose train_gpt.py runs (default: the repo's), for
 # an A/B of two versions in one lease; copied out first, with tools/ (each call's carry replaces a carried
 # folder: a job running in it lost its cwd).
@@ -85,40 +87,6 @@ job() {  # KIND:NAME[=ENV,...]
   *) echo "unknown job kind $kind" > $W/$name.log; false ;;
   esac
   echo "$name exit $?" >> $W/status
-}
-leader_in() {  # name env... cmd...: in $W/lead_NAME, the leader (.bench/anchor) with its record's settings,
-  # as side_by_side.sh runs it (the same data, the LUT byte sidecar, the varlen stand-in for FA3)
-  local name=$1 A=$PWD/.bench/anchor d=$W/lead_$1; shift
-  mkdir -p $d/data && ln -sf $DATA_PATH/fineweb_train_*.bin $DATA_PATH/fineweb_val_000000.bin $d/data/
-  python3 $A/make_sidecar.py $DATA_PATH/fineweb_val_000000.bin "$TOKENIZER_PATH" $d/data/fineweb_val_bytes_000000.bin \
-    || return 1
-  cp $A/leader_train_gpt.py $d/train_gpt.py
-  (cd $d && echo $BASHPID > $W/$name.pid && exec env PYTHONPATH="$A:${PYTHONPATH:-}" DATA_PATH=$d/data CASEOPS_ENABLED=1 COMPRESSOR=brotli \
-    MLP_CLIP_SIGMAS=11.5 EMBED_CLIP_SIGMAS=14 WARMDOWN_FRAC=0.85 BETA2=0.99 TTT_BETA2=0.99 TTT_WEIGHT_DECAY=0.5 \
-    TTT_LORA_RANK=80 SPARSE_ATTN_GATE_SCALE=0.5 PHASED_TTT_PREFIX_DOCS=130 PHASED_TTT_NUM_PHASES=3 EMBED_BITS=7 \
-    MIN_LR=0.1 GPTQ_RESERVE_SECONDS=0.5 SMEAR_GATE_ENABLED=1 SPARSE_ATTN_GATE_ENABLED=1 GATED_ATTN_QUANT_GATE=1 \
-    LQER_ENABLED=1 VAL_LOSS_EVERY=0 TTT_ENABLED=0 RUN_ID=$name "$@")
-}
-leader_profile() {  # name env...: the leader's step profiled at main-loop steps 10 and 40 (looping from step 30
-  # of 60) by tools/profile_leader.py
-  local name=$1 root=$PWD; shift
-  leader_in $name ITERATIONS=60 ENABLE_LOOPING_AT=0.5 MAX_WALLCLOCK_SECONDS=0 "$@" \
-    python3 $root/tools/profile_leader.py train_gpt.py --steps 3 --at 10,40
-}
-leader_train() {  # name env...: the leader's full proxy run (MAX_WALLCLOCK_SECONDS of training, GPTQ, its evals)
-  local name=$1; shift
-  leader_in $name "$@" python3 train_gpt.py
-}
-leader_train_only() {  # name env...: the leader's training, its process stopped once its training has ended
-  local name=$1; shift
-  leader_train $name "$@" > $W/$name.log 2>&1 &
-  local setup=$!
-  while kill -0 $setup 2>/dev/null; do
-    grep -qs "^peak memory allocated" $W/$name.log && { sleep 1; kill "$(cat $W/$name.pid)"; break; }
-    sleep 2
-  done
-  wait $setup
-  grep -qs "^stopping_early" $W/$name.log  # the status: it trained to its wallclock cap
 }
 chain() {
   for j in "$@"; do job "$j"; done

@@ -29,8 +29,8 @@ Keys (None when absent unless said otherwise):
   steps, train_s, step_avg_ms, tok_s   from `training: S steps in Xs, step_avg: Yms, tok/s: Z`
   stopped_early     bool (False when the run trained to the end or the line is missing)
   stop_train_ms, stop_step   from `stopping_early: wallclock_cap train_time: Nms step: S/...`
-  layer_loop_step, layer_loop_frac   step at which the layer loop was enabled, and the training
-                    fraction it printed (`frac:`)
+  layer_loop_step, layer_loop_frac   from `layer_loop:enabled step:N frac:F`, printed before step N+1
+                    runs: N steps ran without the loop, F the training fraction after them
   flops_per_token   (no loop, looped) from the `flops_per_token:` line (looped None if not printed)
   gptq_hessians, gptq_s (Hessians + quantization), train_plus_gptq_s, train_cap_s
   stages            {stage: {loss, bpb, eval_s, scored_targets}} for the timed evals, stage one of
@@ -91,7 +91,7 @@ TRAINING_LINE = re.compile(r"^training: (\d+) steps in " + NUM + r"s, step_avg: 
                            r"(?:, tok/s: " + NUM + ")?", re.M)
 STOP_LINE = re.compile(r"^stopping_early: (?:\S+ train_time: (\d+)ms step: (\d+))?", re.M)
 LOOP_LINE = re.compile(r"^layer_loop:enabled step:(\d+)(?: frac:" + NUM + ")?", re.M)
-FLOPS_LINE = re.compile(r"^flops_per_token: " + NUM + r"(?: \(" + NUM + " looping\))?", re.M)
+FLOPS_LINE = re.compile(r"^flops_per_token: " + NUM + r"(?: \(" + NUM + r" looping\))?", re.M)
 GPTQ_LINE = re.compile(r"^GPTQ:collected (\d+) Hessians.*?training \+ GPTQ = " + NUM + r"s"
                        r"(?: \(cap " + NUM + r"s\))?", re.M)
 GPTQ_TIMES = re.compile(r"^GPTQ:collected \d+ Hessians(?: and quantized)? in " + NUM + r"s(?:, quantized in "
