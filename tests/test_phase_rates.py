@@ -67,3 +67,26 @@ def test_bad_input_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):  # both logs say 262144
         phase_rates.main([str(RUNS / "ours.log"), str(RUNS / "lead.log"), "--tokens", "786432"])
     assert "train_batch_tokens 262144, not --tokens 786432" in capsys.readouterr().err
+    ours_default = tmp_path / "ours_default.log"  # a run at our default batch: the settings line leaves it out
+    ours_default.write_text((RUNS / "ours.log").read_text().replace(" train_batch_tokens=262144", ""))
+    with pytest.raises(SystemExit):  # the leader's log alone disagrees
+        phase_rates.main([str(ours_default), str(RUNS / "lead.log"), "--tokens", "786432"])
+    assert f"leader ({RUNS / 'lead.log'}): train_batch_tokens 262144, not --tokens 786432" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # ours' default (train_gpt.py's) is not 262144
+        phase_rates.main([str(ours_default), str(RUNS / "lead.log")])
+    assert "ours (" in capsys.readouterr().err
+    ours_no_budget = tmp_path / "ours_no_budget.log"
+    ours_no_budget.write_text((RUNS / "ours.log").read_text().replace("training budget", "budget"))
+    with pytest.raises(SystemExit):
+        phase_rates.main([str(ours_no_budget), str(RUNS / "lead.log")])
+    assert f"ours ({ours_no_budget}): no training budget line" in capsys.readouterr().err
+
+
+def test_notes_are_printed_not_skipped(tmp_path, capsys):
+    lead = tmp_path / "lead.log"  # a leader's log without its hyperparameter listing
+    lead.write_text((RUNS / "lead.log").read_text().replace("train_batch_tokens: 262144", ""))
+    phase_rates.main([str(RUNS / "ours.log"), str(lead), "--check-step", "300"])
+    out = capsys.readouterr().out
+    assert "note: leader's log does not state train_batch_tokens; --tokens 262144 taken as given" in out
+    assert "note: ours: no looped check span: step 300 is not logged at or after the loop's start" in out
+    assert "looped, step 300" not in out and "whole run" in out

@@ -10,7 +10,8 @@ each log's `stopping_early` line. A second looped span, from --check-step (a ste
 the end, checks the looped rate. The leader reads its clock at the loop line and at its step lines
 without a GPU sync (ours syncs every step), so its spans may hold the CPU's lead over the GPU.
 MFU: FLOPs per token (ours from its log; the leader's given, as records/speed/2026-12-01b_leader_flops.md
-counts them) against --peak.
+counts them) against --peak. --tokens is checked against each log's train_batch_tokens (ours lists it only
+when it differs from train_gpt.py's default, which then applies).
     python3 tools/phase_rates.py OURS_LOG LEADER_LOG [--tokens 262144] [--leader-flops 2.597e8,3.876e8]
         [--check-step 500] [--peak 790e12]"""
 import argparse
@@ -24,6 +25,7 @@ from train_log import parse_train_log  # noqa: E402
 
 LEADER_BUDGET = re.compile(r"^gptq:reserving \S+, effective=(\d+)ms", re.M)
 BATCH_TOKENS = re.compile(r"train_batch_tokens(?:=|: )(\d+)")  # our non-default settings line; the leader's listing
+OUR_DEFAULT = re.compile(r"^    train_batch_tokens: int = (\d+)", re.M)  # in train_gpt.py's Hyperparameters
 
 
 def spans(run, budget_s, tokens, check_step):
@@ -71,10 +73,12 @@ def main(argv=None):
         if budgets[who] is None:
             ap.error(f"{who} ({getattr(args, who)}): no training budget line (gptq:reserving)")
         stated = BATCH_TOKENS.search(texts[who])
-        if stated and int(stated[1]) != args.tokens:
-            ap.error(f"{who} ({getattr(args, who)}): train_batch_tokens {stated[1]}, not --tokens {args.tokens}")
-        if not stated:  # ours logs it only when it differs from the default
+        if stated is None and who == "ours":  # our settings line lists only what differs from the defaults
+            stated = OUR_DEFAULT.search((Path(__file__).resolve().parents[1] / "train_gpt.py").read_text())
+        if stated is None:
             print(f"note: {who}'s log does not state train_batch_tokens; --tokens {args.tokens} taken as given")
+        elif int(stated[1]) != args.tokens:
+            ap.error(f"{who} ({getattr(args, who)}): train_batch_tokens {stated[1]}, not --tokens {args.tokens}")
         try:
             runs[who], note = spans(run, budgets[who], args.tokens, args.check_step)
         except ValueError as e:
