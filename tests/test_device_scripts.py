@@ -19,7 +19,8 @@ def settings(text):
 @pytest.mark.skipif(not SIDE_BY_SIDE.exists(), reason="../shared/bench/anchor is not beside the checkout")
 def test_leader_runs_with_side_by_sides_settings():
     sbs = SIDE_BY_SIDE.read_text()
-    leader_env = sbs[sbs.index('cp "$A/leader_train_gpt.py"'):sbs.index("setsid", sbs.index('cp "$A/leader_train_gpt.py"'))]
+    start = sbs.index('cp "$A/leader_train_gpt.py"')
+    leader_env = sbs[start:sbs.index("setsid", start)]
     lib = (REPO / "tools" / "device_lib.sh").read_text()
     leader_in = lib[lib.index("leader_in() {"):lib.index("\n}\n", lib.index("leader_in() {"))]
     ours = settings(leader_in[leader_in.index("exec env"):])

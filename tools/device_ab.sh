@@ -30,7 +30,7 @@ start)
   shift; gpu=$1; shift
   rm -rf $W; mkdir -p $W
   source .bench/device_prep.sh
-  export -f chain train_steps train_only train_until alive; export W CUDA_VISIBLE_DEVICES=$gpu
+  export -f chain train_steps train_only train_until stop_at alive; export W CUDA_VISIBLE_DEVICES=$gpu
   setsid bash -c 'chain "$@"' chain "$@" > $W/chain.out 2>&1 < /dev/null &
   echo "chain started: $*"
   ;;

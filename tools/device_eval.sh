@@ -106,7 +106,7 @@ start)
   if [[ "$*" == *fweval:* ]] && [ ! -f /tmp/fwval/fineweb_val_000000.bin ]; then
     python3 tools/eval_workload.py "$DATA_PATH" /tmp/fwval --link-train > $W/workload.txt 2>&1
   fi
-  export -f chain job leader_in leader_profile leader_train leader_train_only train_steps train_only train_until alive
+  export -f chain job leader_in leader_profile leader_train leader_train_only train_steps train_only train_until stop_at alive
   export W CUDA_VISIBLE_DEVICES=$gpu
   echo "chain $gpu" >> $W/chains
   setsid bash -c 'chain "$@"' chain "$@" >> $W/chain$gpu.out 2>&1 < /dev/null &

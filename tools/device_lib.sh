@@ -1,5 +1,12 @@
 # Shell functions the device scripts share (source it; W = the folder for logs, pids and status).
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+stop_at() {  # pattern name pid: while pid runs, poll $W/NAME.log; at a line matching pattern, stop the process
+  # whose PID $W/NAME.pid holds
+  while kill -0 $3 2>/dev/null; do
+    grep -qs "$1" $W/$2.log && { sleep 1; kill "$(cat $W/$2.pid)"; break; }
+    sleep 2
+  done
+}
 train_only() {  # name dir env...: train in dir, then stop the process once training has ended (no GPTQ/eval)
   train_until "^training:" "$@"
 }
@@ -7,10 +14,7 @@ train_until() {  # pattern name dir env...: train in dir, stop the process once 
   local pattern=$1 name=$2 dir=$3; shift 3
   (cd "$dir" && exec env RUN_ID=$name "$@" python3 train_gpt.py > $W/$name.log 2>&1) &
   echo $! > $W/$name.pid
-  while alive $W/$name.pid; do
-    grep -qs "$pattern" $W/$name.log && { sleep 1; kill "$(cat $W/$name.pid)"; break; }
-    sleep 2
-  done
+  stop_at "$pattern" $name $!
   echo "$name done" >> $W/status
   grep -qs "$pattern" $W/$name.log  # the status: the line came (the process is stopped after it)
 }
@@ -30,8 +34,9 @@ leader_in() {  # name env... cmd...: in $W/lead_NAME, the leader (.bench/anchor)
   # the PID file names the leader's python (exec), for leader_train_only's stop
   (cd $d && echo $BASHPID > $W/$name.pid && exec env PYTHONPATH="$A:${PYTHONPATH:-}" DATA_PATH=$d/data \
     CASEOPS_ENABLED=1 COMPRESSOR=brotli MLP_CLIP_SIGMAS=11.5 EMBED_CLIP_SIGMAS=14 WARMDOWN_FRAC=0.85 BETA2=0.99 \
-    TTT_BETA2=0.99 TTT_WEIGHT_DECAY=0.5 TTT_LORA_RANK=80 SPARSE_ATTN_GATE_SCALE=0.5 PHASED_TTT_PREFIX_DOCS=130 PHASED_TTT_NUM_PHASES=3 EMBED_BITS=7 \
-    MIN_LR=0.1 GPTQ_RESERVE_SECONDS=0.5 SMEAR_GATE_ENABLED=1 SPARSE_ATTN_GATE_ENABLED=1 GATED_ATTN_QUANT_GATE=1 \
+    TTT_BETA2=0.99 TTT_WEIGHT_DECAY=0.5 TTT_LORA_RANK=80 SPARSE_ATTN_GATE_SCALE=0.5 PHASED_TTT_PREFIX_DOCS=130 \
+    PHASED_TTT_NUM_PHASES=3 EMBED_BITS=7 MIN_LR=0.1 GPTQ_RESERVE_SECONDS=0.5 SMEAR_GATE_ENABLED=1 \
+    SPARSE_ATTN_GATE_ENABLED=1 GATED_ATTN_QUANT_GATE=1 \
     LQER_ENABLED=1 VAL_LOSS_EVERY=0 TTT_ENABLED=0 RUN_ID=$name "$@")
 }
 leader_profile() {  # name env...: the leader's step profiled at main-loop steps 10 and 40 (looping from step 30
@@ -48,11 +53,8 @@ leader_train_only() {  # name env...: the leader's training, its process stopped
   local name=$1; shift
   rm -f $W/$name.log  # a name reused in a lease: not the last run's line
   leader_train $name "$@" > $W/$name.log 2>&1 &
-  local setup=$!
-  while kill -0 $setup 2>/dev/null; do
-    grep -qs "^peak memory allocated" $W/$name.log && { sleep 1; kill "$(cat $W/$name.pid)"; break; }
-    sleep 2
-  done
+  local setup=$!  # the PID file appears only after the setup (sidecar), so its process is the one watched
+  stop_at "^peak memory allocated" $name $setup
   wait $setup
   grep -qs "^stopping_early" $W/$name.log  # the status: it trained to its wallclock cap
 }

@@ -32,7 +32,7 @@ start)
   OURS_ENV="BENCH_STEPS=30 ${OURS_ENV:-}" SECS=${SECS:-150} LEADER_ENV="TRAIN_LOG_EVERY=10 ${LEADER_ENV:-}" \
     bash .bench/anchor/side_by_side.sh start
   source .bench/device_prep.sh
-  export -f gpu0_chain train_only train_until alive; export W root
+  export -f gpu0_chain train_only train_until stop_at alive; export W root
   setsid bash -c gpu0_chain > $W/chain.out 2>&1 < /dev/null &
   echo "chain started"
   ;;
