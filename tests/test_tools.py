@@ -244,6 +244,31 @@ def test_print_kernels_sums_kernels_by_kind_and_never_counts_a_gpu_range(capsys)
     assert len(rows) == 4 and "Optimizer" not in "".join(rows)
 
 
+def test_print_launchers_ranks_host_ops_by_the_gpu_time_they_launched(capsys):
+    """profile_train.print_launchers: host ops by the kernel time they launched, per step, with their input
+    shapes; GPU events and ops that launched nothing are left out."""
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from profile_train import print_launchers
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [SimpleNamespace(key="aten::add_", self_device_time_total=3000, count=40, device_type=cpu,
+                              input_shapes=[[98304, 512], [98304, 512], []]),
+              SimpleNamespace(key="aten::sum", self_device_time_total=9000, count=8, device_type=cpu,
+                              input_shapes=[[98304, 4, 2, 64]]),
+              SimpleNamespace(key="aten::view", self_device_time_total=0, count=99, device_type=cpu, input_shapes=[]),
+              SimpleNamespace(key="reduce_kernel", self_device_time_total=9000, count=8, device_type=cuda,
+                              input_shapes=[])]
+    prof = SimpleNamespace(key_averages=lambda group_by_input_shape=False: events if group_by_input_shape else [])
+    print_launchers(prof, 2)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[:3] for r in rows] == [["4.50", "4", "aten::sum"], ["1.50", "20", "aten::add_"]]
+    assert "".join(rows[0][3:]) == "[[98304,4,2,64]]"
+
+
 def test_bench_ab_alternates_two_models_in_one_process(tmp_path):
     """tools/bench_ab.py: B is built and trained with its own settings (a narrower MLP, larger
     batches), both loop phases are timed, every round times A and B with the first one alternating,

@@ -25,7 +25,7 @@ def main():
             trainer.step(loader, i, 0.0, looping)
         rt.sync()
         t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             for i in range(steps):
                 trainer.step(loader, i, 0.0, looping)
             rt.sync()
@@ -33,6 +33,7 @@ def main():
         graphs = trainer.graphs.summary() if trainer.graphs else "plain micro-steps"  # TRAIN_CUDA_GRAPH
         print_kernels(prof, steps, wall, h.train_batch_tokens,
                       f"looping={looping} micro_tokens={h.micro_tokens} accum={h.grad_accum_steps} {graphs}")
+        print_launchers(prof, steps)
 
 
 KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins; anything else is "elementwise/other"
@@ -74,6 +75,20 @@ def print_kernels(prof, steps, wall, batch_tokens, label):
     for e in kernels[:int(os.environ.get("PROFILE_ROWS", "40"))]:
         print(f"{e.self_device_time_total / 1000 / steps:8.2f} {e.count / steps:10.0f} "
               f"{e.self_device_time_total / max(e.count, 1):8.1f}  {e.key[:110]}", flush=True)
+
+
+def print_launchers(prof, steps, rows=25):
+    """GPU time by the host op that launched it, split by input shapes: the eager ops between and inside
+    the compiled graphs (gradient sums, the embedding, custom ops' internals) named, where the kernel
+    table gives only a kernel's name. A compiled graph's own kernels sit under its region's name."""
+    events = prof.key_averages(group_by_input_shape=True)
+    ops = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.self_device_time_total > 0),
+                 key=lambda e: -e.self_device_time_total)
+    print(f"launched by (ms/step of kernels, top {rows}):")
+    for e in ops[:rows]:
+        shapes = str([list(s) for s in e.input_shapes if s]) if getattr(e, "input_shapes", None) else ""
+        print(f"{e.self_device_time_total / 1000 / steps:8.2f} {e.count / steps:10.0f}  {e.key[:60]} {shapes[:80]}",
+              flush=True)
 
 
 if __name__ == "__main__":
