@@ -126,6 +126,7 @@ class Hyperparameters:
     mlp_act: str = "xielu"
     xielu_learnable: bool = False
     fused_mlp: str = "auto"  # 1: training's MLP as xielu_mlp (xIELU in GEMM epilogues); auto: fused_mlp_on
+    kv_repeat: str = "auto"  # 1: K and V repeated to the query heads before attention; auto: kv_repeat_on
     attn_backend: str = "auto"
     compile: bool = True
     train_cuda_graph: str = "auto"  # 1: micro-batches replayed as CUDA graphs (MicroStepGraphs); auto: where they pay
@@ -265,6 +266,7 @@ class Hyperparameters:
         need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"), "ATTN_BACKEND", "expected auto, fa3, varlen or sdpa")
         need(self.train_cuda_graph in ("auto", "0", "1"), "TRAIN_CUDA_GRAPH", "expected auto, 0 or 1")
         need(self.fused_mlp in ("auto", "0", "1"), "FUSED_MLP", "expected auto, 0 or 1")
+        need(self.kv_repeat in ("auto", "0", "1"), "KV_REPEAT", "expected auto, 0 or 1")
         need(self.fused_mlp != "1" or not self.xielu_learnable, "FUSED_MLP", "needs XIELU_LEARNABLE=0 (its backward "
              "gives the coefficients no gradient)")
         targets = self.ttt_lora_targets.split(",")
@@ -778,6 +780,13 @@ def window_arg(window):
     return left if ATTENTION_BACKEND == "fa3" else host_int(left)
 
 
+def kv_repeat_on(setting):
+    """KV_REPEAT: 1 on, 0 off; auto on under varlen, whose FA2 backward sums the grouped heads' dK and dV
+    in two unfused aten reductions a layer (2.7% of the kernel time at 98K tokens): repeated in the
+    graph, that sum fuses into the block's backward. FA3 and SDPA take grouped K and V as they are."""
+    return setting == "1" or setting == "auto" and ATTENTION_BACKEND == "varlen"
+
+
 def attention(q, k, v, cu_seqlens, max_len, window, fa3_max_seqlen):
     """Causal attention over packed sequences (cu_seqlens, int32 on the device; max_len, the longest,
     a 1-element host tensor), q [N, H, D], k/v [N, Hkv, D]: no token sees another sequence, and a
@@ -1005,7 +1014,7 @@ class CausalSelfAttention(nn.Module):
         self.c_q, self.c_k, self.c_v = (CastedLinear(d, n, "attn") for n in (d, kv_dim, kv_dim))
         self.proj = CastedLinear(d, d, "attn", init="zeros")
         self.q_gain = with_role(nn.Parameter(torch.full((h.num_heads,), h.layer_qk_gain(i))), "scalar")
-        self.window = h.layer_window(i)
+        self.window, self.kv_repeat = h.layer_window(i), h.kv_repeat
         self.is_global = self.window is None  # its RoPE tables; capped_attention may give it a window
         self.xsa = i >= h.num_layers - h.xsa_last_n
         self.gate, self.gate_width, self.gate_scale = h.attn_gate, h.gate_width, h.sparse_attn_gate_scale
@@ -1026,7 +1035,8 @@ class CausalSelfAttention(nn.Module):
         # Gemma-style: global layers rotate GLOBAL_ROPE_DIMS (16 of 64), local layers every dim (GPT.rope)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q = q * self.q_gain.to(q.dtype)[:, None]
-        y = attention(q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D), cu_seqlens,
+        ka, va = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v)) if kv_repeat_on(self.kv_repeat) else (k, v)
+        y = attention(q.reshape(B * T, H, D), ka.reshape(B * T, -1, D), va.reshape(B * T, -1, D), cu_seqlens,
                       max_len, window, self.fa3_max_seqlen).view(B, T, H, D)
         if self.xsa:
             # XSA (arXiv 2603.09078): drop the component along the token's own value vector.

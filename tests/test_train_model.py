@@ -464,6 +464,35 @@ def test_fused_mlp_matches_the_module_path_in_loss_and_every_gradient(mlp_act):
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("backend, setting, on", [("varlen", "auto", True), ("fa3", "auto", False),
+                                                   ("sdpa", "auto", False), ("fa3", "1", True), ("varlen", "0", False)])
+def test_kv_repeat_auto_is_on_only_under_varlen(monkeypatch, backend, setting, on):
+    monkeypatch.setattr(tg, "ATTENTION_BACKEND", backend)
+    assert tg.kv_repeat_on(tiny_h(kv_repeat=setting).kv_repeat) == on
+
+
+def test_kv_repeat_matches_grouped_attention_in_loss_and_every_gradient(monkeypatch):
+    """KV_REPEAT=1 hands attention K and V repeated to the query heads (query head j reads K/V head
+    j // group, FA2's and FA3's grouping): the same loss and gradients as the grouped call, the
+    repeat's backward summing each group's dK and dV."""
+    ids = torch.randint(4, 128, (1, 40))
+    cu = torch.tensor([0, 25, 40], dtype=torch.int32)
+    seen, attention = [], tg.attention
+    monkeypatch.setattr(tg, "attention", lambda q, k, *a: seen.append(k.size(1)) or attention(q, k, *a))
+    results = []
+    for setting in ("0", "1"):
+        model = make_model(tiny_h(kv_repeat=setting), seed=3)
+        loss = model(ids, ids, cu, 25)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert set(seen[:len(seen) // 2]) == {2} and set(seen[len(seen) // 2:]) == {4}  # grouped, then repeated
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    assert g0.keys() == g1.keys() and any(".attn.c_k." in n for n in g0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_per_layer_tables_stretch_with_depth():
     h11 = tg.Hyperparameters()
     assert [h11.layer_qk_gain(i) for i in range(11)] == list(tg.PARC_QK_GAINS)

@@ -26,7 +26,8 @@ import train_gpt as tg  # noqa: E402
 PROCESS_SETTINGS = {"ATTN_BACKEND", "COMPILE", "DATA_PATH", "BENCH_STEPS", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                     "RUN_ID", "LOG_DIR"}
 # settings whose auto resolves per load and device: B differs from A only if they resolve apart
-RESOLVED = {"train_cuda_graph": tg.train_cuda_graph_on, "fused_mlp": lambda h, rt: tg.fused_mlp_on(h)}
+RESOLVED = {"train_cuda_graph": tg.train_cuda_graph_on, "fused_mlp": lambda h, rt: tg.fused_mlp_on(h),
+            "kv_repeat": lambda h, rt: tg.kv_repeat_on(h.kv_repeat)}
 
 
 def parse_settings(items, ap):
