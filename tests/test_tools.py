@@ -233,13 +233,15 @@ def test_print_kernels_sums_kernels_by_kind_and_never_counts_a_gpu_range(capsys)
               ev("triton_per_fused__to_copy_add_expand_flash_attn_backward_mul_neg_sigmoid", 2000),
               ev("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, ...>", 1000),
               ev("Optimizer.step#Muon.step", 5000, count=1, annotation=True),
+              ev("## Call CompiledFxGraph fugn2suz ##", 3000, annotation=True),
+              ev("## Call CompiledFxGraph fdeflswy ##", 1000, annotation=True),
               SimpleNamespace(key="aten::mm", self_device_time_total=0, count=9, is_user_annotation=False,
                               device_type=torch.autograd.DeviceType.CPU)]
     print_kernels(SimpleNamespace(key_averages=lambda: events), 2, 0.01, 1000, "test")
     out = capsys.readouterr().out
     assert "== test: wall 10.0 ms/step, kernels 6.5 ms/step, 100000 tok/s" in out
     assert "by kind (ms/step): attention 3.0, gemm 2.0, inductor 1.0, aten add (gradient sums) 0.5" in out
-    assert "ranges (ms/step): Optimizer.step#Muon.step 2.50" in out
+    assert "ranges (ms/step): Optimizer.step#Muon.step 2.50, compiled graph calls 2.00\n" in out
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 4 and "Optimizer" not in "".join(rows)
 

@@ -70,7 +70,11 @@ def print_kernels(prof, steps, wall, batch_tokens, label):
         kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1000 / steps
     print("by kind (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
     if ranges:
-        print("ranges (ms/step): " + ", ".join(f"{e.key} {e.self_device_time_total / 1000 / steps:.2f}" for e in ranges))
+        named = {}  # inductor's per-graph ranges (one per compiled graph, named by hash) summed into one
+        for e in ranges:
+            key = "compiled graph calls" if e.key.startswith("## Call CompiledFxGraph") else e.key
+            named[key] = named.get(key, 0.0) + e.self_device_time_total / 1000 / steps
+        print("ranges (ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in named.items()))
     print(f"{'ms/step':>8} {'calls/step':>10} {'us/call':>8}  kernel")
     for e in kernels[:int(os.environ.get("PROFILE_ROWS", "40"))]:
         print(f"{e.self_device_time_total / 1000 / steps:8.2f} {e.count / steps:10.0f} "
