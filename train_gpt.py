@@ -782,9 +782,10 @@ def window_arg(window):
 
 def kv_repeat_on(setting):
     """KV_REPEAT: 1 on, 0 off; auto on under varlen, whose FA2 backward sums the grouped heads' dK and dV
-    in two unfused aten reductions a layer (2.7% of the kernel time at 98K tokens): repeated in the
-    graph, that sum fuses into the block's backward. FA3 and SDPA take grouped K and V as they are."""
-    return setting == "1" or setting == "auto" and ATTENTION_BACKEND == "varlen"
+    in two unfused aten reductions a layer (2.4% of the kernel time at 98K micro-batches): repeated in the
+    graph, that sum fuses into the block's backward. FA3 takes grouped heads natively. Only where a
+    backward runs (CausalSelfAttention): a forward alone would just copy."""
+    return setting == "1" or (setting == "auto" and ATTENTION_BACKEND == "varlen")
 
 
 def attention(q, k, v, cu_seqlens, max_len, window, fa3_max_seqlen):
@@ -1035,7 +1036,8 @@ class CausalSelfAttention(nn.Module):
         # Gemma-style: global layers rotate GLOBAL_ROPE_DIMS (16 of 64), local layers every dim (GPT.rope)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q = q * self.q_gain.to(q.dtype)[:, None]
-        ka, va = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v)) if kv_repeat_on(self.kv_repeat) else (k, v)
+        repeat = torch.is_grad_enabled() and kv_repeat_on(self.kv_repeat)
+        ka, va = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v)) if repeat else (k, v)
         y = attention(q.reshape(B * T, H, D), ka.reshape(B * T, -1, D), va.reshape(B * T, -1, D), cu_seqlens,
                       max_len, window, self.fa3_max_seqlen).view(B, T, H, D)
         if self.xsa:
@@ -3307,7 +3309,8 @@ def main():
         rt.log(f"device: {rt.device} world_size: {rt.world_size} grad_accum_steps: {h.grad_accum_steps} "
                f"attention_backend: {rt.attn_backend} compile: {rt.compile} "
                f"train_cuda_graph: {h.train_cuda_graph} ({'on' if train_cuda_graph_on(h, rt) else 'off'}) "
-               f"fused_mlp: {h.fused_mlp} ({'on' if fused_mlp_on(h) else 'off'})")
+               f"fused_mlp: {h.fused_mlp} ({'on' if fused_mlp_on(h) else 'off'}) "
+               f"kv_repeat: {h.kv_repeat} ({'on' if kv_repeat_on(h.kv_repeat) else 'off'})")
         gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
         rt.log(f"runtime: torch {torch.__version__} cuda {torch.version.cuda} gpu {gpu} x {rt.world_size}")
         rt.log(f"train_shards: {len(train_files)} val_tokens: {len(val.tokens)} val_bytes: {val.target_bytes.sum()} "

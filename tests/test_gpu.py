@@ -68,12 +68,13 @@ def test_kv_repeat_matches_grouped_attention_compiled():
     """KV_REPEAT under varlen: the compiled model with K and V repeated to the query heads (the repeat's
     backward summing each group's dK and dV in the graph) against FA2's grouped call, in loss and grads."""
     tg.use_attention_backend("varlen", torch.device("cuda"))
+    assert tg.kv_repeat_on("auto")  # the default repeats here
     torch.manual_seed(0)
     ids = torch.randint(2, 512, (1, 2048), device="cuda")
     ids[0, ::300] = tg.BOS_ID
     cu = torch.from_numpy(tg.packed_cu_seqlens(ids[0].cpu().numpy(), 256)).cuda()
     results = []
-    for setting in ("0", "1"):
+    for setting in ("0", "1"):  # the loss alone would hardly see a wrong head order: the gradients do
         model = perturbed_gpt(tg.Hyperparameters(vocab_size=512, train_seq_len=256, kv_repeat=setting)).cuda()
         model.compile_regions()
         with torch.autocast("cuda", dtype=torch.bfloat16):

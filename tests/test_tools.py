@@ -233,22 +233,23 @@ def test_print_kernels_sums_kernels_by_kind_and_never_counts_a_gpu_range(capsys)
               ev("triton_per_fused__to_copy_add_expand_flash_attn_backward_mul_neg_sigmoid", 2000),
               ev("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, ...>", 1000),
               ev("Optimizer.step#Muon.step", 5000, count=1, annotation=True),
-              ev("## Call CompiledFxGraph fugn2suz ##", 3000, annotation=True),
-              ev("## Call CompiledFxGraph fdeflswy ##", 1000, annotation=True),
+              ev("## Call CompiledFxGraph fugn2suz ##", 6000, annotation=True),
+              ev("## Call CompiledFxGraph fdeflswy ##", 2000, annotation=True),
               SimpleNamespace(key="aten::mm", self_device_time_total=0, count=9, is_user_annotation=False,
                               device_type=torch.autograd.DeviceType.CPU)]
     print_kernels(SimpleNamespace(key_averages=lambda: events), 2, 0.01, 1000, "test")
     out = capsys.readouterr().out
     assert "== test: wall 10.0 ms/step, kernels 6.5 ms/step, 100000 tok/s" in out
     assert "by kind (ms/step): attention 3.0, gemm 2.0, inductor 1.0, aten add (gradient sums) 0.5" in out
-    assert "ranges (ms/step): Optimizer.step#Muon.step 2.50, compiled graph calls 2.00\n" in out
+    assert "ranges (ms/step): compiled graph calls 4.00, Optimizer.step#Muon.step 2.50\n" in out  # summed, sorted
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 4 and "Optimizer" not in "".join(rows)
 
 
 def test_print_launchers_ranks_host_ops_by_the_gpu_time_they_launched(capsys):
-    """profile_train.print_launchers: host ops by the kernel time they launched, per step, with their input
-    shapes; GPU events and ops that launched nothing are left out."""
+    """profile_train.print_launchers: host ops by the kernel time they launched, per step, with their inputs
+    of 2+ dims; rows differing only in 1-D inputs (each batch's cu_seqlens) merged; GPU events and ops that
+    launched nothing left out."""
     from types import SimpleNamespace
 
     import torch
@@ -257,18 +258,22 @@ def test_print_launchers_ranks_host_ops_by_the_gpu_time_they_launched(capsys):
     from profile_train import print_launchers
 
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-    events = [SimpleNamespace(key="aten::add_", self_device_time_total=3000, count=40, device_type=cpu,
-                              input_shapes=[[98304, 512], [98304, 512], []]),
-              SimpleNamespace(key="aten::sum", self_device_time_total=9000, count=8, device_type=cpu,
-                              input_shapes=[[98304, 4, 2, 64]]),
-              SimpleNamespace(key="aten::view", self_device_time_total=0, count=99, device_type=cpu, input_shapes=[]),
-              SimpleNamespace(key="reduce_kernel", self_device_time_total=9000, count=8, device_type=cuda,
-                              input_shapes=[])]
+
+    def ev(key, us, count, shapes, device=cpu):
+        return SimpleNamespace(key=key, self_device_time_total=us, count=count, device_type=device, input_shapes=shapes)
+
+    events = [ev("aten::add_", 3000, 40, [[98304, 512], [98304, 512], []]),
+              ev("aten::_flash_attention_backward", 5000, 3, [[98304, 8, 64], [25]]),
+              ev("aten::_flash_attention_backward", 4000, 3, [[98304, 8, 64], [136]]),
+              ev("aten::_flash_attention_backward", 2000, 2, [[98304, 4, 64], [136]]),
+              ev("aten::view", 0, 99, []),
+              ev("reduce_kernel", 9000, 8, [], cuda)]
     prof = SimpleNamespace(key_averages=lambda group_by_input_shape=False: events if group_by_input_shape else [])
     print_launchers(prof, 2)
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
-    assert [r[:3] for r in rows] == [["4.50", "4", "aten::sum"], ["1.50", "20", "aten::add_"]]
-    assert "".join(rows[0][3:]) == "[[98304,4,2,64]]"
+    rows = [line.split(None, 3) for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows == [["4.50", "3.0", "aten::_flash_attention_backward", "[[98304, 8, 64]]"],
+                    ["1.50", "20.0", "aten::add_", "[[98304, 512], [98304, 512]]"],
+                    ["1.00", "1.0", "aten::_flash_attention_backward", "[[98304, 4, 64]]"]]
 
 
 def test_bench_ab_alternates_two_models_in_one_process(tmp_path):

@@ -467,6 +467,7 @@ def test_fused_mlp_matches_the_module_path_in_loss_and_every_gradient(mlp_act):
 @pytest.mark.parametrize("backend, setting, on", [("varlen", "auto", True), ("fa3", "auto", False),
                                                    ("sdpa", "auto", False), ("fa3", "1", True), ("varlen", "0", False)])
 def test_kv_repeat_auto_is_on_only_under_varlen(monkeypatch, backend, setting, on):
+    """FA2 (varlen) sums grouped heads' dK/dV outside the graph; FA3 takes them natively."""
     monkeypatch.setattr(tg, "ATTENTION_BACKEND", backend)
     assert tg.kv_repeat_on(tiny_h(kv_repeat=setting).kv_repeat) == on
 
@@ -486,6 +487,10 @@ def test_kv_repeat_matches_grouped_attention_in_loss_and_every_gradient(monkeypa
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     assert set(seen[:len(seen) // 2]) == {2} and set(seen[len(seen) // 2:]) == {4}  # grouped, then repeated
+    seen.clear()
+    with torch.no_grad():  # no backward, no sum to fuse: a forward alone keeps the grouped heads
+        model(ids, ids, cu, 25)
+    assert seen and set(seen) == {2}
     (l0, g0), (l1, g1) = results
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
     assert g0.keys() == g1.keys() and any(".attn.c_k." in n for n in g0)

@@ -85,7 +85,8 @@ def main(argv=None):
     print(f"bench_ab: B differs in {', '.join(f'{f} {a!r} -> {b!r}' for f, (a, b) in differ.items())}; "
           f"{args.rounds} rounds of {args.steps} steps; attention {rt.attn_backend}, compile {rt.compile}, "
           f"world size {rt.world_size}; training CUDA graphs A {graphs['A']}, B {graphs['B']}; fused MLP "
-          f"A {state['fused_mlp']['A']}, B {state['fused_mlp']['B']}", flush=True)
+          f"A {state['fused_mlp']['A']}, B {state['fused_mlp']['B']}; K/V repeat A {state['kv_repeat']['A']}, "
+          f"B {state['kv_repeat']['B']}", flush=True)
     phases = [False, True] if hp["A"].num_loops > 0 or hp["B"].num_loops > 0 else [False]
 
     def run(name, looping, steps):

@@ -74,7 +74,7 @@ def print_kernels(prof, steps, wall, batch_tokens, label):
         for e in ranges:
             key = "compiled graph calls" if e.key.startswith("## Call CompiledFxGraph") else e.key
             named[key] = named.get(key, 0.0) + e.self_device_time_total / 1000 / steps
-        print("ranges (ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in named.items()))
+        print("ranges (ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(named.items(), key=lambda kv: -kv[1])))
     print(f"{'ms/step':>8} {'calls/step':>10} {'us/call':>8}  kernel")
     for e in kernels[:int(os.environ.get("PROFILE_ROWS", "40"))]:
         print(f"{e.self_device_time_total / 1000 / steps:8.2f} {e.count / steps:10.0f} "
@@ -82,18 +82,21 @@ def print_kernels(prof, steps, wall, batch_tokens, label):
 
 
 def print_launchers(prof, steps, rows=25):
-    """GPU time by the host op that launched it, split by input shapes: the eager ops between and inside
+    """GPU time by the host op that launched it and its input shapes: the eager ops between and inside
     the compiled graphs (gradient sums, the embedding, custom ops' internals) named, where the kernel
-    table gives only a kernel's name. A compiled graph's own kernels sit under its region's name."""
-    events = prof.key_averages(group_by_input_shape=True)
-    ops = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.self_device_time_total > 0),
-                 key=lambda e: -e.self_device_time_total)
-    print(f"launched by (ms/step of kernels, top {rows}):")
-    for e in ops[:rows]:
-        shapes = str([list(s) for s in e.input_shapes if s]) if getattr(e, "input_shapes", None) else ""
-        print(f"{e.self_device_time_total / 1000 / steps:8.2f} {e.count / steps:10.0f}  {e.key[:60]} {shapes[:80]}",
-              flush=True)
-
+    table gives only a kernel's name. Rows differing only in 1-D inputs (cu_seqlens, whose length
+    changes with every batch's packing) are one row. A compiled graph's own kernels sit under its region."""
+    merged = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.device_type != torch.autograd.DeviceType.CPU or e.self_device_time_total <= 0:
+            continue
+        shapes = str([list(s) for s in (getattr(e, "input_shapes", None) or []) if len(s) > 1])
+        row = merged.setdefault((e.key, shapes), [0.0, 0])
+        row[0] += e.self_device_time_total
+        row[1] += e.count
+    print(f"launched by (ms/step of kernels, calls/step, op, its inputs of 2+ dims; top {rows}):")
+    for (key, shapes), (us, count) in sorted(merged.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"{us / 1000 / steps:8.2f} {count / steps:10.1f}  {key[:60]} {shapes[:80]}", flush=True)
 
 if __name__ == "__main__":
     main()
