@@ -34,34 +34,41 @@ def random_packed(n_seq, max_len, heads=8, kv_heads=4, d=64, seed=0):
     return q, k, v, cu, int(lengths.max())
 
 
+def packed_batch():
+    """2048 tokens with a BOS every 300, packed into documents of at most 256 tokens."""
+    torch.manual_seed(0)
+    ids = torch.randint(2, 512, (1, 2048), device="cuda")
+    ids[0, ::300] = tg.BOS_ID
+    return ids, torch.from_numpy(tg.packed_cu_seqlens(ids[0].cpu().numpy(), 256)).cuda()
+
+
+def loss_and_grads(model, ids, cu):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids, torch.roll(ids, -1, 1), cu, 256)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def assert_same_loss_and_grads(results):
+    (l0, g0), (l1, g1) = results
+    assert abs(l0.item() - l1.item()) < 1e-2 * abs(l0.item())
+    assert len(g0) == len(g1)
+    assert rel_err(torch.cat([g.flatten() for g in g1]), torch.cat([g.flatten() for g in g0])) < 5e-2
+
+
 @pytest.mark.parametrize("fused_mlp", ["0", "1"], ids=["unfused_mlp", "fused_mlp"])
 def test_compiled_model_matches_eager(fused_mlp):
     """Regional compilation must not change the function: compare loss and grads (either MLP path)."""
     h = tg.Hyperparameters(vocab_size=512, train_seq_len=256, fused_mlp=fused_mlp)
     tg.use_attention_backend("auto", torch.device("cuda"))
-    torch.manual_seed(0)
-    ids = torch.randint(2, 512, (1, 2048), device="cuda")
-    ids[0, ::300] = tg.BOS_ID
-    cu = torch.from_numpy(tg.packed_cu_seqlens(ids[0].cpu().numpy(), 256)).cuda()
-    tgt = torch.roll(ids, -1, 1)
+    ids, cu = packed_batch()
     results = []
     for compiled in (False, True):
-        torch.manual_seed(1)
-        model = tg.GPT(h).cuda()
-        with torch.no_grad():  # leave the zero-init state so every block contributes
-            for p in model.parameters():
-                if p.role == "matrix":
-                    p.add_(torch.randn_like(p) * 0.02)
+        model = perturbed_gpt(h).cuda()  # off the zero init, so every block contributes
         if compiled:
             model.compile_regions()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, tgt, cu, 256)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (l0, g0), (l1, g1) = results
-    assert abs(l0.item() - l1.item()) < 1e-2 * abs(l0.item())
-    assert len(g0) == len(g1)
-    assert rel_err(torch.cat([g.flatten() for g in g1]), torch.cat([g.flatten() for g in g0])) < 5e-2
+        results.append(loss_and_grads(model, ids, cu))
+    assert_same_loss_and_grads(results)
 
 
 def test_kv_repeat_matches_grouped_attention_compiled():
@@ -69,22 +76,13 @@ def test_kv_repeat_matches_grouped_attention_compiled():
     backward summing each group's dK and dV in the graph) against FA2's grouped call, in loss and grads."""
     tg.use_attention_backend("varlen", torch.device("cuda"))
     assert tg.kv_repeat_on("auto")  # the default repeats here
-    torch.manual_seed(0)
-    ids = torch.randint(2, 512, (1, 2048), device="cuda")
-    ids[0, ::300] = tg.BOS_ID
-    cu = torch.from_numpy(tg.packed_cu_seqlens(ids[0].cpu().numpy(), 256)).cuda()
+    ids, cu = packed_batch()
     results = []
     for setting in ("0", "1"):  # the loss alone would hardly see a wrong head order: the gradients do
         model = perturbed_gpt(tg.Hyperparameters(vocab_size=512, train_seq_len=256, kv_repeat=setting)).cuda()
         model.compile_regions()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, torch.roll(ids, -1, 1), cu, 256)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (l0, g0), (l1, g1) = results
-    assert abs(l0.item() - l1.item()) < 1e-2 * abs(l0.item())
-    assert len(g0) == len(g1)
-    assert rel_err(torch.cat([g.flatten() for g in g1]), torch.cat([g.flatten() for g in g0])) < 5e-2
+        results.append(loss_and_grads(model, ids, cu))
+    assert_same_loss_and_grads(results)
 
 
 @pytest.mark.parametrize("n, vocab, cap", [(4096, 8192, 30.0), (1000, 8192, 15.0), (777, 5000, 30.0)])
