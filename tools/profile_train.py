@@ -74,7 +74,8 @@ def print_kernels(prof, steps, wall, batch_tokens, label):
         for e in ranges:
             key = "compiled graph calls" if e.key.startswith("## Call CompiledFxGraph") else e.key
             named[key] = named.get(key, 0.0) + e.self_device_time_total / 1000 / steps
-        print("ranges (ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(named.items(), key=lambda kv: -kv[1])))
+        ordered = sorted(named.items(), key=lambda kv: -kv[1])
+        print("ranges (ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in ordered))
     print(f"{'ms/step':>8} {'calls/step':>10} {'us/call':>8}  kernel")
     for e in kernels[:int(os.environ.get("PROFILE_ROWS", "40"))]:
         print(f"{e.self_device_time_total / 1000 / steps:8.2f} {e.count / steps:10.0f} "
@@ -97,6 +98,7 @@ def print_launchers(prof, steps, rows=25):
     print(f"launched by (ms/step of kernels, calls/step, op, its inputs of 2+ dims; top {rows}):")
     for (key, shapes), (us, count) in sorted(merged.items(), key=lambda kv: -kv[1][0])[:rows]:
         print(f"{us / 1000 / steps:8.2f} {count / steps:10.1f}  {key[:60]} {shapes[:80]}", flush=True)
+
 
 if __name__ == "__main__":
     main()
